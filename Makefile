@@ -1,0 +1,35 @@
+# Developer shortcuts. `make install` once, then the rest run inside the active environment.
+PY ?= python
+
+.PHONY: install test test-fast lint format bench cuda-check demo families
+
+install:
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install --no-build-isolation -e '.[dev]'
+
+test:
+	$(PY) -m pytest -q
+
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
+
+lint:
+	ruff check .
+	ruff format --check .
+
+format:
+	ruff check --fix .
+	ruff format .
+
+bench:
+	mkdir -p docs/bench
+	moe-runtime bench profile --json docs/bench/profile.json
+
+cuda-check:
+	bash .ci/cuda_compile_check.sh
+
+demo:
+	moe-runtime demo
+
+families:
+	$(PY) -m moe_runtime.models.support_table --out docs/families.md

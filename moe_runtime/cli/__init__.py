@@ -1,0 +1,90 @@
+"""The ``moe-runtime`` command line (the contract is ../shared/CLI.md).
+
+Exit status: 0 success; 2 bad input or usage (one line on stderr, no traceback); 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from ..errors import UsageError
+from . import bench, demo, generate, profile, select, tune
+
+__all__ = ["main", "build_parser"]
+
+_VERBS = (demo, profile, select, tune, generate, bench)
+
+EPILOG = """examples:
+  moe-runtime demo
+  moe-runtime demo-model --out ./demo-model
+  moe-runtime profile --model demo --task arith=arith.jsonl --task code=code.jsonl --out prof/
+  moe-runtime select --profile prof/ --task arith --score token --out arith_cfg.json
+
+Run 'moe-runtime VERB --help' for the flags of each verb."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (exit 2 via UsageError)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        verb = self.prog.partition(" ")[2]
+        raise UsageError(f"{verb}: {message}" if verb else message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="moe-runtime",
+        description="Profile, tune (ESFT, routed LoRA) and serve Mixture-of-Experts language models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"moe-runtime {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for verb in _VERBS:
+        verb.register(sub)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        _quiet_libraries()
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"moe-runtime: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moe-runtime: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception:  # noqa: BLE001 - the last resort: an internal error
+        traceback.print_exc()
+        print("moe-runtime: internal error (see the traceback above)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Helpers shared by the CLI verbs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+__all__ = ["add_verb", "not_yet_available", "init_distributed", "is_rank_zero"]
+
+
+def add_verb(
+    sub, name: str, *, help: str, description: str, examples: list[str], func
+) -> argparse.ArgumentParser:
+    """Add a verb parser with an examples epilog."""
+    parser = sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog="examples:\n" + "\n".join(f"  {line}" for line in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(func=func)
+    return parser
+
+
+def not_yet_available(what: str):
+    """A verb function for parts later issues build: says so, exit 2."""
+    from ..errors import UsageError
+
+    def run(_args: argparse.Namespace) -> int:
+        raise UsageError(f"{what} is not yet available in this version")
+
+    return run
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun process group when launched by torchrun; returns (rank, world)."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def is_rank_zero() -> bool:
+    import torch
+
+    return (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        or torch.distributed.get_rank() == 0
+    )

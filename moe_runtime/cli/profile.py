@@ -1,0 +1,93 @@
+"""``moe-runtime profile`` (and ``--merge``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UsageError
+from ._common import add_verb, init_distributed, is_rank_zero
+
+
+def register(sub) -> None:
+    parser = add_verb(
+        sub,
+        "profile",
+        help="record which experts each task's tokens are routed to",
+        description=(
+            "Run the model over each task's examples and record routing per layer and expert. Writes "
+            "DIR/<task>/summary.json (ESFT layout), raw counts, metadata, a heatmap per task, the "
+            "cross-task overlap matrix and a terminal report. Under torchrun the examples are split "
+            "across processes and the counts reduced (rank 0 writes)."
+        ),
+        examples=[
+            "moe-runtime profile --model demo --task arith=arith.jsonl --task code=code.jsonl --out prof/",
+            "moe-runtime profile --model ./olmoe --task law=law.jsonl --max-tokens 65536 --trace --out prof/",
+            "torchrun --nproc-per-node 2 -m moe_runtime.cli profile --model demo --task a=a.jsonl --out prof/",
+            "moe-runtime profile --merge prof-part1/ prof-part2/ --out prof/",
+        ],
+        func=run,
+    )
+    parser.add_argument("--model", help="local checkpoint directory or 'demo'")
+    parser.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="task name and JSONL file (repeatable)",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="profile directory to write")
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, metavar="N", help="at most N tokens per task (default: all)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, metavar="B", help="sequences per forward (default 8)"
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=1024, metavar="L", help="cut sequences to L tokens (default 1024)"
+    )
+    parser.add_argument("--trace", action="store_true", help="also keep per-token expert ids (trace.npz)")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="DIR", help="merge existing profiles of the same model instead"
+    )
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..profiler import merge_profiles
+
+    if args.merge:
+        if args.model or args.task:
+            raise UsageError("--merge takes profile directories only (no --model/--task)")
+        print(merge_profiles(args.merge, args.out))
+        return 0
+    if not args.model:
+        raise UsageError("--model is required")
+    if not args.task:
+        raise UsageError("at least one --task NAME=PATH is required")
+    for flag in ("max_tokens", "batch_size", "max_length"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    from ..data import parse_task_spec, read_examples
+    from ..models import find_moe_layers, load_model, load_tokenizer
+    from ..profiler import ProfileConfig, profile_model, write_profile
+
+    tasks = {}
+    for spec in args.task:
+        name, path = parse_task_spec(spec)
+        if name in tasks:
+            raise UsageError(f"--task '{name}' given twice")
+        tasks[name] = read_examples(path)
+    model = load_model(args.model)
+    find_moe_layers(model)  # a dense model fails here, before any work
+    tokenizer = load_tokenizer(args.model)
+    rank, _ = init_distributed()
+    config = ProfileConfig(
+        max_tokens=args.max_tokens, batch_size=args.batch_size, max_length=args.max_length, trace=args.trace
+    )
+    meta, profiles = profile_model(model, tokenizer, tasks, config)
+    meta.model = str(args.model)
+    if is_rank_zero():
+        print(write_profile(args.out, meta, profiles, plots=not args.no_plots))
+        print(f"\nwrote {args.out}")
+    return 0

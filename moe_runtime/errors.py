@@ -1,0 +1,25 @@
+"""Error types that map onto the CLI's exit codes.
+
+`UsageError` (and subclasses) is bad input: the CLI prints its one-line message and exits 2.
+Anything else escaping a command is an internal error (exit 1).
+"""
+
+from __future__ import annotations
+
+__all__ = ["UsageError", "NotMoEError", "DataError", "AdapterError"]
+
+
+class UsageError(Exception):
+    """Bad input or usage: reported as one line on stderr, exit status 2."""
+
+
+class NotMoEError(UsageError):
+    """The model has no Mixture-of-Experts layers this package can drive."""
+
+
+class DataError(UsageError):
+    """Malformed task data (the message names the file and line)."""
+
+
+class AdapterError(UsageError):
+    """An adapter directory that is missing, corrupt or does not fit the base model."""

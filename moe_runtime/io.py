@@ -1,0 +1,83 @@
+"""Atomic outputs: every file and directory is written to a temporary path and renamed into place.
+
+A failed command therefore never leaves a half-written output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import UsageError
+
+__all__ = ["atomic_dir", "atomic_write_text", "atomic_write_json", "write_json_lines"]
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file in the same directory and rename it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: object) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_json_lines(path: str | Path, rows: list[dict]) -> Path:
+    """Write rows as JSONL, atomically."""
+    return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, *, replace_marker: str | None = None) -> Iterator[Path]:
+    """Build a directory under a temporary name and move it to ``out`` on success.
+
+    Args:
+        out: the final directory.
+        replace_marker: if ``out`` already exists and contains this file (an earlier output of the
+            same kind), it is replaced; an existing non-empty directory without it is refused, so
+            user data is never clobbered.
+
+    Yields:
+        The temporary directory to fill. On an exception it is removed and ``out`` is untouched.
+
+    Raises:
+        UsageError: ``out`` exists, is not empty, and is not a replaceable earlier output.
+    """
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"output '{out}' exists and is not a directory")
+        replaceable = replace_marker is not None and (out / replace_marker).exists()
+        if any(out.iterdir()) and not replaceable:
+            raise UsageError(f"output directory '{out}' exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "d")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

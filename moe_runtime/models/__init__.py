@@ -1,0 +1,29 @@
+"""The model-family layer: find MoE layers in any transformers v5 model and plug into them."""
+
+from __future__ import annotations
+
+from .discovery import ExpertsLayout, MoELayer, MoEModelInfo, find_moe_layers
+from .fingerprint import fingerprint_tensors, model_fingerprint
+from .hook import IMPLEMENTATION, ExpertsState, install, state_of, uninstall
+from .loading import load_model, load_tokenizer, resolve_model_path
+from .weights import expert_tensor_names, merge_expert, split_expert
+
+__all__ = [
+    "ExpertsLayout",
+    "ExpertsState",
+    "IMPLEMENTATION",
+    "MoELayer",
+    "MoEModelInfo",
+    "expert_tensor_names",
+    "find_moe_layers",
+    "fingerprint_tensors",
+    "install",
+    "load_model",
+    "load_tokenizer",
+    "merge_expert",
+    "model_fingerprint",
+    "resolve_model_path",
+    "split_expert",
+    "state_of",
+    "uninstall",
+]

@@ -1,0 +1,45 @@
+"""Stable fingerprints of model weights.
+
+A fingerprint is a sha256 over (name, dtype, shape, raw bytes) of tensors in name order, so it
+does not depend on load order, device or the file layout of the checkpoint. Adapters record the
+fingerprint of exactly the base weights they replace; profiles record the whole model's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["fingerprint_tensors", "model_fingerprint"]
+
+
+def _update(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach()
+    digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}|".encode())
+    flat = tensor.to("cpu").contiguous().reshape(-1)
+    if flat.numel():
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+
+
+def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """``sha256:<hex>`` digest of named tensors, sorted by name."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        _update(digest, name, tensor)
+    return "sha256:" + digest.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of every parameter and persistent buffer of ``model`` (tied weights once)."""
+    seen: set[int] = set()
+    named = []
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        key = id(tensor)
+        if key in seen or name.endswith(("inv_freq", "original_inv_freq")):
+            continue
+        seen.add(key)
+        named.append((name, tensor))
+    return fingerprint_tensors(named)

@@ -1,0 +1,87 @@
+"""Resolve a ``MODEL`` argument and load model and tokenizer from a local directory.
+
+``MODEL`` is a local Hugging Face checkpoint directory or ``demo`` (the embedded default model).
+Nothing is ever downloaded: every load passes ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+
+__all__ = ["resolve_model_path", "load_model", "load_tokenizer", "DEMO"]
+
+DEMO = "demo"
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """Path of the checkpoint directory named by ``model`` (``demo`` or a directory).
+
+    Raises:
+        UsageError: not a directory, or no readable ``config.json`` in it.
+    """
+    if str(model) == DEMO:
+        from ..demo.export import checkpoint_dir
+
+        return checkpoint_dir()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"model '{model}': not a directory (give a local checkpoint directory or 'demo')")
+    config = path / "config.json"
+    try:
+        json.loads(config.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"model '{model}': no config.json in the directory") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"model '{model}': unreadable config.json ({exc.__class__.__name__}: {exc})"
+        ) from None
+    return path
+
+
+def load_model(model: str | Path, *, dtype: torch.dtype | str | None = None, **kwargs) -> nn.Module:
+    """Load a causal LM from a local directory (or ``demo``), in eval mode.
+
+    Args:
+        model: directory or ``demo``.
+        dtype: parameter dtype; default keeps the checkpoint's dtype.
+        **kwargs: forwarded to ``AutoModelForCausalLM.from_pretrained``.
+
+    Raises:
+        UsageError: the directory does not hold a loadable model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype or "auto", **kwargs
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UsageError(f"model '{model}': cannot load ({first})") from None
+    return loaded.eval()
+
+
+def load_tokenizer(model: str | Path):
+    """Load the tokenizer stored beside the model; pad token falls back to eos.
+
+    Raises:
+        UsageError: no loadable tokenizer in the directory.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UsageError(f"model '{model}': cannot load its tokenizer ({first})") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

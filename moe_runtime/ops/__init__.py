@@ -1,0 +1,19 @@
+"""Python faces of the compiled ops, each with a pure-PyTorch reference beside it.
+
+Importing this package neither loads the compiled extension nor touches CUDA; the first op
+call loads `moe_runtime._C`.
+"""
+
+from __future__ import annotations
+
+from ._extension import extension_available, load_extension
+from .reroute import Rerouted, group_by_slot, reroute_permute, reroute_permute_reference
+
+__all__ = [
+    "Rerouted",
+    "extension_available",
+    "group_by_slot",
+    "load_extension",
+    "reroute_permute",
+    "reroute_permute_reference",
+]

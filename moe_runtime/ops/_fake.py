@@ -1,0 +1,29 @@
+"""Fake (shape-only) kernels of the C++ ops, used by fake tensors and torch.compile.
+
+The C++ op library names this module (`m.set_python_module`); it is imported by
+`load_extension()` once the ops exist. Every output shape follows from input shapes alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__: list[str] = []
+
+
+@torch.library.register_fake("moe_runtime::reroute_permute")
+def _reroute_permute_fake(
+    top_k_index: torch.Tensor, token_owner: torch.Tensor, slot_table: torch.Tensor, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch._check(top_k_index.dim() == 2 and slot_table.dim() == 2 and token_owner.dim() == 1)
+    torch._check(token_owner.shape[0] == top_k_index.shape[0])
+    torch._check(top_k_index.dtype == torch.int64 and token_owner.dtype == torch.int64)
+    torch._check(slot_table.dtype == torch.int32)
+    torch._check(num_slots >= 0)
+    num_entries = top_k_index.shape[0] * top_k_index.shape[1]
+    return (
+        top_k_index.new_empty((num_entries,)),
+        top_k_index.new_empty((num_entries,)),
+        top_k_index.new_empty((num_entries,)),
+        top_k_index.new_empty((num_slots,), dtype=torch.int32),
+    )

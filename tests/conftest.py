@@ -1,0 +1,83 @@
+"""Shared fixtures: small random MoE checkpoints with a tokenizer, built here (no hub)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = (
+    "the quick brown fox jumps over lazy dogs while seven wizards quietly judge boxing matches "
+    "def return for in range print sum of 12 + 35 = 47 key value name city oslo lima "
+).split()
+
+
+def make_tokenizer(directory: Path):
+    """A small byte-level BPE tokenizer saved as a standard transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def save_checkpoint(directory: Path, model_type: str, *, dtype=torch.float64, seed: int = 0, **overrides) -> Path:
+    from moe_runtime.models.random_models import build_random_model
+
+    tokenizer = make_tokenizer(directory)
+    model = build_random_model(model_type, seed=seed, dtype=dtype, vocab_size=len(tokenizer), **overrides)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoint(tmp_path_factory) -> Path:
+    """A float64 random qwen2_moe checkpoint (exact routing regardless of batching) + tokenizer."""
+    return save_checkpoint(tmp_path_factory.mktemp("qwen2_moe"), "qwen2_moe")
+
+
+@pytest.fixture(scope="session")
+def dense_checkpoint(tmp_path_factory) -> Path:
+    """A tiny dense llama checkpoint + tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    directory = tmp_path_factory.mktemp("dense")
+    tokenizer = make_tokenizer(directory)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def task_files(tmp_path) -> dict[str, Path]:
+    """Two small JSONL tasks of different shapes."""
+    import json
+
+    files = {}
+    rows = {
+        "prose": [{"text": " ".join(WORDS[i : i + 3 + i % 7])} for i in range(0, 30)],
+        "qa": [{"prompt": f"{i} + {i + 1} =", "response": f" {2 * i + 1}"} for i in range(20)],
+    }
+    for name, lines in rows.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        files[name] = path
+    return files
