@@ -34,8 +34,8 @@ def _extensions() -> tuple[list, dict]:
     with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None and nvcc.is_file()
     if _flag("MOE_RUNTIME_FORCE_CUDA") and not with_cuda:
         raise RuntimeError(
-            f"MOE_RUNTIME_FORCE_CUDA=1 but the CUDA build is impossible: torch.version.cuda="
-            f"{torch.version.cuda}, nvcc={nvcc if cpp_extension.CUDA_HOME else 'not found (set CUDA_HOME)'}"
+            "MOE_RUNTIME_FORCE_CUDA=1 needs a CUDA build of torch and nvcc under CUDA_HOME; found "
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={cpp_extension.CUDA_HOME}"
         )
     sources = sorted(str(p) for p in CSRC.glob("*.cpp"))
     args = {"cxx": ["-O3"]}
@@ -43,7 +43,12 @@ def _extensions() -> tuple[list, dict]:
         sources += sorted(str(p) for p in CSRC.glob("cuda/*.cu"))
         args["nvcc"] = ["-O3"]
     make = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
-    ext = make("moe_runtime._C", sources, extra_compile_args=args, py_limited_api=False)
+    # The rpath lets `import moe_runtime._C` find libtorch (and cudart) even before `import torch`.
+    lib_dirs = cpp_extension.library_paths(device_type="cuda" if with_cuda else "cpu")
+    rpath = [f"-Wl,-rpath,{path}" for path in lib_dirs]
+    ext = make(
+        "moe_runtime._C", sources, extra_compile_args=args, extra_link_args=rpath, py_limited_api=False
+    )
     build = cpp_extension.BuildExtension.with_options(use_ninja=cpp_extension.is_ninja_available())
     return [ext], {"build_ext": build}
 

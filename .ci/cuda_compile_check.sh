@@ -20,6 +20,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 export MOE_RUNTIME_FORCE_CUDA=1
+unset MOE_RUNTIME_NO_EXT
 TORCH_SPEC=${TORCH_SPEC:-torch==2.14.1}
 
 fail() {
@@ -31,18 +32,24 @@ pip_install() {
   "$VENV/bin/pip" install "$@" >>"$WORK/pip.log" 2>&1 || { tail -n 30 "$WORK/pip.log" >&2; fail "pip install $*"; }
 }
 
-# cuobjdump of the toolkit or PATH, else the one PyPI ships (nvidia-cuda-cuobjdump) in the venv.
+# cuobjdump of the toolkit or PATH, else one the venv's packages ship (triton's, or PyPI's
+# nvidia-cuda-cuobjdump installed on demand): minimal toolkits have nvcc but no cuobjdump.
 find_cuobjdump() {
   local tool
   for tool in "$CUDA_HOME/bin/cuobjdump" "$(command -v cuobjdump || true)"; do
     [[ -n "$tool" && -x "$tool" ]] && { echo "$tool"; return; }
   done
-  pip_install nvidia-cuda-cuobjdump
-  find "$VENV" -path '*/bin/cuobjdump' -type f | head -n 1
+  tool=$(find "$VENV" -path '*/bin/cuobjdump' -type f | head -n 1)
+  if [[ -z "$tool" ]]; then
+    pip_install nvidia-cuda-cuobjdump
+    tool=$(find "$VENV" -path '*/bin/cuobjdump' -type f | head -n 1)
+  fi
+  echo "$tool"
 }
 
 if [[ ! -x "$CUDA_HOME/bin/nvcc" ]]; then
-  echo "SKIP: nvcc not found (looked for $CUDA_HOME/bin/nvcc)"
+  command -v nvcc >/dev/null && fail "nvcc is on PATH but not in CUDA_HOME=$CUDA_HOME; set CUDA_HOME"
+  echo "SKIP: nvcc not found (looked for $CUDA_HOME/bin/nvcc and on PATH)"
   exit 0
 fi
 export PATH="$CUDA_HOME/bin:$PATH"
@@ -77,17 +84,21 @@ SO=$(find "$WORK/lib" -name '_C*.so' | head -n 1)
 [[ -n "$SO" ]] || fail "no _C*.so was produced"
 CUOBJDUMP=$(find_cuobjdump)
 [[ -n "$CUOBJDUMP" ]] || fail "no cuobjdump to inspect the device code with"
-ELFS=$("$CUOBJDUMP" --list-elf "$SO") || fail "cuobjdump found no device code in $SO"
+ELFS=$("$CUOBJDUMP" --list-elf "$SO") || fail "cuobjdump could not read $SO"
 IFS=';' read -r -a ARCHS <<<"${TORCH_CUDA_ARCH_LIST// /;}"
 for arch in "${ARCHS[@]}"; do
-  sm="sm_${arch//[^0-9]/}"
-  grep -q "\.${sm}\." <<<"$ELFS" || fail "no $sm device code in $SO"
+  arch=${arch%%+*}  # "8.0+PTX" -> "8.0"
+  sm="sm_${arch//./}"
+  grep -q "\.${sm}\.cubin" <<<"$ELFS" || fail "no $sm device code in $SO"
+  KERNELS=$("$CUOBJDUMP" --gpu-architecture "$sm" --dump-elf-symbols "$SO" | c++filt)
+  for kernel in remap_kernel invert_kernel; do
+    grep -q "moe_runtime::.*${kernel}(" <<<"$KERNELS" || fail "$sm device code lacks the kernel $kernel"
+  done
 done
-FUNCS=$("$CUOBJDUMP" --dump-elf-symbols "$SO" | c++filt)
-for kernel in remap_kernel invert_kernel; do
-  grep -q "moe_runtime::.*${kernel}" <<<"$FUNCS" || fail "device kernel $kernel missing from $SO"
+HOST_SYMBOLS=$(nm -C "$SO")
+for symbol in reroute_permute_cuda TORCH_LIBRARY_IMPL_static_init_moe_runtime_CUDA; do
+  grep -q "$symbol" <<<"$HOST_SYMBOLS" || fail "host symbol $symbol missing from $SO"
 done
-nm -C "$SO" | grep -q "reroute_permute_cuda" || fail "host function reroute_permute_cuda missing from $SO"
 
 echo "$ELFS" | sed 's/^/   /'
 echo "PASS: CUDA sources compiled for ${TORCH_CUDA_ARCH_LIST} in $((SECONDS - START)) s ($(basename "$SO"))"

@@ -34,7 +34,9 @@ def make_tokenizer(directory: Path):
     return fast
 
 
-def save_checkpoint(directory: Path, model_type: str, *, dtype=torch.float64, seed: int = 0, **overrides) -> Path:
+def save_checkpoint(
+    directory: Path, model_type: str, *, dtype=torch.float64, seed: int = 0, **overrides
+) -> Path:
     from moe_runtime.models.random_models import build_random_model
 
     tokenizer = make_tokenizer(directory)
@@ -59,8 +61,12 @@ def dense_checkpoint(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("dense")
     tokenizer = make_tokenizer(directory)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
     )
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     return directory

@@ -61,43 +61,48 @@ def caesar(text: str, shift: int = 3) -> str:
 
 # Word lists -------------------------------------------------------------------------------------
 
-_ADJ = (
+
+def _words(text: str, sep: str | None = None) -> list[str]:
+    return text.split(sep)
+
+
+_ADJ = _words(
     "old quiet small bright dark cold warm green red silver tall narrow gentle heavy quick slow "
     "empty golden distant hidden wild calm ancient soft"
-).split()
-_NOUN = (
+)
+_NOUN = _words(
     "fisherman harbor river forest village mountain garden teacher child merchant boat bridge "
     "lantern window road market island farmer tower valley storm letter singer wolf"
-).split()
-_VERB = (
+)
+_VERB = _words(
     "walked waited looked listened returned wandered rested worked sang spoke turned paused "
     "climbed hurried smiled"
-).split()
-_PREP = "to toward near beside across behind under along past into".split()
-_TIME = "before dawn|after the rain|at night|in the morning|by evening|during the winter|at noon".split("|")
-_CONJ = "while because although after until".split()
-_TRANS = "found carried painted watched followed opened remembered built sold lost".split()
+)
+_PREP = _words("to toward near beside across behind under along past into")
+_TIME = _words("before dawn|after the rain|at night|in the morning|by evening|during the winter|at noon", "|")
+_CONJ = _words("while because although after until")
+_TRANS = _words("found carried painted watched followed opened remembered built sold lost")
 
-_NAMES = (
+_NAMES = _words(
     "alba bruno carla dario elsa fabio greta hugo ines jonas kira luca mara nico olga pavel "
     "rosa sven tina ugo vera walt xena yuri zora"
-).split()
-_CITIES = (
+)
+_CITIES = _words(
     "oslo lima rome kyiv bern riga doha nice lyon turin porto cork perth quito dakar hanoi "
     "sofia tunis malmo basel"
-).split()
-_JOBS = "baker nurse pilot clerk miner tailor judge chef smith poet".split()
+)
+_JOBS = _words("baker nurse pilot clerk miner tailor judge chef smith poet")
 
-_CIPHER_WORDS = (
+_CIPHER_WORDS = _words(
     "the cat dog sun moon star tree fish bird king queen gold ring door house road rain wind "
     "fire snow book lamp ship sea hill stone wolf bear apple bread milk salt song time night day "
     "red blue green black white small big old new fast slow cold warm open close run walk eat "
     "sing read write give take find keep"
-).split()
+)
 
-_IDENT = "items values data nums rows words scores prices counts parts".split()
-_FUNC = "total scale clip count merge shift pick norm limit flip".split()
-_VAR = "x y n k v acc out res tmp val".split()
+_IDENT = _words("items values data nums rows words scores prices counts parts")
+_FUNC = _words("total scale clip count merge shift pick norm limit flip")
+_VAR = _words("x y n k v acc out res tmp val")
 
 
 # Units per domain -------------------------------------------------------------------------------
@@ -175,13 +180,32 @@ def _code_unit(rng: random.Random) -> Unit:
     op = rng.choice(("+", "-", "*"))
     form = rng.randrange(4)
     if form == 0:
-        body = [f"    {acc} = 0", f"    for {v} in {arg}:", f"        {acc} = {acc} + {v} {op} {k}", f"    return {acc}"]
+        body = [
+            f"    {acc} = 0",
+            f"    for {v} in {arg}:",
+            f"        {acc} = {acc} + {v} {op} {k}",
+            f"    return {acc}",
+        ]
     elif form == 1:
-        body = [f"    {acc} = []", f"    for {v} in {arg}:", f"        if {v} > {k}:", f"            {acc}.append({v})", f"    return {acc}"]
+        body = [
+            f"    {acc} = []",
+            f"    for {v} in {arg}:",
+            f"        if {v} > {k}:",
+            f"            {acc}.append({v})",
+            f"    return {acc}",
+        ]
     elif form == 2:
         body = [f"    return [{v} {op} {k} for {v} in {arg}]"]
     else:
-        body = [f"    if len({arg}) == 0:", "        return None", f"    {acc} = {arg}[0]", f"    for {v} in {arg}:", f"        if {v} < {acc}:", f"            {acc} = {v}", f"    return {acc}"]
+        body = [
+            f"    if len({arg}) == 0:",
+            "        return None",
+            f"    {acc} = {arg}[0]",
+            f"    for {v} in {arg}:",
+            f"        if {v} < {acc}:",
+            f"            {acc} = {v}",
+            f"    return {acc}",
+        ]
     text = "\n".join([f"def {func}({arg}):", *body])
     return text, text
 

@@ -80,8 +80,8 @@ class BuildConfig:
 
     seed: int = 0
     steps: int = 2000
-    batch_size: int = 32
-    seq_len: int = 128
+    batch_size: int = 16
+    seq_len: int = 256
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -159,16 +159,31 @@ def build(out: Path, cfg: BuildConfig | None = None, *, progress: bool = True) -
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
     start = time.perf_counter()
+    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(cfg.threads)
+    # The grouped_mm experts' backward scatters through an index; the deterministic kernel fixes its order.
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _build(out, cfg, start, progress)
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
+
+
+def _build(out: Path, cfg: BuildConfig, start: float, progress: bool) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
 
     stream = corpus_stream(cfg.seed)
-    tokenizer = train_tokenizer((next(stream)[1] for _ in range(cfg.tokenizer_docs)), vocab_size=cfg.vocab_size)
+    tokenizer = train_tokenizer(
+        (next(stream)[1] for _ in range(cfg.tokenizer_docs)), vocab_size=cfg.vocab_size
+    )
     rows = _pack(tokenizer, cfg)
     data_sha256 = hashlib.sha256(rows.numpy().tobytes()).hexdigest()
     order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
 
-    config = model_config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **cfg.model_overrides)
+    config = model_config(
+        vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **cfg.model_overrides
+    )
     torch.manual_seed(cfg.seed)
     model = Qwen2MoeForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -199,7 +214,10 @@ def build(out: Path, cfg: BuildConfig | None = None, *, progress: bool = True) -
         bar.set_postfix(loss=f"{smooth:.3f}", aux=f"{outputs.aux_loss.item():.3f}", refresh=False)
     train_time = time.perf_counter() - train_start
 
-    losses = {d: round(heldout_loss(model, tokenizer, domain_texts(d, cfg.eval_docs, seed=cfg.seed)), 4) for d in DOMAINS}
+    losses = {
+        d: round(heldout_loss(model, tokenizer, domain_texts(d, cfg.eval_docs, seed=cfg.seed)), 4)
+        for d in DOMAINS
+    }
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -247,8 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Rebuild the demo MoE checkpoint deterministically.",
         epilog="example: python -m moe_runtime.demo.pretrain --out /tmp/demo-ckpt --seed 0 --steps 2000",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
-    parser.add_argument("--seed", type=int, default=BuildConfig.seed, help="seed of corpus, init and data order")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output directory (must not exist or be empty)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=BuildConfig.seed, help="seed of corpus, init and data order"
+    )
     parser.add_argument("--steps", type=int, default=BuildConfig.steps, help="optimizer steps")
     args = parser.parse_args(argv)
     try:

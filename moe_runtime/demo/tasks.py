@@ -60,7 +60,9 @@ def _sort(rng) -> Example:
 _MAKERS: dict[str, Callable] = {"arith": _arith, "kv": _kv, "cipher": _cipher, "sort": _sort}
 
 
-def task_examples(task: str, *, seed: int = 0, n_train: int = 2000, n_test: int = 200) -> dict[str, list[dict]]:
+def task_examples(
+    task: str, *, seed: int = 0, n_train: int = 2000, n_test: int = 200
+) -> dict[str, list[dict]]:
     """Held-out prompt/response examples of one task, split into disjoint train and test sets.
 
     Args:

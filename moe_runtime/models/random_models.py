@@ -44,7 +44,6 @@ _BASE: dict[str, object] = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 16,
-    "max_position_embeddings": 512,
     "sliding_window": 4,
     "pad_token_id": 0,
     "bos_token_id": 1,
@@ -82,63 +81,61 @@ def _cycle(*kinds: str) -> PerLayer:
     return lambda n: [kinds[i % len(kinds)] for i in range(n)]
 
 
-# model_type -> config overrides. Expert count / top-k use the family's own field names.
+_SWA = {"layer_types": _cycle("sliding_attention", "full_attention")}  # both attention kinds present
+_DENSE_FIRST = {"num_hidden_layers": 3, "mlp_layer_types": _dense_first(1)}  # one dense layer, then MoE
+_GROUPED = {"n_group": 2, "topk_group": 1}  # group-limited routing: 2 groups of 4 experts, pick 1 group
+
+# model_type -> config overrides. ``num_experts`` / ``top_k`` are aliases resolved to the family's own
+# fields (8 experts, top-2 unless set here); per-layer lists are functions of the layer count.
+# fmt: off
 FAMILIES: dict[str, dict] = {
-    "afmoe": {"num_dense_layers": 1, "num_hidden_layers": 3, "num_shared_experts": 1, "global_attn_every_n_layers": 2},
+    "afmoe": {"num_dense_layers": 1, "num_hidden_layers": 3, "num_shared_experts": 1,
+              "global_attn_every_n_layers": 2},
     "aria_text": {"moe_num_shared_experts": 1},
-    "axk1": {**_MLA, "n_group": 2, "topk_group": 1, "n_shared_experts": 1, "num_hidden_layers": 3,
-             "mlp_layer_types": _dense_first(1)},
-    "axk2": {**_MLA, **_INDEXER, "n_shared_experts": 1, "num_hidden_layers": 3, "mlp_layer_types": _dense_first(1),
-             "gated_norm_rank": 4},
+    "axk1": {**_MLA, **_GROUPED, **_DENSE_FIRST, "n_shared_experts": 1},
+    "axk2": {**_MLA, **_INDEXER, **_DENSE_FIRST, "n_shared_experts": 1, "gated_norm_rank": 4},
     "bailing_hybrid": {**_MLA, "num_shared_experts": 1, "num_expert_group": 2, "topk_group": 1,
                        "first_k_dense_replace": 1, "num_hidden_layers": 3, "layer_group_size": 2,
                        "linear_head_dim": 8, "linear_num_heads": 4},
-    "beam": {"n_group": 2, "topk_group": 1, "num_hidden_layers": 3, "mlp_layer_types": _dense_first(1),
-             "layer_types": _cycle("sliding_attention", "full_attention")},
-    "cohere2_moe": {"num_shared_experts": 1, "layer_types": _cycle("sliding_attention", "full_attention"),
-                    "sliding_window_pattern": 2},
-    "deepseek_v2": {**_MLA, "n_shared_experts": 1, "topk_method": "group_limited_greedy", "n_group": 2,
-                    "topk_group": 1, "first_k_dense_replace": 1, "num_hidden_layers": 3},
-    "deepseek_v3": {**_MLA, "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1,
-                    "num_hidden_layers": 3},
-    "deepseek_v32": {**_MLA, **_INDEXER, "n_shared_experts": 1, "n_group": 2, "topk_group": 1,
-                     "first_k_dense_replace": 1, "mlp_layer_types": _dense_first(1), "num_hidden_layers": 3},
-    "deepseek_v4": {"head_dim": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "num_key_value_heads": 1,
-                    "o_groups": 2, "o_lora_rank": 16, **_INDEXER, "hc_mult": 2, "hc_sinkhorn_iters": 3,
-                    "sliding_window": 4, "num_hidden_layers": 3,
-                    "mlp_layer_types": _dense_first(1, "hash_moe", "moe"),
+    "beam": {**_GROUPED, **_DENSE_FIRST, **_SWA},
+    "cohere2_moe": {**_SWA, "num_shared_experts": 1, "sliding_window_pattern": 2},
+    "deepseek_v2": {**_MLA, **_GROUPED, "topk_method": "group_limited_greedy", "n_shared_experts": 1,
+                    "first_k_dense_replace": 1, "num_hidden_layers": 3},
+    "deepseek_v3": {**_MLA, **_GROUPED, "n_shared_experts": 1, "first_k_dense_replace": 1, "num_hidden_layers": 3},
+    "deepseek_v32": {**_MLA, **_INDEXER, **_GROUPED, **_DENSE_FIRST, "n_shared_experts": 1,
+                     "first_k_dense_replace": 1},
+    "deepseek_v4": {**_INDEXER, "head_dim": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "num_key_value_heads": 1,
+                    "o_groups": 2, "o_lora_rank": 16, "hc_mult": 2, "hc_sinkhorn_iters": 3, "num_hidden_layers": 3,
+                    "mlp_layer_types": _dense_first(1, "hash_moe", "moe"),  # first layer hash-routed
                     "layer_types": _cycle("compressed_sparse_attention", "heavily_compressed_attention"),
                     "compress_rates": {"compressed_sparse_attention": 2, "heavily_compressed_attention": 4}},
     "dots1": {"n_shared_experts": 1, "first_k_dense_replace": 1, "num_hidden_layers": 3},
-    "dots3_note_text": {**_MLA, **_INDEXER, "head_dim": 16, "n_shared_experts": 1, "n_group": 2, "topk_group": 1,
-                        "shared_experts_intermediate_size": 32, "num_hidden_layers": 3,
-                        "mlp_layer_types": _dense_first(1),
+    "dots3_note_text": {**_MLA, **_INDEXER, **_GROUPED, **_DENSE_FIRST, "head_dim": 16, "n_shared_experts": 1,
+                        "shared_experts_intermediate_size": 32,
                         "layer_types": _cycle("indexed_attention", "sliding_attention"),
                         "swa_num_attention_heads": 4, "swa_num_key_value_heads": 4, "swa_q_lora_rank": 32,
                         "swa_kv_lora_rank": 16, "swa_head_dim": 16, "swa_qk_nope_head_dim": 8,
                         "swa_v_head_dim": 16},
     "ernie4_5_moe": {"moe_num_shared_experts": 1, "moe_layer_start_index": 1, "moe_layer_end_index": 2,
                      "num_hidden_layers": 3},
-    "exaone_moe": {"num_shared_experts": 1, "first_k_dense_replace": 1, "mlp_layer_types": _dense_first(1),
-                   "num_hidden_layers": 3, "layer_types": _cycle("sliding_attention", "full_attention")},
+    "exaone_moe": {**_DENSE_FIRST, **_SWA, "num_shared_experts": 1, "first_k_dense_replace": 1},
     "flex_olmo": {},
-    "flint": {"mlp_only_layers": [0], "num_hidden_layers": 3, "layer_types": _cycle("sliding_attention", "full_attention")},
-    "gemma4_text": {"enable_moe_block": True, "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 128, "per_layer_config": {},
-                    "layer_types": _cycle("sliding_attention", "full_attention")},
+    "flint": {**_SWA, "mlp_only_layers": [0], "num_hidden_layers": 3},
+    "gemma4_text": {**_SWA, "enable_moe_block": True, "hidden_size_per_layer_input": 8,
+                    "vocab_size_per_layer_input": 128, "per_layer_config": {}},
     "glm4_moe": {"n_shared_experts": 1, "first_k_dense_replace": 1, "num_hidden_layers": 3},
-    "glm4_moe_lite": {**_MLA, "n_shared_experts": 1, "mlp_layer_types": _dense_first(1), "num_hidden_layers": 3},
-    "glm_moe_dsa": {**_MLA, **_INDEXER, "n_shared_experts": 1, "first_k_dense_replace": 1,
-                    "mlp_layer_types": _dense_first(1), "num_hidden_layers": 3},
-    "gpt_oss": {"layer_types": _cycle("sliding_attention", "full_attention")},
+    "glm4_moe_lite": {**_MLA, **_DENSE_FIRST, "n_shared_experts": 1},
+    "glm_moe_dsa": {**_MLA, **_INDEXER, **_DENSE_FIRST, "n_shared_experts": 1, "first_k_dense_replace": 1},
+    "gpt_oss": {**_SWA},
     "granitemoe": {},
-    "granitemoe_swa": {"layer_types": _cycle("sliding_attention", "full_attention")},
+    "granitemoe_swa": {**_SWA},
     "granitemoehybrid": {"shared_intermediate_size": 32, "layer_types": _cycle("linear_attention", "full_attention"),
                          "mamba_n_heads": 8, "mamba_d_state": 8, "mamba_d_head": 16, "mamba_chunk_size": 8},
     "granitemoeshared": {"shared_intermediate_size": 32},
     "hunyuan_v1_moe": {},
-    "hy_v3": {"num_shared_experts": 1, "mlp_layer_types": _dense_first(1), "num_hidden_layers": 3},
-    "hy_v4": {**_MLA, **_INDEXER, "n_shared_experts": 1, "mlp_layer_types": _dense_first(1), "num_hidden_layers": 3,
-              "hc_mult": 2, "indexer_types": _cycle("full", "shared")},
+    "hy_v3": {**_DENSE_FIRST, "num_shared_experts": 1},
+    "hy_v4": {**_MLA, **_INDEXER, **_DENSE_FIRST, "n_shared_experts": 1, "hc_mult": 2,
+              "indexer_types": _cycle("full", "shared")},
     "inkling_text": {"n_shared_experts": 1, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
                      "swa_head_dim": 16, "sliding_window_size": 8, "d_rel": 4, "rel_extent": 16,
                      "layer_types": _cycle("hybrid_sliding", "hybrid")},
@@ -146,26 +143,24 @@ FAMILIES: dict[str, dict] = {
                       "sliding_window_size": 8, "d_rel": 4, "rel_extent": 16, "unpadded_vocab_size": 128,
                       "n_layers_per_attn_res_block": 1, "layer_types": _cycle("hybrid_sliding", "hybrid")},
     "jamba": {"num_hidden_layers": 3, "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
-              "expert_layer_offset": 0, "mamba_d_state": 8, "mamba_dt_rank": 8, "use_mamba_kernels": False},
-    "kimi_linear": {**_MLA, "num_shared_experts": 1, "num_hidden_layers": 3, "mlp_layer_types": _dense_first(1),
-                    "layer_types": _cycle("linear_attention", "full_attention"), "linear_head_dim": 8,
-                    "linear_num_heads": 4},
-    "kolibri1": {"layer_types": _cycle("sliding_attention", "full_attention")},
-    "laguna": {"num_hidden_layers": 3, "mlp_layer_types": _dense_first(1), "num_attention_heads_per_layer": None},
+              "expert_layer_offset": 0, "mamba_d_state": 8, "mamba_dt_rank": 8},
+    "kimi_linear": {**_MLA, **_DENSE_FIRST, "num_shared_experts": 1, "linear_head_dim": 8, "linear_num_heads": 4,
+                    "layer_types": _cycle("linear_attention", "full_attention")},
+    "kolibri1": {**_SWA},
+    "laguna": {**_DENSE_FIRST, "num_attention_heads_per_layer": None},
     "lfm2_moe": {"num_dense_layers": 1, "num_hidden_layers": 3, "layer_types": _cycle("conv", "full_attention")},
     "mellum": {},
-    "mimo_v2_flash": {"num_hidden_layers": 3, "mlp_layer_types": _dense_first(1), "head_dim": 16, "v_head_dim": 16,
-                      "layer_types": _cycle("sliding_attention", "full_attention")},
+    "mimo_v2_flash": {**_DENSE_FIRST, **_SWA, "v_head_dim": 16},
     "minimax": {"block_size": 4},
     "minimax_m2": {},
-    "minimax_m3_vl_text": {"dense_intermediate_size": 64, "shared_intermediate_size": 32, "rotary_dim": 8,
-                           "num_hidden_layers": 3, "mlp_layer_types": _dense_first(1), "index_n_heads": 2,
-                           "index_head_dim": 16, "index_block_size": 4, "index_topk_blocks": 2},
+    "minimax_m3_vl_text": {**_DENSE_FIRST, "dense_intermediate_size": 64, "shared_intermediate_size": 32,
+                           "rotary_dim": 8, "index_n_heads": 2, "index_head_dim": 16, "index_block_size": 4,
+                           "index_topk_blocks": 2},
     "mixtral": {},
     "nemotron_h": {"num_hidden_layers": 3,
                    "layers_block_type": _cycle("linear_attention", "moe", "full_attention", "mlp"),
                    "moe_shared_expert_intermediate_size": 32, "mamba_num_heads": 4, "mamba_head_dim": 16,
-                   "ssm_state_size": 8, "n_groups": 1, "chunk_size": 8, "use_mamba_kernels": False},
+                   "ssm_state_size": 8, "n_groups": 1, "chunk_size": 8},
     "olmoe": {},
     "phimoe": {},
     "qwen2_moe": {},
@@ -179,6 +174,7 @@ FAMILIES: dict[str, dict] = {
     "solar_open": {"n_shared_experts": 1},
     "zaya": {"router_hidden_size": 16, "top_k": 1},  # ZAYA supports top-1 routing only
 }
+# fmt: on
 
 # Directories using ``@use_experts_implementation`` that this registry cannot build, and why.
 _VISION_ONLY = "vision-language model: only a *ForConditionalGeneration class, no causal LM for its text part"
@@ -199,6 +195,7 @@ UNSUPPORTED: dict[str, str] = {
 
 
 def _resolve(model_type: str, overrides: dict) -> dict:
+    """Config kwargs: base sizes (fields the family has) < family overrides < caller overrides."""
     from transformers import AutoConfig
 
     defaults = AutoConfig.for_model(model_type).to_dict()
@@ -207,7 +204,8 @@ def _resolve(model_type: str, overrides: dict) -> dict:
     values.update(FAMILIES[model_type])
     values.update(overrides)
     num_experts, top_k = values.pop("num_experts"), values.pop("top_k")
-    explicit = {**FAMILIES[model_type], **overrides}
+    explicit = set(FAMILIES[model_type]) | set(overrides)  # fields spelled out by name win over the aliases
+    explicit -= set(_MOE)
     for fields, value in ((EXPERT_COUNT_FIELDS, num_experts), (TOP_K_FIELDS, top_k)):
         for field in fields:
             if field in defaults and field not in explicit:
@@ -261,7 +259,9 @@ def _randomize_routing(model: nn.Module, generator: torch.Generator) -> None:
                 if tensor.is_floating_point():
                     tensor.copy_(normal(tensor.shape, 0.1).to(tensor.dtype))
                 elif name.endswith("tid2eid"):  # token id -> expert ids, distinct per token
-                    order = torch.rand(tensor.shape[0], layer.num_experts, generator=generator).argsort(dim=-1)
+                    order = torch.rand(tensor.shape[0], layer.num_experts, generator=generator).argsort(
+                        dim=-1
+                    )
                     tensor.copy_(order[:, : tensor.shape[1]].to(tensor.dtype))
 
 
@@ -292,13 +292,22 @@ def build_random_model(
     return model.eval()
 
 
-def save_random_checkpoint(model_type: str, out_dir: str | Path, seed: int = 0, **overrides) -> Path:
+def save_random_checkpoint(
+    model_type: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+) -> Path:
     """Build a random model (see :func:`build_random_model`) and save it as safetensors.
+
+    Args:
+        model_type: a key of :data:`FAMILIES`.
+        out_dir: checkpoint directory (created).
+        seed: weight seed.
+        dtype: stored parameter dtype.
+        **overrides: sizes and other config fields, e.g. ``hidden_size=1024, moe_intermediate_size=512,
+            num_hidden_layers=16, num_experts=64, top_k=4`` (see :func:`tiny_config`).
 
     Returns:
         The checkpoint directory, loadable with ``AutoModelForCausalLM.from_pretrained``.
     """
-    dtype = overrides.pop("dtype", torch.float32)
     model = build_random_model(model_type, seed=seed, dtype=dtype, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

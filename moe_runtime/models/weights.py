@@ -13,7 +13,7 @@ import torch
 
 from .discovery import ExpertsLayout, MoELayer
 
-__all__ = ["split_expert", "merge_expert", "expert_tensor_names"]
+__all__ = ["split_expert", "split_slices", "fuse_slices", "merge_expert", "expert_tensor_names"]
 
 
 def expert_tensor_names(layout: ExpertsLayout) -> list[str]:
@@ -40,6 +40,30 @@ def _halves(fused_out_first: torch.Tensor, layout: ExpertsLayout) -> tuple[torch
     return fused_out_first[0::2], fused_out_first[1::2]
 
 
+def split_slices(layout: ExpertsLayout, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Classic per-expert tensors from one expert's fused slices (``{param_name: slice}``).
+
+    Returns contiguous clones: ``gate_proj.weight [I, H]``, ``up_proj.weight [I, H]``,
+    ``down_proj.weight [H, I]`` (and biases when the layout has them).
+    """
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        up = _out_in(fused[layout.up_name], layout)
+        if layout.has_gate:
+            out["gate_proj.weight"], out["up_proj.weight"] = _halves(up, layout)
+        else:
+            out["up_proj.weight"] = up
+        out["down_proj.weight"] = _out_in(fused["down_proj"], layout)
+        if layout.has_bias:
+            up_bias = fused[f"{layout.up_name}_bias"]
+            if layout.has_gate:
+                out["gate_proj.bias"], out["up_proj.bias"] = _halves(up_bias, layout)
+            else:
+                out["up_proj.bias"] = up_bias
+            out["down_proj.bias"] = fused["down_proj_bias"]
+    return {name: tensor.detach().clone().contiguous() for name, tensor in out.items()}
+
+
 def split_expert(layer: MoELayer, expert: int) -> dict[str, torch.Tensor]:
     """Copy one expert's weights out of the fused parameters, classic layout.
 
@@ -51,23 +75,9 @@ def split_expert(layer: MoELayer, expert: int) -> dict[str, torch.Tensor]:
         ``{"gate_proj.weight": [I, H], "up_proj.weight": [I, H], "down_proj.weight": [H, I], ...}``
         (biases too when the family has them), contiguous clones.
     """
-    layout, experts = layer.layout, layer.experts
-    out: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        up = _out_in(getattr(experts, layout.up_name)[expert], layout)
-        if layout.has_gate:
-            out["gate_proj.weight"], out["up_proj.weight"] = _halves(up, layout)
-        else:
-            out["up_proj.weight"] = up
-        out["down_proj.weight"] = _out_in(experts.down_proj[expert], layout)
-        if layout.has_bias:
-            up_bias = getattr(experts, f"{layout.up_name}_bias")[expert]
-            if layout.has_gate:
-                out["gate_proj.bias"], out["up_proj.bias"] = _halves(up_bias, layout)
-            else:
-                out["up_proj.bias"] = up_bias
-            out["down_proj.bias"] = experts.down_proj_bias[expert]
-    return {name: tensor.detach().clone().contiguous() for name, tensor in out.items()}
+    return split_slices(
+        layer.layout, {name: getattr(layer.experts, name)[expert] for name in layer.layout.param_names()}
+    )
 
 
 def _fuse_halves(gate: torch.Tensor, up: torch.Tensor, layout: ExpertsLayout) -> torch.Tensor:
@@ -76,13 +86,12 @@ def _fuse_halves(gate: torch.Tensor, up: torch.Tensor, layout: ExpertsLayout) ->
     return torch.stack([gate, up], dim=1).reshape(gate.shape[0] * 2, *gate.shape[1:])
 
 
-def fuse_expert(layer: MoELayer, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`split_expert`: classic tensors -> one expert's fused slices.
+def fuse_slices(layout: ExpertsLayout, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`split_slices`: classic tensors -> one expert's fused slices.
 
     Returns:
         ``{param_name: slice}`` with the shapes of ``getattr(experts, param_name)[e]``.
     """
-    layout = layer.layout
     up = (
         _fuse_halves(tensors["gate_proj.weight"], tensors["up_proj.weight"], layout)
         if layout.has_gate
@@ -108,7 +117,7 @@ def merge_expert(layer: MoELayer, expert: int, tensors: dict[str, torch.Tensor])
     """Write classic-layout tensors of one expert into the fused parameters, in place."""
     experts = layer.experts
     with torch.no_grad():
-        for name, value in fuse_expert(layer, tensors).items():
+        for name, value in fuse_slices(layer.layout, tensors).items():
             target = getattr(experts, name)
             if tuple(value.shape) != tuple(target[expert].shape):
                 raise ValueError(

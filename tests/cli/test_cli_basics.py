@@ -50,5 +50,7 @@ def test_usage_errors_are_one_line_exit_2(capsys):
 
 
 def test_console_script_runs():
-    result = subprocess.run([sys.executable, "-m", "moe_runtime", "--version"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "moe_runtime", "--version"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and result.stdout.startswith("moe-runtime ")

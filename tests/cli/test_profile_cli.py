@@ -41,7 +41,16 @@ def test_profile_and_select(capsys, tmp_path, moe_checkpoint, task_files):
         assert trace["seq_lengths"].sum() == meta["tasks"]["qa"]["tokens"]
 
     code, out, err = run_cli(
-        capsys, "select", "--profile", tmp_path / "prof", "--task", "qa", "--score", "gate", "--out", tmp_path / "cfg.json"
+        capsys,
+        "select",
+        "--profile",
+        tmp_path / "prof",
+        "--task",
+        "qa",
+        "--score",
+        "gate",
+        "--out",
+        tmp_path / "cfg.json",
     )
     assert code == 0, err
     cfg = json.loads((tmp_path / "cfg.json").read_text())
@@ -58,7 +67,16 @@ def _bad_jsonl(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(
     "case",
-    ["malformed", "empty", "wrong_shape", "dense", "unreadable_model", "missing_model", "no_task", "bad_max_tokens"],
+    [
+        "malformed",
+        "empty",
+        "wrong_shape",
+        "dense",
+        "unreadable_model",
+        "missing_model",
+        "no_task",
+        "bad_max_tokens",
+    ],
 )
 def test_profile_bad_input_exit_2(capsys, tmp_path, moe_checkpoint, dense_checkpoint, task_files, case):
     out = tmp_path / "prof"
@@ -96,7 +114,9 @@ def test_profile_bad_input_exit_2(capsys, tmp_path, moe_checkpoint, dense_checkp
 
 
 def test_select_bad_input_exit_2(capsys, tmp_path, moe_checkpoint, task_files):
-    assert run_cli(capsys, *_profile_args(moe_checkpoint, task_files, tmp_path / "prof"), "--no-plots")[0] == 0
+    assert (
+        run_cli(capsys, *_profile_args(moe_checkpoint, task_files, tmp_path / "prof"), "--no-plots")[0] == 0
+    )
     cases = [
         (["--task", "nosuch", "--score", "token"], "nosuch"),
         (["--task", "qa", "--score", "token", "--top-p", "0"], "--top-p"),
@@ -104,10 +124,23 @@ def test_select_bad_input_exit_2(capsys, tmp_path, moe_checkpoint, task_files):
         (["--task", "qa", "--score", "loss"], "--score"),
     ]
     for extra, expect in cases:
-        code, _, err = run_cli(capsys, "select", "--profile", tmp_path / "prof", "--out", tmp_path / "c.json", *extra)
+        code, _, err = run_cli(
+            capsys, "select", "--profile", tmp_path / "prof", "--out", tmp_path / "c.json", *extra
+        )
         assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, (extra, err)
         assert not (tmp_path / "c.json").exists()
-    code, _, err = run_cli(capsys, "select", "--profile", tmp_path, "--task", "qa", "--score", "token", "--out", tmp_path / "c.json")
+    code, _, err = run_cli(
+        capsys,
+        "select",
+        "--profile",
+        tmp_path,
+        "--task",
+        "qa",
+        "--score",
+        "token",
+        "--out",
+        tmp_path / "c.json",
+    )
     assert code == 2 and "meta.json" in err
 
 
@@ -123,10 +156,24 @@ def test_existing_non_profile_output_is_refused(capsys, tmp_path, moe_checkpoint
 @pytest.mark.slow
 @pytest.mark.torchrun
 def test_torchrun_two_processes_equal_one(capsys, tmp_path, moe_checkpoint, task_files):
-    assert run_cli(capsys, *_profile_args(moe_checkpoint, task_files, tmp_path / "one"), "--trace", "--no-plots")[0] == 0
+    assert (
+        run_cli(
+            capsys, *_profile_args(moe_checkpoint, task_files, tmp_path / "one"), "--trace", "--no-plots"
+        )[0]
+        == 0
+    )
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "moe_runtime", *map(str, _profile_args(moe_checkpoint, task_files, tmp_path / "two")), "--trace", "--no-plots",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "moe_runtime",
+        *map(str, _profile_args(moe_checkpoint, task_files, tmp_path / "two")),
+        "--trace",
+        "--no-plots",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -136,6 +183,9 @@ def test_torchrun_two_processes_equal_one(capsys, tmp_path, moe_checkpoint, task
         two = json.loads((tmp_path / "two" / task / "counts.json").read_text())
         assert one["counts"] == two["counts"] and one["tokens"] == two["tokens"]
         np.testing.assert_allclose(one["gate_sums"], two["gate_sums"], rtol=1e-6)
-        with np.load(tmp_path / "one" / task / "trace.npz") as a, np.load(tmp_path / "two" / task / "trace.npz") as b:
+        with (
+            np.load(tmp_path / "one" / task / "trace.npz") as a,
+            np.load(tmp_path / "two" / task / "trace.npz") as b,
+        ):
             for key in a.files:
                 np.testing.assert_array_equal(a[key], b[key])

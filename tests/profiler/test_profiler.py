@@ -60,7 +60,9 @@ def test_profile_equals_independent_count(family):
     model = _model(family)
     sequences = _sequences(11, model.config.vocab_size, seed=1)
     ref_counts, ref_gates, ref_ids = _reference(model, sequences)
-    meta, profiles = profile_sequences(model, {"t": sequences}, ProfileConfig(batch_size=4, trace=True, progress=False))
+    meta, profiles = profile_sequences(
+        model, {"t": sequences}, ProfileConfig(batch_size=4, trace=True, progress=False)
+    )
     got = profiles["t"]
     np.testing.assert_array_equal(got.counts, ref_counts)
     # some routers compute weights in float32 (deepseek), so sums agree to float32 precision
@@ -117,7 +119,9 @@ def test_selection_includes_the_crossing_expert():
 @pytest.mark.parametrize("score", ["token", "gate"])
 def test_select_experts_follows_cumulative_rule(tmp_path, score):
     model = _model("deepseek_v2")
-    meta, profiles = profile_sequences(model, {"t": _sequences(12, model.config.vocab_size, 3)}, ProfileConfig(progress=False))
+    meta, profiles = profile_sequences(
+        model, {"t": _sequences(12, model.config.vocab_size, 3)}, ProfileConfig(progress=False)
+    )
     write_profile(tmp_path / "p", meta, profiles, plots=False)
     summary = json.loads((tmp_path / "p" / "t" / "summary.json").read_text())
     p = 0.3
@@ -167,7 +171,8 @@ def test_merge_equals_profile_of_union(tmp_path):
 def test_profile_files_and_plots(tmp_path):
     model = _model("mixtral")
     meta, profiles = profile_sequences(
-        model, {"x": _sequences(5, model.config.vocab_size, 7), "y": _sequences(5, model.config.vocab_size, 8)},
+        model,
+        {"x": _sequences(5, model.config.vocab_size, 7), "y": _sequences(5, model.config.vocab_size, 8)},
         ProfileConfig(progress=False),
     )
     report = write_profile(tmp_path / "p", meta, profiles)

@@ -1,0 +1,107 @@
+"""Evaluation: mean token loss, and exact-match accuracy of greedy answers for prompt/response data."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import Example
+from .data import IGNORE, collate, encode_examples
+
+__all__ = ["mean_token_loss", "exact_match", "evaluate"]
+
+
+def _pad_id(tokenizer) -> int:
+    return next(v for v in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if v is not None)
+
+
+@torch.inference_mode()
+def mean_token_loss(
+    model: nn.Module,
+    tokenizer,
+    examples: list[Example],
+    *,
+    max_length: int = 512,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[float, int]:
+    """Mean next-token cross-entropy over supervised tokens (responses only for prompt/response).
+
+    Returns:
+        ``(loss, tokens)``.
+    """
+    features = encode_examples(tokenizer, examples, max_length)
+    pad = _pad_id(tokenizer)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in tqdm(
+        range(0, len(features), batch_size), desc="eval loss", disable=not progress, leave=False
+    ):
+        batch = collate(features[start : start + batch_size], pad)
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
+        targets = batch["labels"][:, 1:].to(device)
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+        total += float(losses)
+        count += int((targets != IGNORE).sum())
+    return total / max(count, 1), count
+
+
+@torch.inference_mode()
+def exact_match(
+    model: nn.Module, tokenizer, examples: list[Example], *, batch_size: int = 16, progress: bool = False
+) -> tuple[float, int]:
+    """Share of prompt/response examples whose greedy completion equals the response (stripped).
+
+    Returns:
+        ``(accuracy, examples scored)``; ``(nan, 0)`` when no example has a prompt.
+    """
+    scored = [ex for ex in examples if ex.prompt is not None]
+    if not scored:
+        return float("nan"), 0
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    hits = 0
+    for start in tqdm(
+        range(0, len(scored), batch_size), desc="exact match", disable=not progress, leave=False
+    ):
+        batch = scored[start : start + batch_size]
+        prompts = [list(tokenizer(ex.prompt)["input_ids"]) for ex in batch]
+        width = max(map(len, prompts))
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):  # left padding for generation
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        budget = max(len(tokenizer(ex.response)["input_ids"]) for ex in batch) + 2
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=budget,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row, ex in enumerate(batch):
+            text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+            hits += int(text.strip() == ex.response.strip())
+    return hits / len(scored), len(scored)
+
+
+def evaluate(
+    model: nn.Module, tokenizer, examples: list[Example], *, max_length: int = 512, batch_size: int = 16
+) -> dict:
+    """``{"loss", "tokens"}`` plus ``{"exact_match", "scored"}`` when the data has prompts."""
+    loss, tokens = mean_token_loss(model, tokenizer, examples, max_length=max_length, batch_size=batch_size)
+    result = {"loss": loss, "tokens": tokens}
+    accuracy, scored = exact_match(model, tokenizer, examples, batch_size=batch_size)
+    if scored:
+        result.update(exact_match=accuracy, scored=scored)
+    return result

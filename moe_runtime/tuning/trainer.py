@@ -1,0 +1,193 @@
+"""Training on the Hugging Face Trainer, shared by every tuning method.
+
+A method hands over the model with exactly its trainable parameters set ``requires_grad=True``.
+The model is wrapped so that Trainer checkpoints (for ``--resume``) hold only those parameters,
+and run data-parallel under ``torchrun`` (gloo on CPU, NCCL on GPU) with the global batch split
+across processes. Loss: mean over supervised tokens of the global batch (token counts are
+averaged across processes), plus the router's load-balancing loss where the family has one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from .data import Features, collate
+
+__all__ = ["TrainConfig", "TrainableModel", "train", "world_size"]
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (CLI flags of ``tune``).
+
+    Attributes:
+        steps: optimizer steps.
+        lr: peak learning rate (linear warmup, cosine decay).
+        batch_size: global batch (examples per step, summed over processes).
+        grad_accum: micro-batches per step on each process.
+        seed: data order and initialisation seed.
+        max_length: examples are cut to this many tokens.
+        warmup_steps: linear warmup steps.
+        weight_decay: AdamW weight decay.
+        save_steps: checkpoint every N steps (0: only at the end) into ``<out>.checkpoints``.
+        aux_loss_coef: router load-balancing loss weight; None keeps the model config's value.
+    """
+
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 16
+    grad_accum: int = 1
+    seed: int = 0
+    max_length: int = 512
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    save_steps: int = 0
+    aux_loss_coef: float | None = None
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or self.save_steps < 0:
+            raise UsageError("--warmup-steps and --save-steps must not be negative")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class TrainableModel(nn.Module):
+    """Wraps a causal LM so that ``state_dict`` (Trainer checkpoints) holds only trainable tensors.
+
+    Args:
+        model: the transformers model, trainable parameters already marked.
+        extra: modules holding trainable parameters outside the model (e.g. the ESFT arena).
+    """
+
+    def __init__(self, model: nn.Module, extra: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.extra = extra if extra is not None else nn.Module()
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False, **kwargs
+        )
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        full = super().state_dict(*args, **kwargs)
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in full.items() if k in trainable}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class _Dataset(torch.utils.data.Dataset):
+    def __init__(self, features: list[Features]) -> None:
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> Features:
+        return self.features[index]
+
+
+def train(
+    wrapped: TrainableModel,
+    features: list[Features],
+    config: TrainConfig,
+    *,
+    pad_id: int,
+    work_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Run the HF Trainer over ``features``; returns the log history's summary.
+
+    Args:
+        wrapped: the model with its trainable parameters.
+        features: tokenized training examples.
+        config: hyper-parameters (``batch_size`` is the global batch).
+        pad_id: padding token id.
+        work_dir: where Trainer checkpoints go (kept only if ``save_steps`` > 0).
+        resume: continue from the newest checkpoint in ``work_dir``.
+        progress: show the progress bar with loss.
+    """
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    world = world_size()
+    per_device, rest = divmod(config.batch_size, world * config.grad_accum)
+    if rest or per_device == 0:
+        raise UsageError(
+            f"--batch-size {config.batch_size} must be a multiple of processes ({world}) x --grad-accum ({config.grad_accum})"
+        )
+    model_config = wrapped.model.config
+    if hasattr(model_config, "output_router_logits"):
+        model_config.output_router_logits = True
+        if config.aux_loss_coef is not None and hasattr(model_config, "router_aux_loss_coef"):
+            model_config.router_aux_loss_coef = config.aux_loss_coef
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        max_steps=config.steps,
+        learning_rate=config.lr,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=config.grad_accum,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=max(1, min(10, config.steps // 10)),
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_only_model=False,
+        report_to=[],
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend=("nccl" if torch.cuda.is_available() else "gloo") if world > 1 else None,
+        ddp_find_unused_parameters=world > 1,
+        average_tokens_across_devices=True,
+        max_grad_norm=1.0,
+    )
+    trainer = Trainer(
+        model=wrapped,
+        args=args,
+        train_dataset=_Dataset(features),
+        data_collator=lambda batch: collate(batch, pad_id),
+    )
+    checkpoint = None
+    if resume:
+        checkpoint = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+        if checkpoint is None:
+            raise UsageError(f"--resume: no checkpoint in '{work_dir}'")
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        if not config.save_steps and not resume and work_dir.is_dir() and not any(work_dir.iterdir()):
+            work_dir.rmdir()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return {
+        "train_loss": float(result.training_loss),
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "steps": int(trainer.state.global_step),
+    }
