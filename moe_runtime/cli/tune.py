@@ -55,6 +55,9 @@ def register(sub) -> None:
         "--save-steps", type=int, default=0, metavar="N", help="checkpoint every N steps into OUT.checkpoints"
     )
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float64"), help="training dtype (default float32)"
+    )
     parser.add_argument("--lora-rank", type=int, default=8, metavar="R", help="LoRA rank (lora; default 8)")
     parser.add_argument(
         "--lora-alpha", type=int, default=16, metavar="A", help="LoRA alpha (lora; default 16)"
@@ -112,7 +115,7 @@ def run_tune(args: argparse.Namespace) -> int:
         from ..tuning.esft import read_expert_config
 
         selection = read_expert_config(args.experts)
-    model = load_model(args.model, dtype="float32")
+    model = load_model(args.model, dtype=args.dtype)
     info = find_moe_layers(model)
     if selection is not None:
         selection.validate(info, args.experts)

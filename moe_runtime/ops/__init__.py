@@ -7,13 +7,17 @@ call loads `moe_runtime._C`.
 from __future__ import annotations
 
 from ._extension import extension_available, load_extension
+from .experts_mm import Segment, grouped_linear, segmented_experts
 from .reroute import Rerouted, group_by_slot, reroute_permute, reroute_permute_reference
 
 __all__ = [
     "Rerouted",
+    "Segment",
     "extension_available",
     "group_by_slot",
+    "grouped_linear",
     "load_extension",
     "reroute_permute",
     "reroute_permute_reference",
+    "segmented_experts",
 ]

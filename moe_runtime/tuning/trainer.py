@@ -90,11 +90,38 @@ class TrainableModel(nn.Module):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in full.items() if k in trainable}
 
+    _keys_to_ignore_on_save = None
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
+        """Load a checkpoint of the trainable tensors; frozen ones are not expected in it."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing = [key for key in result.missing_keys if key in trainable]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"checkpoint does not match: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+        return type(result)(missing, result.unexpected_keys)
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def _enable_aux_loss(model: nn.Module, coef: float | None) -> None:
+    """Turn the router load-balancing loss on (as in the reference recipe), optionally reweighted.
+
+    Causal-LM classes copy ``router_aux_loss_coef`` from the config at construction, so the
+    attribute is set on every module that holds it, not only on the config.
+    """
+    config = model.config
+    if not hasattr(config, "output_router_logits"):
+        return
+    config.output_router_logits = True
+    if coef is None:
+        return
+    if hasattr(config, "router_aux_loss_coef"):
+        config.router_aux_loss_coef = coef
+    for module in model.modules():
+        if hasattr(module, "router_aux_loss_coef"):
+            module.router_aux_loss_coef = coef
 
 
 class _Dataset(torch.utils.data.Dataset):
@@ -138,11 +165,7 @@ def train(
         raise UsageError(
             f"--batch-size {config.batch_size} must be a multiple of processes ({world}) x --grad-accum ({config.grad_accum})"
         )
-    model_config = wrapped.model.config
-    if hasattr(model_config, "output_router_logits"):
-        model_config.output_router_logits = True
-        if config.aux_loss_coef is not None and hasattr(model_config, "router_aux_loss_coef"):
-            model_config.router_aux_loss_coef = config.aux_loss_coef
+    _enable_aux_loss(wrapped.model, config.aux_loss_coef)
     args = TrainingArguments(
         output_dir=str(work_dir),
         max_steps=config.steps,

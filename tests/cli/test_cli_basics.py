@@ -30,8 +30,7 @@ def test_every_contract_verb_is_registered():
 @pytest.mark.parametrize(
     "argv",
     [
-        ["tune", "--model", "demo", "--data", "x.jsonl", "--method", "esft", "--out", "o"],
-        ["eval", "--model", "demo", "--data", "x.jsonl"],
+        ["tune", "--model", "demo", "--data", "x.jsonl", "--method", "routed-lora", "--out", "o"],
         ["generate", "--model", "demo", "--prompt", "hi"],
         ["bench", "offload"],
     ],

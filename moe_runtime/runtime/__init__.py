@@ -1,0 +1,21 @@
+"""Serving: many ESFT adapters over one shared base model, in mixed batches, in one process."""
+
+from __future__ import annotations
+
+from .arena import ArenaMemory, ExpertArena
+from .engine import MultiAdapterEngine
+from .executor import ReroutingExecutor
+from .generation import generate_batch
+from .requests import Completion, DecodeConfig, Request, read_requests
+
+__all__ = [
+    "ArenaMemory",
+    "Completion",
+    "DecodeConfig",
+    "ExpertArena",
+    "MultiAdapterEngine",
+    "Request",
+    "ReroutingExecutor",
+    "generate_batch",
+    "read_requests",
+]

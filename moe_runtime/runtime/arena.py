@@ -1,0 +1,345 @@
+"""The serving expert arena: base and adapter experts of each MoE layer in equal-sized slots.
+
+    slots 0..E-1          the model's own fused expert parameters, used in place (never copied)
+    slots E..S-1          adapters' tuned experts, in chunk tensors appended as the arena grows
+    slot table [A, E]     row 0 = the base model (e -> e); row a = one adapter: e -> its slot if it
+                          tuned e, else e. Every adapter owns the same row in every layer.
+
+Loading an adapter takes free slots first (left by unloaded adapters) and appends, per layer, one
+chunk with exactly the missing number of slots. Unloading frees its slots and its row; a chunk left
+entirely free is dropped and the slots after it renumbered. All slots of a layer have one shape, so
+there is no padding per adapter and no fragmentation: memory held is the base model plus the live
+tuned experts, plus the free slots of partly used chunks (which the next load reuses, and
+:meth:`ExpertArena.compact` removes).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import AdapterError
+from ..models import MoEModelInfo
+from ..models.discovery import MoELayer
+from ..models.weights import fuse_slices
+from ..ops.experts_mm import Segment
+from ..tuning.esft import ESFTAdapter
+
+__all__ = ["ArenaMemory", "ExpertArena", "LayerSlots"]
+
+BASE_OWNER = 0
+
+
+def _segment_tensors(seg: Segment) -> list[torch.Tensor]:
+    return [t for t in (seg.up, seg.down, seg.up_bias, seg.down_bias) if t is not None]
+
+
+class LayerSlots:
+    """Slot pool and slot table of one MoE layer.
+
+    Args:
+        layer: the MoE layer; its fused parameters become slots ``0..E-1``.
+    """
+
+    def __init__(self, layer: MoELayer) -> None:
+        self.layer = layer
+        self.num_experts = layer.num_experts
+        experts, layout = layer.experts, layer.layout
+        self.base = Segment(
+            start=0,
+            up=getattr(experts, layout.up_name),
+            down=experts.down_proj,
+            up_bias=getattr(experts, f"{layout.up_name}_bias") if layout.has_bias else None,
+            down_bias=experts.down_proj_bias if layout.has_bias else None,
+        )
+        self.chunks: list[Segment] = []
+        self.free: list[int] = []  # min-heap of free adapter slots
+        self.table = torch.arange(self.num_experts, dtype=torch.int32, device=self.base.up.device)[None]
+        self.segments: list[Segment] = [self.base]
+
+    @property
+    def num_slots(self) -> int:
+        """Slots ``S`` (base + every chunk), the group count of the grouped GEMM."""
+        return self.num_experts + sum(chunk.size for chunk in self.chunks)
+
+    @property
+    def held_slots(self) -> int:
+        """Adapter slots held in chunks, live or free."""
+        return self.num_slots - self.num_experts
+
+    def slot_bytes(self) -> int:
+        """Bytes of the chunk tensors (adapter slots only; the base is the model's)."""
+        return sum(t.numel() * t.element_size() for chunk in self.chunks for t in _segment_tensors(chunk))
+
+    def ensure_rows(self, rows: int) -> None:
+        """Grow the table to ``rows`` owners; new rows are the identity (base experts)."""
+        if rows > self.table.shape[0]:
+            extra = self.table[:1].expand(rows - self.table.shape[0], -1)
+            self.table = torch.cat([self.table, extra]).contiguous()
+
+    def allocate(self, count: int) -> list[int]:
+        """Take ``count`` slots: free ones first, then one new chunk of exactly the rest."""
+        taken = [heapq.heappop(self.free) for _ in range(min(count, len(self.free)))]
+        missing = count - len(taken)
+        if missing:
+            start = self.num_slots
+            self.chunks.append(self._new_chunk(start, missing))
+            self.segments = [self.base, *self.chunks]
+            taken += range(start, start + missing)
+        return taken
+
+    def _new_chunk(self, start: int, size: int) -> Segment:
+        def empty(like: torch.Tensor | None) -> torch.Tensor | None:
+            if like is None:
+                return None
+            return torch.empty((size, *like.shape[1:]), dtype=like.dtype, device=like.device)
+
+        base = self.base
+        return Segment(start, empty(base.up), empty(base.down), empty(base.up_bias), empty(base.down_bias))
+
+    def _chunk_of(self, slot: int) -> Segment:
+        starts = [chunk.start for chunk in self.chunks]
+        chunk = self.chunks[bisect.bisect_right(starts, slot) - 1]
+        if not (self.num_experts <= slot < chunk.start + chunk.size):
+            raise IndexError(f"layer {self.layer.index}: slot {slot} is not an adapter slot")
+        return chunk
+
+    def write(self, slot: int, fused: dict[str, torch.Tensor]) -> None:
+        """Copy one expert's fused slices (``{param name: slice}``) into an adapter slot."""
+        chunk, layout = self._chunk_of(slot), self.layer.layout
+        pos = slot - chunk.start
+        targets = {layout.up_name: chunk.up, "down_proj": chunk.down}
+        if layout.has_bias:
+            targets.update({f"{layout.up_name}_bias": chunk.up_bias, "down_proj_bias": chunk.down_bias})
+        with torch.no_grad():
+            for name, target in targets.items():
+                value = fused[name]
+                if tuple(value.shape) != tuple(target.shape[1:]):
+                    raise AdapterError(
+                        f"layer {self.layer.index}: {name} slice of shape {tuple(value.shape)} does not fit "
+                        f"a slot of shape {tuple(target.shape[1:])}"
+                    )
+                target[pos].copy_(value)
+
+    def set_row(self, owner: int, slots: dict[int, int]) -> None:
+        """Point ``owner``'s row at its slots (``{expert id: slot}``); other experts stay base."""
+        row = torch.arange(self.num_experts, dtype=torch.int32)
+        for expert, slot in slots.items():
+            row[expert] = slot
+        self.table[owner] = row.to(self.table.device)
+
+    def reset_row(self, owner: int) -> None:
+        self.table[owner] = self.table[BASE_OWNER]
+
+    def release(self, slots: list[int]) -> None:
+        """Return slots to the free list; drop chunks left entirely free and renumber the rest."""
+        for slot in slots:
+            heapq.heappush(self.free, slot)
+        free = set(self.free)
+        for chunk in reversed(list(self.chunks)):
+            if all(s in free for s in range(chunk.start, chunk.start + chunk.size)):
+                self._drop_chunk(chunk)
+                free = set(self.free)
+
+    def _drop_chunk(self, dropped: Segment) -> None:
+        lo, size = dropped.start, dropped.size
+        hi = lo + size
+        self.chunks = [chunk for chunk in self.chunks if chunk is not dropped]
+        for chunk in self.chunks:
+            if chunk.start >= hi:
+                chunk.start -= size
+        self.free = [s - size if s >= hi else s for s in self.free if not lo <= s < hi]
+        heapq.heapify(self.free)
+        self.table = torch.where(self.table >= hi, self.table - size, self.table)
+        self.segments = [self.base, *self.chunks]
+
+    def compact(self) -> dict[int, int]:
+        """Repack the live adapter slots into one chunk of exactly their number.
+
+        Returns:
+            ``{old slot: new slot}`` for every live adapter slot.
+        """
+        free = set(self.free)
+        live = [s for s in range(self.num_experts, self.num_slots) if s not in free]
+        if len(self.chunks) <= 1 and not free:
+            return {s: s for s in live}
+        mapping = {old: self.num_experts + i for i, old in enumerate(live)}
+        new = self._new_chunk(self.num_experts, len(live)) if live else None
+        if new is not None:
+            with torch.no_grad():
+                for i, old in enumerate(live):
+                    chunk = self._chunk_of(old)
+                    for src, dst in zip(_segment_tensors(chunk), _segment_tensors(new)):
+                        dst[i].copy_(src[old - chunk.start])
+        lookup = torch.arange(self.num_slots, dtype=torch.int32)
+        for old, slot in mapping.items():
+            lookup[old] = slot
+        self.table = lookup.to(self.table.device)[self.table.long()]
+        self.chunks = [new] if new is not None else []
+        self.free = []
+        self.segments = [self.base, *self.chunks]
+        return mapping
+
+
+@dataclass(frozen=True)
+class ArenaMemory:
+    """What the arena holds beyond the base model (summed over layers).
+
+    Attributes:
+        adapters: loaded adapters.
+        live_slots: adapter slots in use.
+        free_slots: adapter slots held but unused (reused by the next load).
+        slot_bytes: bytes of all adapter slots (chunk tensors).
+        live_bytes: bytes of the live slots (the tuned experts' own size).
+        table_bytes: bytes of the slot tables.
+        chunks: chunk tensors (segments beyond the base, summed over layers).
+    """
+
+    adapters: int
+    live_slots: int
+    free_slots: int
+    slot_bytes: int
+    live_bytes: int
+    table_bytes: int
+    chunks: int
+
+    @property
+    def held_bytes(self) -> int:
+        """Everything the arena adds to the base model."""
+        return self.slot_bytes + self.table_bytes
+
+
+class ExpertArena:
+    """Per-layer slot pools and the owner ids of the loaded adapters.
+
+    Args:
+        info: the model's MoE layers (the base weights are used in place).
+    """
+
+    def __init__(self, info: MoEModelInfo) -> None:
+        self.info = info
+        self.layers: dict[int, LayerSlots] = {layer.index: LayerSlots(layer) for layer in info.layers}
+        self._owners: dict[str, int] = {}
+        self._free_owners: list[int] = []
+        self._num_rows = 1
+        self._slots: dict[str, dict[int, list[int]]] = {}  # name -> layer -> slots, in expert order
+
+    @property
+    def names(self) -> list[str]:
+        """Loaded adapter names, in load order."""
+        return list(self._owners)
+
+    def owner(self, name: str | None) -> int:
+        """Row of ``name`` in every slot table (``None`` is the base model, row 0).
+
+        Raises:
+            AdapterError: no adapter of that name is loaded.
+        """
+        if name is None:
+            return BASE_OWNER
+        try:
+            return self._owners[name]
+        except KeyError:
+            loaded = ", ".join(self._owners) or "none"
+            raise AdapterError(f"adapter '{name}' is not loaded (loaded: {loaded})") from None
+
+    def add(self, name: str, adapter: ESFTAdapter) -> int:
+        """Load a checked adapter's tuned experts into free or new slots.
+
+        Args:
+            name: the name requests use.
+            adapter: an adapter after :meth:`ESFTAdapter.check` against this model.
+
+        Returns:
+            The adapter's owner id.
+
+        Raises:
+            AdapterError: the name is taken, or the adapter changes weights other than routed
+                experts (shared experts, attention, ...), which cannot differ per request in one batch.
+        """
+        if not name:
+            raise AdapterError("adapter name must not be empty")
+        if name in self._owners:
+            raise AdapterError(f"adapter '{name}' is already loaded")
+        if adapter.others:
+            key = sorted(adapter.others)[0]
+            raise AdapterError(
+                f"{adapter.path}: {key}: tunes shared-expert or non-expert weights, which are not servable "
+                "in a mixed batch (only routed experts can differ per request; merge it into the model instead)"
+            )
+        by_layer: dict[int, list[int]] = {}
+        for layer_index, expert in adapter.experts:
+            by_layer.setdefault(layer_index, []).append(expert)
+        owner = heapq.heappop(self._free_owners) if self._free_owners else self._num_rows
+        self._num_rows = max(self._num_rows, owner + 1)
+        taken: dict[int, list[int]] = {}
+        try:
+            for layer_index, experts in sorted(by_layer.items()):
+                slots = self.layers[layer_index]
+                experts.sort()
+                taken[layer_index] = slots.allocate(len(experts))
+                for expert, slot in zip(experts, taken[layer_index]):
+                    fused = fuse_slices(slots.layer.layout, adapter.experts[(layer_index, expert)])
+                    slots.write(slot, fused)
+            for layer_index, slots in self.layers.items():
+                slots.ensure_rows(self._num_rows)
+                ids = sorted(by_layer.get(layer_index, []))
+                slots.set_row(owner, dict(zip(ids, taken.get(layer_index, []))))
+        except BaseException:
+            self._release(owner, taken)
+            raise
+        self._owners[name] = owner
+        self._slots[name] = taken
+        return owner
+
+    def remove(self, name: str) -> None:
+        """Unload an adapter: free its slots and its owner row.
+
+        Raises:
+            AdapterError: no adapter of that name is loaded.
+        """
+        owner = self.owner(name)
+        del self._owners[name]
+        self._release(owner, self._slots.pop(name))
+
+    def _release(self, owner: int, taken: dict[int, list[int]]) -> None:
+        for layer_index, slots in self.layers.items():
+            if slots.table.shape[0] > owner:
+                slots.reset_row(owner)
+            if taken.get(layer_index):
+                slots.release(taken[layer_index])
+        heapq.heappush(self._free_owners, owner)
+
+    def compact(self) -> None:
+        """Repack every layer's live adapter slots into one exact-size chunk (one segment)."""
+        for layer_index, slots in self.layers.items():
+            mapping = slots.compact()
+            for taken in self._slots.values():
+                if layer_index in taken:
+                    taken[layer_index] = [mapping[s] for s in taken[layer_index]]
+
+    def slots_of(self, name: str) -> dict[int, list[int]]:
+        """``{layer: slots}`` held by an adapter (in expert-id order)."""
+        self.owner(name)
+        return {layer: list(slots) for layer, slots in self._slots[name].items()}
+
+    def memory(self) -> ArenaMemory:
+        """Memory accounting over all layers."""
+        live = sum(len(s) for taken in self._slots.values() for s in taken.values())
+        live_bytes = sum(
+            len(s) * self.layers[layer].layer.expert_bytes
+            for taken in self._slots.values()
+            for layer, s in taken.items()
+        )
+        return ArenaMemory(
+            adapters=len(self._owners),
+            live_slots=live,
+            free_slots=sum(len(slots.free) for slots in self.layers.values()),
+            slot_bytes=sum(slots.slot_bytes() for slots in self.layers.values()),
+            live_bytes=live_bytes,
+            table_bytes=sum(s.table.numel() * s.table.element_size() for s in self.layers.values()),
+            chunks=sum(len(slots.chunks) for slots in self.layers.values()),
+        )

@@ -1,0 +1,233 @@
+"""Multi-adapter serving in one process: one base model, many ESFT adapters, mixed batches.
+
+    engine = MultiAdapterEngine.from_pretrained("demo")
+    engine.add_adapter("arith", "adapters/arith")        # tuned experts -> arena slots
+    engine.generate([Request("12 + 35 =", adapter="arith"), Request("def f(", adapter=None)])
+    engine.remove_adapter("arith")                       # slots and owner row freed for reuse
+
+Requests of different adapters run together: the engine tells the rerouting executor the owner of
+every row before each forward, and the generation loop drops finished rows from the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError, UsageError
+from ..models import MoEModelInfo, install, load_model, load_tokenizer, uninstall
+from ..tuning.esft import ESFTAdapter, read_adapter
+from .arena import ArenaMemory, ExpertArena
+from .executor import ReroutingExecutor
+from .generation import generate_batch, left_pad
+from .requests import Completion, DecodeConfig, Request
+
+__all__ = ["MultiAdapterEngine", "eos_ids_of", "pad_id_of"]
+
+
+def eos_ids_of(model: nn.Module, tokenizer=None) -> set[int]:
+    """EOS ids that end a request: the model's generation config, else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def pad_id_of(model: nn.Module, tokenizer=None) -> int:
+    """An id for left padding (masked out, so any valid id works)."""
+    candidates = [getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)]
+    candidates.append(getattr(getattr(model, "generation_config", None), "pad_token_id", None))
+    return next((int(c) for c in candidates if isinstance(c, int)), 0)
+
+
+class MultiAdapterEngine:
+    """A base model serving many ESFT adapters at once.
+
+    Args:
+        model: a transformers causal LM with fused experts (its weights are never modified).
+        tokenizer: needed for text prompts and completions (token-id prompts work without).
+        info: the model's MoE layers, if already discovered.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, *, info: MoEModelInfo | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.info = install(model, info)
+        self.arena = ExpertArena(self.info)
+        self.executor = ReroutingExecutor(self.arena)
+        self.executor.attach()
+        self._pending: list[Request] = []
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, *, dtype: torch.dtype | str | None = None) -> MultiAdapterEngine:
+        """Load the base model and tokenizer from a local directory or ``demo``."""
+        return cls(load_model(model, dtype=dtype), load_tokenizer(model))
+
+    def close(self) -> None:
+        """Detach the executor and restore the model's stock experts implementation."""
+        self.executor.detach()
+        uninstall(self.model, self.info)
+
+    # adapters -------------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> list[str]:
+        """Loaded adapter names."""
+        return self.arena.names
+
+    def add_adapter(self, name: str, adapter: str | Path | ESFTAdapter) -> None:
+        """Load an ESFT adapter (a directory, official layout or ours) under ``name``.
+
+        The adapter is checked against the base model first (names, shapes, expert ids, base
+        fingerprint); only its tuned experts are kept, in arena slots.
+
+        Raises:
+            AdapterError: the name is taken, or the adapter is missing, corrupt, does not fit this
+                base model, or tunes weights other than routed experts.
+        """
+        if name in self.arena.names:
+            raise AdapterError(f"adapter '{name}' is already loaded")
+        if not isinstance(adapter, ESFTAdapter):
+            adapter = read_adapter(adapter)
+        adapter.check(self.model, self.info)
+        self.arena.add(name, adapter)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter; its slots are reused by the next load.
+
+        Raises:
+            AdapterError: it is not loaded, or a pending request names it.
+        """
+        waiting = [r.id for r in self._pending if r.adapter == name]
+        if waiting:
+            raise AdapterError(
+                f"adapter '{name}' is named by {len(waiting)} pending request(s) (first id {waiting[0]!r}); "
+                "run or cancel them before removing it"
+            )
+        self.arena.remove(name)
+
+    def compact(self) -> None:
+        """Repack adapter slots so each layer holds exactly its live tuned experts in one chunk."""
+        self.arena.compact()
+
+    def memory(self) -> ArenaMemory:
+        """Bytes and slots the adapters hold beyond the base model."""
+        return self.arena.memory()
+
+    def base_bytes(self) -> int:
+        """Bytes of the base model's parameters and buffers."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # requests -------------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not yet served."""
+        return len(self._pending)
+
+    def submit(self, requests: Request | Iterable[Request]) -> None:
+        """Queue requests for the next :meth:`run`.
+
+        Raises:
+            AdapterError: a request names an adapter that is not loaded.
+            UsageError: a bad prompt or token limit.
+        """
+        batch = [requests] if isinstance(requests, Request) else list(requests)
+        for request in batch:
+            self.arena.owner(request.adapter)
+            if request.max_new_tokens is not None and request.max_new_tokens <= 0:
+                raise UsageError(f"request {request.id!r}: max_new_tokens must be positive")
+            if isinstance(request.prompt, str) and self.tokenizer is None:
+                raise UsageError(f"request {request.id!r}: a text prompt needs a tokenizer")
+        self._pending.extend(batch)
+
+    def cancel_pending(self) -> None:
+        """Drop every queued request."""
+        self._pending.clear()
+
+    def _encode(self, request: Request) -> list[int]:
+        ids = (
+            list(request.prompt)
+            if not isinstance(request.prompt, str)
+            else list(self.tokenizer(request.prompt)["input_ids"])
+        )
+        if not ids:
+            bos = getattr(self.tokenizer, "bos_token_id", None)
+            if bos is None:
+                raise UsageError(f"request {request.id!r}: empty prompt (and the tokenizer has no BOS token)")
+            ids = [int(bos)]
+        return ids
+
+    def run(self, config: DecodeConfig | None = None) -> list[Completion]:
+        """Serve every pending request in mixed batches; completions in submission order."""
+        config = config or DecodeConfig()
+        config.validate()
+        requests, self._pending = self._pending, []
+        try:
+            return self._serve(requests, config)
+        except BaseException:
+            self._pending = requests + self._pending
+            raise
+
+    def generate(self, requests: Iterable[Request], config: DecodeConfig | None = None) -> list[Completion]:
+        """Submit ``requests`` and serve them (with anything already pending, which comes first)."""
+        self.submit(requests)
+        return self.run(config)
+
+    def _serve(self, requests: list[Request], config: DecodeConfig) -> list[Completion]:
+        prompts = [self._encode(r) for r in requests]
+        owners = torch.tensor([self.arena.owner(r.adapter) for r in requests], dtype=torch.int64)
+        limits = [r.max_new_tokens or config.max_new_tokens for r in requests]
+        eos, pad = eos_ids_of(self.model, self.tokenizer), pad_id_of(self.model, self.tokenizer)
+        order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
+        results: list[Completion | None] = [None] * len(requests)
+        for start in range(0, len(order), config.max_batch_size):
+            wave = order[start : start + config.max_batch_size]
+            wave_owners = owners[wave]
+
+            def before_forward(rows: torch.Tensor, seq_len: int, wave_owners=wave_owners) -> None:
+                self.executor.set_owners(wave_owners[rows.cpu()], seq_len)
+
+            try:
+                generated = generate_batch(
+                    self.model,
+                    [prompts[i] for i in wave],
+                    [limits[i] for i in wave],
+                    config=config,
+                    eos_ids=eos,
+                    pad_id=pad,
+                    before_forward=before_forward,
+                    seeds=[config.seed + i for i in wave],
+                )
+            finally:
+                self.executor.clear_owners()
+            for i, out in zip(wave, generated):
+                text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True) if self.tokenizer else ""
+                results[i] = Completion(requests[i].id, requests[i].adapter, text, out.token_ids, out.logits)
+        return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def prompt_logits(self, requests: list[Request]) -> list[torch.Tensor]:
+        """Logits over each prompt in one mixed, left-padded forward (no generation).
+
+        Returns:
+            Per request ``[prompt length, V]``.
+        """
+        for request in requests:
+            self.arena.owner(request.adapter)
+        prompts = [self._encode(r) for r in requests]
+        owners = torch.tensor([self.arena.owner(r.adapter) for r in requests], dtype=torch.int64)
+        device = next(self.model.parameters()).device
+        input_ids, mask, positions = left_pad(prompts, pad_id_of(self.model, self.tokenizer), device)
+        self.executor.set_owners(owners, input_ids.shape[1])
+        try:
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+        finally:
+            self.executor.clear_owners()
+        return [logits[i, input_ids.shape[1] - len(p) :] for i, p in enumerate(prompts)]
