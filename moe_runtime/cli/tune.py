@@ -56,7 +56,10 @@ def register(sub) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument(
-        "--dtype", default="float32", choices=("float32", "bfloat16", "float64"), help="training dtype (default float32)"
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float64"),
+        help="training dtype (default float32)",
     )
     parser.add_argument("--lora-rank", type=int, default=8, metavar="R", help="LoRA rank (lora; default 8)")
     parser.add_argument(

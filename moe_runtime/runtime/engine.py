@@ -64,7 +64,9 @@ class MultiAdapterEngine:
         self._pending: list[Request] = []
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, *, dtype: torch.dtype | str | None = None) -> MultiAdapterEngine:
+    def from_pretrained(
+        cls, model: str | Path, *, dtype: torch.dtype | str | None = None
+    ) -> MultiAdapterEngine:
         """Load the base model and tokenizer from a local directory or ``demo``."""
         return cls(load_model(model, dtype=dtype), load_tokenizer(model))
 
@@ -208,7 +210,9 @@ class MultiAdapterEngine:
             finally:
                 self.executor.clear_owners()
             for i, out in zip(wave, generated):
-                text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True) if self.tokenizer else ""
+                text = (
+                    self.tokenizer.decode(out.token_ids, skip_special_tokens=True) if self.tokenizer else ""
+                )
                 results[i] = Completion(requests[i].id, requests[i].adapter, text, out.token_ids, out.logits)
         return results  # type: ignore[return-value]
 

@@ -54,7 +54,12 @@ class Completion:
 
     def to_json(self) -> dict:
         """The output line of ``moe-runtime generate``."""
-        return {"id": self.id, "adapter": self.adapter, "completion": self.completion, "token_ids": self.token_ids}
+        return {
+            "id": self.id,
+            "adapter": self.adapter,
+            "completion": self.completion,
+            "token_ids": self.token_ids,
+        }
 
 
 @dataclass

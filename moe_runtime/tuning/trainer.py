@@ -98,7 +98,9 @@ class TrainableModel(nn.Module):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         missing = [key for key in result.missing_keys if key in trainable]
         if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(f"checkpoint does not match: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+            raise RuntimeError(
+                f"checkpoint does not match: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+            )
         return type(result)(missing, result.unexpected_keys)
 
     def trainable_parameters(self) -> int:

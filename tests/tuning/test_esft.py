@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_runtime.cli import main
 from moe_runtime.data import Example
 from moe_runtime.errors import AdapterError
 from moe_runtime.models import find_moe_layers, merge_expert, split_expert

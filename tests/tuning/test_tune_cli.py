@@ -34,12 +34,28 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def experts_cfg(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cfg") / "expert_cfg.json"
-    path.write_text(json.dumps({"experts": {"0": [1, 4], "1": [2]}, "shared_experts": False, "non_expert_modules": False}))
+    path.write_text(
+        json.dumps({"experts": {"0": [1, 4], "1": [2]}, "shared_experts": False, "non_expert_modules": False})
+    )
     return path
 
 
 def _tune(model, data, out, *extra) -> int:
-    args = ["tune", "--model", model, "--data", data, "--out", out, "--steps", "6", "--lr", "1e-2", "--batch-size", "8"]
+    args = [
+        "tune",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--steps",
+        "6",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "8",
+    ]
     return main([str(a) for a in [*args, *extra]])
 
 
@@ -131,10 +147,42 @@ def test_eval_refuses_adapter_of_another_base(capsys, tmp_path, f32_checkpoint, 
 def test_torchrun_two_processes_equal_one(tmp_path, f32_checkpoint, data, experts_cfg):
     # float64: Adam's first steps move every weight by about lr * sign(grad), so float32 summation-order
     # noise on near-zero gradients would show up as lr-sized differences; in float64 it cannot.
-    common = ["--method", "esft", "--experts", experts_cfg, "--aux-loss-coef", "0", "--seed", "1", "--dtype", "float64"]
+    common = [
+        "--method",
+        "esft",
+        "--experts",
+        experts_cfg,
+        "--aux-loss-coef",
+        "0",
+        "--seed",
+        "1",
+        "--dtype",
+        "float64",
+    ]
     assert _tune(f32_checkpoint, data, tmp_path / "one", *common) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moe_runtime"]
-    args = ["tune", "--model", f32_checkpoint, "--data", data, "--out", tmp_path / "two", "--steps", "6", "--lr", "1e-2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "moe_runtime",
+    ]
+    args = [
+        "tune",
+        "--model",
+        f32_checkpoint,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "two",
+        "--steps",
+        "6",
+        "--lr",
+        "1e-2",
+    ]
     args += ["--batch-size", "8", *common]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=env, timeout=900)
