@@ -26,17 +26,84 @@ def register(sub) -> None:
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     parser.add_argument("--model", default="demo", help="model for benches that take one (default: demo)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps (tune: 20, esft-quality: 300)"
+    )
+    parser.add_argument(
+        "--tasks", default="arith,cipher", help="esft-quality: demo tasks to tune on (default arith,cipher)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="esft-quality: training seed")
 
 
-def _table(rows: dict) -> str:
+def _table(rows: dict, indent: str = "") -> str:
     width = max(len(k) for k in rows)
     out = []
     for key, value in rows.items():
         if isinstance(value, list):
             continue
-        text = f"{value:,.3f}" if isinstance(value, float) else str(value)
-        out.append(f"{key:<{width}}  {text}")
+        if isinstance(value, dict):
+            out.append(f"{indent}{key}:")
+            out.append(_table(value, indent + "  "))
+            continue
+        text = f"{value:,.4g}" if isinstance(value, float) else str(value)
+        out.append(f"{indent}{key:<{width}}  {text}")
     return "\n".join(out)
+
+
+def _demo_tasks(directory):
+    from ..demo.tasks import write_tasks
+
+    return write_tasks(directory)
+
+
+def _bench_tune(args: argparse.Namespace) -> dict:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from ..bench.tune_bench import bench_tune
+    from ..data import read_examples
+    from ..io import atomic_write_json
+    from ..models import load_model, load_tokenizer
+    from ..profiler import ProfileConfig, expert_config, profile_model, select_experts
+    from ..profiler.store import esft_summary
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = _demo_tasks(Path(tmp) / "tasks")
+        train = files["arith_train"]
+        model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+        meta, profiles = profile_model(
+            model, tokenizer, {"arith": read_examples(train)}, ProfileConfig(max_tokens=16384, progress=False)
+        )
+        cfg = atomic_write_json(
+            Path(tmp) / "cfg.json",
+            expert_config(select_experts(esft_summary(profiles["arith"], meta), "token")),
+        )
+        del model
+        result = bench_tune(args.model, train, cfg, steps=args.steps or 20)
+        result["experts"] = json.loads(cfg.read_text())
+    return {"bench": "tune", "model": args.model, "task": "arith", **result}
+
+
+def _bench_quality(args: argparse.Namespace) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    from ..bench.quality_bench import QualitySettings, bench_esft_quality
+    from ..demo.tasks import TASKS
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or len(names) < 1:
+        raise UsageError(
+            f"--tasks: unknown task '{unknown[0] if unknown else ''}' (choose from {', '.join(TASKS)})"
+        )
+    settings = QualitySettings(steps=args.steps or 300, seed=args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = _demo_tasks(Path(tmp) / "tasks")
+        tasks = {t: (files[f"{t}_train"], files[f"{t}_test"]) for t in names}
+        result = bench_esft_quality(args.model, tasks, files["general"], settings)
+    return {"bench": "esft-quality", "model": args.model, "tasks": names, **result}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--repeats must be positive, got {args.repeats}")
     if args.name == "profile":
         result = _bench_profile(args)
+    elif args.name == "tune":
+        result = _bench_tune(args)
+    elif args.name == "esft-quality":
+        result = _bench_quality(args)
     else:
         raise UsageError(f"bench {args.name} is not yet available in this version")
     print(_table(result))
@@ -56,11 +127,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _bench_profile(args: argparse.Namespace) -> dict:
     from ..bench.profile_bench import bench_profile
-    from ..demo.tasks import profile_examples
+    from ..data import Example
+    from ..demo.corpus import DOMAINS
+    from ..demo.tasks import domain_texts
     from ..models import load_model, load_tokenizer
 
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
-    examples = [ex for exs in profile_examples().values() for ex in exs]
+    examples = [Example(text=text) for domain in DOMAINS for text in domain_texts(domain, 100)]
     result = bench_profile(model, tokenizer, examples, repeats=args.repeats)
     return {"bench": "profile", "model": args.model, **result}

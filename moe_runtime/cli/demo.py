@@ -61,7 +61,8 @@ def _step(title: str) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     from ..data import read_examples
-    from ..demo.tasks import write_tasks
+    from ..demo.corpus import DOMAINS
+    from ..demo.tasks import TASKS, write_tasks
     from ..io import atomic_write_json
     from ..models import find_moe_layers, load_model, load_tokenizer
     from ..profiler import ProfileConfig, expert_config, profile_model, select_experts, write_profile
@@ -81,11 +82,11 @@ def run_demo(args: argparse.Namespace) -> int:
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
     )
     files = write_tasks(workdir / "tasks")
-    domains = {name: path for name, path in files.items() if name.startswith("domain_")}
-    print("tasks:", ", ".join(sorted(domains)))
+    domains = {name: files[name] for name in DOMAINS}
+    print("domains:", ", ".join(domains), "| tuning tasks:", ", ".join(TASKS))
 
     _step("2. profile routing per task")
-    tasks = {name.removeprefix("domain_"): read_examples(path) for name, path in domains.items()}
+    tasks = {name: read_examples(path) for name, path in domains.items()}
     meta, profiles = profile_model(
         model, tokenizer, tasks, ProfileConfig(max_tokens=args.max_tokens, batch_size=16)
     )

@@ -21,7 +21,15 @@ import numpy as np
 from ..errors import UsageError
 from ..io import atomic_write_json
 
-__all__ = ["TaskProfile", "ProfileMeta", "save_task", "load_profile", "merge_task_profiles", "FORMAT_VERSION"]
+__all__ = [
+    "TaskProfile",
+    "ProfileMeta",
+    "esft_summary",
+    "save_task",
+    "load_profile",
+    "merge_task_profiles",
+    "FORMAT_VERSION",
+]
 
 FORMAT_VERSION = 1
 
@@ -103,14 +111,18 @@ def _scores_json(scores: np.ndarray, layers: list[int]) -> dict:
     return {str(layer): {str(e): float(v) for e, v in enumerate(row)} for layer, row in zip(layers, scores)}
 
 
-def save_task(directory: Path, profile: TaskProfile, meta: ProfileMeta) -> None:
-    """Write one task's files into ``directory`` (which must exist; the caller makes it atomic)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    summary = {
+def esft_summary(profile: TaskProfile, meta: ProfileMeta) -> dict:
+    """The ESFT ``summary.json`` content of one task."""
+    return {
         "token_scores": _scores_json(profile.token_scores(meta.top_k), meta.layers),
         "gate_scores": _scores_json(profile.gate_scores(), meta.layers),
     }
-    atomic_write_json(directory / "summary.json", summary)
+
+
+def save_task(directory: Path, profile: TaskProfile, meta: ProfileMeta) -> None:
+    """Write one task's files into ``directory`` (which must exist; the caller makes it atomic)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(directory / "summary.json", esft_summary(profile, meta))
     atomic_write_json(
         directory / "counts.json",
         {

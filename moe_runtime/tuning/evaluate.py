@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from ..data import Example
 from .data import IGNORE, collate, encode_examples
 
-__all__ = ["mean_token_loss", "exact_match", "evaluate"]
+__all__ = ["answer_matches", "mean_token_loss", "exact_match", "evaluate"]
 
 
 def _pad_id(tokenizer) -> int:
@@ -54,11 +54,20 @@ def mean_token_loss(
     return total / max(count, 1), count
 
 
+def answer_matches(completion: str, response: str) -> bool:
+    """Exact match of a greedy completion: a one-line response is compared with the completion's
+    first line (the model may go on with a next record), a multi-line one with its prefix; both stripped."""
+    expected = response.strip()
+    if "\n" in expected:
+        return completion.strip().startswith(expected)
+    return completion.strip().split("\n", 1)[0].strip() == expected
+
+
 @torch.inference_mode()
 def exact_match(
     model: nn.Module, tokenizer, examples: list[Example], *, batch_size: int = 16, progress: bool = False
 ) -> tuple[float, int]:
-    """Share of prompt/response examples whose greedy completion equals the response (stripped).
+    """Share of prompt/response examples whose greedy completion matches the response (``answer_matches``).
 
     Returns:
         ``(accuracy, examples scored)``; ``(nan, 0)`` when no example has a prompt.
@@ -91,7 +100,7 @@ def exact_match(
         )
         for row, ex in enumerate(batch):
             text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-            hits += int(text.strip() == ex.response.strip())
+            hits += int(answer_matches(text, ex.response))
     return hits / len(scored), len(scored)
 
 
