@@ -1,0 +1,33 @@
+"""The main job end to end (short settings) and demo-model through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moe_runtime.cli import main
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(capsys, tmp_path):
+    code = main(["demo", "--workdir", str(tmp_path / "w"), "--max-tokens", "1024", "--tune-steps", "3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "mean pairwise Jaccard" in out and "exact match" in out
+    assert (tmp_path / "w" / "profile" / "overlap.png").exists()
+    for task in ("arith", "cipher"):
+        cfg = json.loads((tmp_path / "w" / f"{task}_experts.json").read_text())
+        assert sum(map(len, cfg["experts"].values())) > 0
+        assert (tmp_path / "w" / "adapters" / task / "adapter.safetensors").exists()
+
+
+def test_demo_bad_flags_exit_2(capsys, tmp_path):
+    assert main(["demo", "--workdir", str(tmp_path), "--tune-steps", "0"]) == 2
+    assert "--tune-steps" in capsys.readouterr().err
+
+
+def test_demo_model_refuses_non_empty_out(capsys, tmp_path):
+    (tmp_path / "x").write_text("keep")
+    assert main(["demo-model", "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "x").read_text() == "keep"
