@@ -30,7 +30,7 @@ def register(sub) -> None:
         "--steps", type=int, default=None, help="training steps (tune: 20, esft-quality: 300)"
     )
     parser.add_argument(
-        "--tasks", default="arith,cipher", help="esft-quality: demo tasks to tune on (default arith,cipher)"
+        "--tasks", default="kv,sort", help="esft-quality: demo tasks to tune on (default kv,sort)"
     )
     parser.add_argument("--seed", type=int, default=0, help="esft-quality: training seed")
 
@@ -113,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--repeats must be positive, got {args.repeats}")
     if args.name == "profile":
         result = _bench_profile(args)
+    elif args.name == "reroute":
+        from ..bench.reroute_bench import bench_reroute
+
+        result = {"bench": "reroute", "model": args.model, **bench_reroute(args.model, repeats=args.repeats)}
     elif args.name == "tune":
         result = _bench_tune(args)
     elif args.name == "esft-quality":

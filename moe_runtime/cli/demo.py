@@ -105,7 +105,7 @@ def run_demo(args: argparse.Namespace) -> int:
     )
 
     _step("3. select experts for two tuning tasks (ESFT token score, p=0.2)")
-    tune_tasks = [t for t in ("arith", "cipher") if t in TASKS] or list(TASKS[:2])
+    tune_tasks = [t for t in ("kv", "sort") if t in TASKS] or list(TASKS[:2])
     train = {t: read_examples(files[f"{t}_train"]) for t in tune_tasks}
     task_meta, task_profiles = profile_model(
         model, tokenizer, train, ProfileConfig(max_tokens=args.max_tokens, progress=False)

@@ -16,7 +16,7 @@ def test_demo_runs_end_to_end(capsys, tmp_path):
     assert code == 0, out
     assert "mean pairwise Jaccard" in out and "exact match" in out
     assert (tmp_path / "w" / "profile" / "overlap.png").exists()
-    for task in ("arith", "cipher"):
+    for task in ("kv", "sort"):
         cfg = json.loads((tmp_path / "w" / f"{task}_experts.json").read_text())
         assert sum(map(len, cfg["experts"].values())) > 0
         assert (tmp_path / "w" / "adapters" / task / "adapter.safetensors").exists()
