@@ -42,7 +42,7 @@ class QualitySettings:
         default_factory=lambda: {"full": 3e-4, "lora": 1e-3, "esft_gate": 1e-3, "esft_token": 1e-3}
     )
     profile_tokens: int = 16384
-    eval_examples: int = 200
+    eval_examples: int = 100
 
 
 def _selection(summary: dict, score: str) -> ExpertSelection:

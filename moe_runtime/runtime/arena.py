@@ -6,11 +6,12 @@
                           tuned e, else e. Every adapter owns the same row in every layer.
 
 Loading an adapter takes free slots first (left by unloaded adapters) and appends, per layer, one
-chunk with exactly the missing number of slots. Unloading frees its slots and its row; a chunk left
-entirely free is dropped and the slots after it renumbered. All slots of a layer have one shape, so
-there is no padding per adapter and no fragmentation: memory held is the base model plus the live
-tuned experts, plus the free slots of partly used chunks (which the next load reuses, and
-:meth:`ExpertArena.compact` removes).
+chunk with exactly the missing number of slots; a layer left with more than ``max_chunks`` chunks is
+repacked into one exact chunk (each chunk is one more grouped-GEMM segment per forward). Unloading
+frees its slots (kept for the next load) and its row. All slots of a layer have one shape, so there
+is no padding per adapter and no fragmentation: memory held is the base model plus the live tuned
+experts, plus any free slots, which :meth:`ExpertArena.trim` (drop entirely free chunks) or
+:meth:`ExpertArena.compact` (repack into one exact chunk per layer) give back.
 """
 
 from __future__ import annotations
@@ -135,26 +136,41 @@ class LayerSlots:
         self.table[owner] = self.table[BASE_OWNER]
 
     def release(self, slots: list[int]) -> None:
-        """Return slots to the free list; drop chunks left entirely free and renumber the rest."""
+        """Return slots to the free list (the next allocation takes them first)."""
         for slot in slots:
             heapq.heappush(self.free, slot)
-        free = set(self.free)
-        for chunk in reversed(list(self.chunks)):
-            if all(s in free for s in range(chunk.start, chunk.start + chunk.size)):
-                self._drop_chunk(chunk)
-                free = set(self.free)
 
-    def _drop_chunk(self, dropped: Segment) -> None:
-        lo, size = dropped.start, dropped.size
-        hi = lo + size
-        self.chunks = [chunk for chunk in self.chunks if chunk is not dropped]
+    def trim(self) -> dict[int, int]:
+        """Drop the chunks whose slots are all free; the slots after them move down.
+
+        Returns:
+            ``{old slot: new slot}`` for every adapter slot still held.
+        """
+        free = set(self.free)
+        dropped = [c for c in self.chunks if all(s in free for s in range(c.start, c.start + c.size))]
+        if not dropped:
+            return {s: s for s in range(self.num_experts, self.num_slots)}
+        mapping, shift = {}, 0
         for chunk in self.chunks:
-            if chunk.start >= hi:
-                chunk.start -= size
-        self.free = [s - size if s >= hi else s for s in self.free if not lo <= s < hi]
+            if any(chunk is d for d in dropped):
+                shift += chunk.size
+                continue
+            for slot in range(chunk.start, chunk.start + chunk.size):
+                mapping[slot] = slot - shift
+            chunk.start -= shift
+        self._renumber(mapping)
+        self.chunks = [c for c in self.chunks if not any(c is d for d in dropped)]
+        self.free = [mapping[s] for s in self.free if s in mapping]
         heapq.heapify(self.free)
-        self.table = torch.where(self.table >= hi, self.table - size, self.table)
         self.segments = [self.base, *self.chunks]
+        return mapping
+
+    def _renumber(self, mapping: dict[int, int]) -> None:
+        """Rewrite the slot table through ``{old adapter slot: new}`` (base slots unchanged)."""
+        lookup = torch.arange(self.num_slots, dtype=torch.int32)
+        for old, new in mapping.items():
+            lookup[old] = new
+        self.table = lookup.to(self.table.device)[self.table.long()]
 
     def compact(self) -> dict[int, int]:
         """Repack the live adapter slots into one chunk of exactly their number.
@@ -174,10 +190,7 @@ class LayerSlots:
                     chunk = self._chunk_of(old)
                     for src, dst in zip(_segment_tensors(chunk), _segment_tensors(new)):
                         dst[i].copy_(src[old - chunk.start])
-        lookup = torch.arange(self.num_slots, dtype=torch.int32)
-        for old, slot in mapping.items():
-            lookup[old] = slot
-        self.table = lookup.to(self.table.device)[self.table.long()]
+        self._renumber(mapping)
         self.chunks = [new] if new is not None else []
         self.free = []
         self.segments = [self.base, *self.chunks]
@@ -217,10 +230,15 @@ class ExpertArena:
 
     Args:
         info: the model's MoE layers (the base weights are used in place).
+        max_chunks: when a load leaves a layer with more chunks than this, the layer is repacked
+            into one exact-size chunk (a copy of that layer's adapter slots only). Every chunk is one
+            more segment, i.e. more grouped-GEMM calls per forward; 1 (the default) keeps the
+            forward at base + one segment. None never repacks (loads copy nothing but the new experts).
     """
 
-    def __init__(self, info: MoEModelInfo) -> None:
+    def __init__(self, info: MoEModelInfo, *, max_chunks: int | None = 1) -> None:
         self.info = info
+        self.max_chunks = max_chunks
         self.layers: dict[int, LayerSlots] = {layer.index: LayerSlots(layer) for layer in info.layers}
         self._owners: dict[str, int] = {}
         self._free_owners: list[int] = []
@@ -284,6 +302,10 @@ class ExpertArena:
                 for expert, slot in zip(experts, taken[layer_index]):
                     fused = fuse_slices(slots.layer.layout, adapter.experts[(layer_index, expert)])
                     slots.write(slot, fused)
+                if self.max_chunks is not None and len(slots.chunks) > self.max_chunks:
+                    mapping = slots.compact()
+                    self._apply({layer_index: mapping})
+                    taken[layer_index] = [mapping[s] for s in taken[layer_index]]
             for layer_index, slots in self.layers.items():
                 slots.ensure_rows(self._num_rows)
                 ids = sorted(by_layer.get(layer_index, []))
@@ -313,13 +335,20 @@ class ExpertArena:
                 slots.release(taken[layer_index])
         heapq.heappush(self._free_owners, owner)
 
+    def trim(self) -> None:
+        """Give back the chunks left entirely free by unloaded adapters (slots renumbered)."""
+        self._apply({index: slots.trim() for index, slots in self.layers.items()})
+
     def compact(self) -> None:
         """Repack every layer's live adapter slots into one exact-size chunk (one segment)."""
-        for layer_index, slots in self.layers.items():
-            mapping = slots.compact()
-            for taken in self._slots.values():
-                if layer_index in taken:
-                    taken[layer_index] = [mapping[s] for s in taken[layer_index]]
+        self._apply({index: slots.compact() for index, slots in self.layers.items()})
+
+    def _apply(self, mappings: dict[int, dict[int, int]]) -> None:
+        """Renumber the recorded slots of every loaded adapter (``{layer: {old: new}}``)."""
+        for taken in self._slots.values():
+            for layer_index, slots in taken.items():
+                if layer_index in mappings:
+                    taken[layer_index] = [mappings[layer_index][s] for s in slots]
 
     def slots_of(self, name: str) -> dict[int, list[int]]:
         """``{layer: slots}`` held by an adapter (in expert-id order)."""

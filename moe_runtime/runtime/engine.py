@@ -11,7 +11,8 @@ every row before each forward, and the generation loop drops finished rows from 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -52,16 +53,24 @@ class MultiAdapterEngine:
         model: a transformers causal LM with fused experts (its weights are never modified).
         tokenizer: needed for text prompts and completions (token-id prompts work without).
         info: the model's MoE layers, if already discovered.
+        max_chunks: adapter chunks a layer may hold before it is repacked (see :class:`ExpertArena`).
     """
 
-    def __init__(self, model: nn.Module, tokenizer=None, *, info: MoEModelInfo | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        *,
+        info: MoEModelInfo | None = None,
+        max_chunks: int | None = 1,
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.info = install(model, info)
-        self.arena = ExpertArena(self.info)
+        self.arena = ExpertArena(self.info, max_chunks=max_chunks)
         self.executor = ReroutingExecutor(self.arena)
         self.executor.attach()
-        self._pending: list[Request] = []
+        self._pending: list[tuple[Request, list[int]]] = []  # with the prompt's token ids
 
     @classmethod
     def from_pretrained(
@@ -74,6 +83,16 @@ class MultiAdapterEngine:
         """Detach the executor and restore the model's stock experts implementation."""
         self.executor.detach()
         uninstall(self.model, self.info)
+
+    @contextlib.contextmanager
+    def stock(self) -> Iterator[nn.Module]:
+        """Temporarily run the bare base model with its stock experts implementation (baselines)."""
+        self.close()
+        try:
+            yield self.model
+        finally:
+            install(self.model, self.info)
+            self.executor.attach()
 
     # adapters -------------------------------------------------------------------------------
 
@@ -105,7 +124,7 @@ class MultiAdapterEngine:
         Raises:
             AdapterError: it is not loaded, or a pending request names it.
         """
-        waiting = [r.id for r in self._pending if r.adapter == name]
+        waiting = [r.id for r, _ in self._pending if r.adapter == name]
         if waiting:
             raise AdapterError(
                 f"adapter '{name}' is named by {len(waiting)} pending request(s) (first id {waiting[0]!r}); "
@@ -141,19 +160,21 @@ class MultiAdapterEngine:
             UsageError: a bad prompt or token limit.
         """
         batch = [requests] if isinstance(requests, Request) else list(requests)
+        encoded = []
         for request in batch:
             self.arena.owner(request.adapter)
             if request.max_new_tokens is not None and request.max_new_tokens <= 0:
                 raise UsageError(f"request {request.id!r}: max_new_tokens must be positive")
-            if isinstance(request.prompt, str) and self.tokenizer is None:
-                raise UsageError(f"request {request.id!r}: a text prompt needs a tokenizer")
-        self._pending.extend(batch)
+            encoded.append((request, self._encode(request)))
+        self._pending.extend(encoded)
 
     def cancel_pending(self) -> None:
         """Drop every queued request."""
         self._pending.clear()
 
     def _encode(self, request: Request) -> list[int]:
+        if isinstance(request.prompt, str) and self.tokenizer is None:
+            raise UsageError(f"request {request.id!r}: a text prompt needs a tokenizer")
         ids = (
             list(request.prompt)
             if not isinstance(request.prompt, str)
@@ -170,11 +191,11 @@ class MultiAdapterEngine:
         """Serve every pending request in mixed batches; completions in submission order."""
         config = config or DecodeConfig()
         config.validate()
-        requests, self._pending = self._pending, []
+        pending, self._pending = self._pending, []
         try:
-            return self._serve(requests, config)
+            return self._serve([r for r, _ in pending], [p for _, p in pending], config)
         except BaseException:
-            self._pending = requests + self._pending
+            self._pending = pending + self._pending
             raise
 
     def generate(self, requests: Iterable[Request], config: DecodeConfig | None = None) -> list[Completion]:
@@ -182,19 +203,23 @@ class MultiAdapterEngine:
         self.submit(requests)
         return self.run(config)
 
-    def _serve(self, requests: list[Request], config: DecodeConfig) -> list[Completion]:
-        prompts = [self._encode(r) for r in requests]
-        owners = torch.tensor([self.arena.owner(r.adapter) for r in requests], dtype=torch.int64)
+    def _serve(
+        self, requests: list[Request], prompts: list[list[int]], config: DecodeConfig
+    ) -> list[Completion]:
+        device = next(self.model.parameters()).device
+        owners = torch.tensor(
+            [self.arena.owner(r.adapter) for r in requests], dtype=torch.int64, device=device
+        )
         limits = [r.max_new_tokens or config.max_new_tokens for r in requests]
         eos, pad = eos_ids_of(self.model, self.tokenizer), pad_id_of(self.model, self.tokenizer)
         order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
         results: list[Completion | None] = [None] * len(requests)
         for start in range(0, len(order), config.max_batch_size):
             wave = order[start : start + config.max_batch_size]
-            wave_owners = owners[wave]
+            wave_owners = owners[torch.tensor(wave, device=device)]
 
             def before_forward(rows: torch.Tensor, seq_len: int, wave_owners=wave_owners) -> None:
-                self.executor.set_owners(wave_owners[rows.cpu()], seq_len)
+                self.executor.set_owners(wave_owners[rows], seq_len)
 
             try:
                 generated = generate_batch(
@@ -223,13 +248,11 @@ class MultiAdapterEngine:
         Returns:
             Per request ``[prompt length, V]``.
         """
-        for request in requests:
-            self.arena.owner(request.adapter)
+        owners = [self.arena.owner(r.adapter) for r in requests]
         prompts = [self._encode(r) for r in requests]
-        owners = torch.tensor([self.arena.owner(r.adapter) for r in requests], dtype=torch.int64)
         device = next(self.model.parameters()).device
         input_ids, mask, positions = left_pad(prompts, pad_id_of(self.model, self.tokenizer), device)
-        self.executor.set_owners(owners, input_ids.shape[1])
+        self.executor.set_owners(torch.tensor(owners, device=device), input_ids.shape[1])
         try:
             logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
         finally:

@@ -79,4 +79,9 @@ class ReroutingExecutor:
                 f"set for {owners.shape[0]} (this family does not flatten [batch, seq] row-major)"
             )
         routed = reroute_permute(top_k_index, owners.to(hidden.device), slots.table, slots.num_slots)
-        return segmented_experts(experts, hidden, top_k_weights, routed, slots.segments)
+        segments = slots.segments
+        if len(segments) > 1 and int(routed.offsets[slots.num_experts - 1]) == int(routed.offsets[-1]):
+            # no entry of this forward uses an adapter slot of this layer: run the base experts alone
+            routed = routed._replace(offsets=routed.offsets[: slots.num_experts])
+            segments = segments[:1]
+        return segmented_experts(experts, hidden, top_k_weights, routed, segments)

@@ -7,6 +7,7 @@ A requests line is ``{"id": ..., "prompt": "...", "adapter": "NAME" or null, "ma
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,11 +117,16 @@ def _request_of(obj: object, where: str) -> Request:
     return Request(prompt=prompt, adapter=adapter, max_new_tokens=max_new, id=obj.get("id"))
 
 
-def read_requests(path: str | Path) -> list[Request]:
+def read_requests(path: str | Path, *, adapters: Collection[str] | None = None) -> list[Request]:
     """Read a JSONL requests file (blank lines skipped); a missing ``id`` becomes the line number.
 
+    Args:
+        path: the requests file.
+        adapters: if given, the adapter names requests may use.
+
     Raises:
-        UsageError: naming the file, line and key of the first malformed request.
+        UsageError: naming the file, line and key of the first malformed request, or of a
+            request naming an adapter not in ``adapters``.
     """
     path = Path(path)
     try:
@@ -139,6 +145,9 @@ def read_requests(path: str | Path) -> list[Request]:
         except ValueError as exc:
             raise UsageError(f"{where}: not valid JSON ({exc})") from None
         request = _request_of(obj, where)
+        if adapters is not None and request.adapter is not None and request.adapter not in adapters:
+            loaded = ", ".join(adapters) or "none"
+            raise UsageError(f"{where}: adapter '{request.adapter}' is not loaded (loaded: {loaded})")
         if request.id is None:
             request.id = number
         requests.append(request)

@@ -31,7 +31,7 @@ def test_every_contract_verb_is_registered():
     "argv",
     [
         ["tune", "--model", "demo", "--data", "x.jsonl", "--method", "routed-lora", "--out", "o"],
-        ["generate", "--model", "demo", "--prompt", "hi"],
+        ["generate", "--model", "demo", "--prompt", "hi", "--offload", "disk"],
         ["bench", "offload"],
     ],
 )

@@ -1,0 +1,53 @@
+"""ESFT adapters for serving tests: random perturbations of chosen experts, written as real adapter dirs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_runtime.models import MoEModelInfo, find_moe_layers, model_fingerprint, split_expert
+from moe_runtime.tuning.esft import ExpertSelection, read_adapter, replaced_fingerprint, write_adapter
+
+
+def make_adapter(
+    model: nn.Module,
+    out: Path,
+    experts: dict[int, list[int]],
+    *,
+    seed: int,
+    scale: float = 0.5,
+    info: MoEModelInfo | None = None,
+) -> Path:
+    """Write an ESFT adapter whose experts are the base ones plus noise of ``scale`` x their std."""
+    info = info or find_moe_layers(model)
+    selection = ExpertSelection(experts={layer: sorted(ids) for layer, ids in experts.items()})
+    generator = torch.Generator().manual_seed(seed)
+    tuned = {}
+    for layer, ids in selection.experts.items():
+        for expert in ids:
+            classic = split_expert(info.by_index(layer), expert)
+            tuned[(layer, expert)] = {
+                name: t + scale * t.std() * torch.randn(t.shape, generator=generator, dtype=t.dtype)
+                for name, t in classic.items()
+            }
+    return write_adapter(
+        out,
+        info=info,
+        selection=selection,
+        tuned=tuned,
+        replaced=replaced_fingerprint(model, info, selection),
+        base_fingerprint=model_fingerprint(model),
+    )
+
+
+def merged_copy(build, adapter_dir: Path | None) -> nn.Module:
+    """A fresh base model (``build()``) with the adapter merged in by the ESFT merge path."""
+    model = build()
+    if adapter_dir is not None:
+        info = find_moe_layers(model)
+        adapter = read_adapter(adapter_dir)
+        adapter.check(model, info)
+        adapter.merge_into(model, info)
+    return model.eval()
