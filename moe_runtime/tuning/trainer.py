@@ -167,6 +167,7 @@ def train(
         raise UsageError(
             f"--batch-size {config.batch_size} must be a multiple of processes ({world}) x --grad-accum ({config.grad_accum})"
         )
+    router_logits_before = getattr(wrapped.model.config, "output_router_logits", None)
     _enable_aux_loss(wrapped.model, config.aux_loss_coef)
     args = TrainingArguments(
         output_dir=str(work_dir),
@@ -207,6 +208,8 @@ def train(
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
+        if router_logits_before is not None:  # generation with router logits on breaks in some families
+            wrapped.model.config.output_router_logits = router_logits_before
         if not config.save_steps and not resume and work_dir.is_dir() and not any(work_dir.iterdir()):
             work_dir.rmdir()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
