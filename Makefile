@@ -24,6 +24,9 @@ format:
 bench:
 	mkdir -p docs/bench
 	moe-runtime bench profile --json docs/bench/profile.json
+	moe-runtime bench tune --json docs/bench/tune.json
+	moe-runtime bench esft-quality --steps 100 --json docs/bench/esft_quality.json
+	moe-runtime bench reroute --json docs/bench/reroute.json
 
 cuda-check:
 	bash .ci/cuda_compile_check.sh

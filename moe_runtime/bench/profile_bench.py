@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..data import Example, encode_example
-from ..models import install, uninstall
+from ..models import install, pad_token_id, uninstall
 from ..profiler.recorder import RoutingRecorder
-from ..profiler.run import pad_id_of, run_batches, token_budget
+from ..profiler.run import run_batches, token_budget
 
 __all__ = ["bench_profile"]
 
@@ -33,7 +33,7 @@ def bench_profile(
     """
     sequences = token_budget([encode_example(tokenizer, ex)[0] for ex in examples], max_tokens, max_length)
     tokens = sum(map(len, sequences))
-    pad_id = pad_id_of(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     plain, profiled = [], []
 
     def timed(recorder: RoutingRecorder | None) -> float:

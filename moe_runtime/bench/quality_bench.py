@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..data import read_examples
-from ..models import find_moe_layers, load_model, load_tokenizer
+from ..models import find_moe_layers, load_model, load_tokenizer, pad_token_id
 from ..profiler import ProfileConfig, profile_model, select_experts
 from ..profiler.store import esft_summary
 from ..tuning.data import encode_examples
@@ -71,7 +71,7 @@ def bench_esft_quality(
     base_general = mean_token_loss(base, tokenizer, general_examples)[0]
     rows: dict[str, dict[str, dict]] = {m: {} for m in METHODS}
     base_rows: dict[str, dict] = {}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     bar = tqdm(total=len(tasks) * len(METHODS), desc="esft-quality", unit="run")
     with tempfile.TemporaryDirectory() as tmp:
         for task, (train_path, test_path) in tasks.items():

@@ -31,7 +31,7 @@ def _worker(
     from transformers import Trainer, TrainerCallback
 
     from ..data import read_examples
-    from ..models import find_moe_layers, load_model, load_tokenizer
+    from ..models import find_moe_layers, load_model, load_tokenizer, pad_token_id
     from ..tuning.data import encode_examples
     from ..tuning.trainer import TrainConfig
 
@@ -58,9 +58,7 @@ def _worker(
     rss_loaded = psutil.Process().memory_info().rss
     features = encode_examples(tokenizer, read_examples(data), 256)
     config = TrainConfig(steps=steps, lr=1e-4, batch_size=batch, seed=0)
-    common = dict(
-        out=out, pad_id=tokenizer.pad_token_id or 0, work_dir=out.with_suffix(".work"), progress=False
-    )
+    common = dict(out=out, pad_id=pad_token_id(tokenizer), work_dir=out.with_suffix(".work"), progress=False)
     if method == "esft":
         from ..tuning.esft import read_expert_config, tune_esft
 

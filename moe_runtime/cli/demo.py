@@ -68,7 +68,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..demo.corpus import DOMAINS
     from ..demo.tasks import TASKS, write_tasks
     from ..io import atomic_write_json
-    from ..models import find_moe_layers, load_model, load_tokenizer
+    from ..models import find_moe_layers, load_model, load_tokenizer, pad_token_id
     from ..profiler import ProfileConfig, expert_config, profile_model, select_experts, write_profile
     from ..profiler.store import esft_summary
     from ..tuning import TrainConfig, apply_adapter
@@ -124,7 +124,7 @@ def run_demo(args: argparse.Namespace) -> int:
         )
 
     _step(f"4. tune two ESFT adapters ({args.tune_steps} steps each)")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     for name in tune_tasks:
         test = read_examples(files[f"{name}_test"])[:100]
         before = exact_match(load_model("demo"), tokenizer, test)[0]

@@ -91,7 +91,7 @@ def register(sub) -> None:
 
 def run_tune(args: argparse.Namespace) -> int:
     from ..data import read_examples
-    from ..models import find_moe_layers, load_model, load_tokenizer
+    from ..models import find_moe_layers, load_model, load_tokenizer, pad_token_id
     from ..tuning.data import encode_examples
     from ..tuning.trainer import TrainConfig
 
@@ -130,7 +130,7 @@ def run_tune(args: argparse.Namespace) -> int:
     init_distributed()
     common = dict(
         out=out,
-        pad_id=next(v for v in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if v is not None),
+        pad_id=pad_token_id(tokenizer),
         work_dir=out.with_name(out.name + ".checkpoints"),
         resume=args.resume,
         write=is_rank_zero(),

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from moe_runtime.demo.tasks import write_tasks
 from moe_runtime.errors import UsageError
+from moe_runtime.io import atomic_dir
 
 __all__ = ["CHECKPOINT_FILES", "checkpoint_dir", "write_demo_model"]
 
@@ -55,16 +54,8 @@ def write_demo_model(out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out}: exists and is not an empty directory")
     src = checkpoint_dir()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for name in CHECKPOINT_FILES:
             shutil.copyfile(src / name, tmp / name)
         write_tasks(tmp / "tasks")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .discovery import ExpertsLayout, MoELayer, MoEModelInfo, find_moe_layers
 from .fingerprint import fingerprint_tensors, model_fingerprint
 from .hook import IMPLEMENTATION, ExpertsState, install, state_of, uninstall
-from .loading import load_model, load_tokenizer, resolve_model_path
+from .loading import load_model, load_tokenizer, pad_token_id, resolve_model_path
 from .weights import expert_tensor_names, merge_expert, split_expert
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "load_tokenizer",
     "merge_expert",
     "model_fingerprint",
+    "pad_token_id",
     "resolve_model_path",
     "split_expert",
     "state_of",

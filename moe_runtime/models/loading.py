@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import UsageError
 
-__all__ = ["resolve_model_path", "load_model", "load_tokenizer", "DEMO"]
+__all__ = ["resolve_model_path", "load_model", "load_tokenizer", "pad_token_id", "DEMO"]
 
 DEMO = "demo"
 
@@ -85,3 +85,11 @@ def load_tokenizer(model: str | Path):
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else its EOS, else 0 (always masked out)."""
+    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            return value
+    return 0

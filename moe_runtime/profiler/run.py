@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..data import Example, encode_example
 from ..errors import UsageError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
-from ..models import install, model_fingerprint
+from ..models import install, model_fingerprint, pad_token_id
 from .analysis import format_report, overview, selected_pairs
 from .plots import plot_heatmap, plot_overlap
 from .recorder import RoutingRecorder
@@ -33,7 +33,6 @@ __all__ = [
     "merge_profiles",
     "token_budget",
     "run_batches",
-    "pad_id_of",
     "profile_sequences",
 ]
 
@@ -83,13 +82,6 @@ def _forward_module(model: nn.Module) -> nn.Module:
     """The base model (no LM head): routing is all we need."""
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     return base if isinstance(base, nn.Module) else model
-
-
-def pad_id_of(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def run_batches(
@@ -151,7 +143,7 @@ def profile_model(
     encoded = {
         name: [encode_example(tokenizer, ex)[0] for ex in examples] for name, examples in tasks.items()
     }
-    return profile_sequences(model, encoded, config, pad_id=pad_id_of(tokenizer))
+    return profile_sequences(model, encoded, config, pad_id=pad_token_id(tokenizer))
 
 
 def profile_sequences(

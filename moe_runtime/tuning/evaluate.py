@@ -7,13 +7,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Example
+from ..models import pad_token_id
 from .data import IGNORE, collate, encode_examples
 
 __all__ = ["answer_matches", "mean_token_loss", "exact_match", "evaluate"]
-
-
-def _pad_id(tokenizer) -> int:
-    return next(v for v in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if v is not None)
 
 
 @torch.inference_mode()
@@ -32,7 +29,7 @@ def mean_token_loss(
         ``(loss, tokens)``.
     """
     features = encode_examples(tokenizer, examples, max_length)
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in tqdm(
@@ -76,7 +73,7 @@ def exact_match(
     if not scored:
         return float("nan"), 0
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     hits = 0
     for start in tqdm(
         range(0, len(scored), batch_size), desc="exact match", disable=not progress, leave=False
