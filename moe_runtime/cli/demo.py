@@ -172,7 +172,7 @@ def run_demo(args: argparse.Namespace) -> int:
         f"{elapsed:.2f}s ({tokens / elapsed:.0f} tokens/s); adapter slots hold {memory.live_bytes / 1e6:.2f} MB "
         f"on top of the {engine.base_bytes() / 1e6:.1f} MB base"
     )
-    for request, completion in list(zip(requests, done))[:4]:
+    for request, completion in [pair for i, pair in enumerate(zip(requests, done)) if i % 16 < 2]:
         print(
             f"  [{request.adapter or 'base'}] {request.prompt[-40:]!r} -> {completion.completion.strip().splitlines()[0] if completion.completion.strip() else ''!r}"
         )
