@@ -4,7 +4,7 @@ PY ?= python
 .PHONY: install test test-fast lint format bench cuda-check demo families
 
 install:
-	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install torch==2.13.0 'setuptools>=77' wheel
 	$(PY) -m pip install --no-build-isolation -e '.[dev]'
 
 test:
