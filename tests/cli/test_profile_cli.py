@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +10,9 @@ import numpy as np
 import pytest
 
 from moe_runtime.cli import main
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from conftest import run_torchrun  # noqa: E402
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -162,21 +163,9 @@ def test_torchrun_two_processes_equal_one(capsys, tmp_path, moe_checkpoint, task
         )[0]
         == 0
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "moe_runtime",
-        *map(str, _profile_args(moe_checkpoint, task_files, tmp_path / "two")),
-        "--trace",
-        "--no-plots",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    result = run_torchrun(
+        [*_profile_args(moe_checkpoint, task_files, tmp_path / "two"), "--trace", "--no-plots"]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for task in task_files:
         one = json.loads((tmp_path / "one" / task / "counts.json").read_text())

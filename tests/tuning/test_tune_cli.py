@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from moe_runtime.cli import main
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from conftest import run_torchrun  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def experts_cfg(tmp_path_factory) -> Path:
     return path
 
 
-def _tune(model, data, out, *extra) -> int:
+def _tune_args(model, data, out, *extra) -> list[str]:
     args = [
         "tune",
         "--model",
@@ -56,7 +57,11 @@ def _tune(model, data, out, *extra) -> int:
         "--batch-size",
         "8",
     ]
-    return main([str(a) for a in [*args, *extra]])
+    return [str(a) for a in [*args, *extra]]
+
+
+def _tune(model, data, out, *extra) -> int:
+    return main(_tune_args(model, data, out, *extra))
 
 
 def _eval(capsys, model, data, *extra) -> dict:
@@ -160,32 +165,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, f32_checkpoint, data, expert
         "float64",
     ]
     assert _tune(f32_checkpoint, data, tmp_path / "one", *common) == 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "moe_runtime",
-    ]
-    args = [
-        "tune",
-        "--model",
-        f32_checkpoint,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "two",
-        "--steps",
-        "6",
-        "--lr",
-        "1e-2",
-    ]
-    args += ["--batch-size", "8", *common]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=env, timeout=900)
+    result = run_torchrun(_tune_args(f32_checkpoint, data, tmp_path / "two", *common))
     assert result.returncode == 0, result.stderr[-3000:]
     a = load_file(tmp_path / "one" / "adapter.safetensors")
     b = load_file(tmp_path / "two" / "adapter.safetensors")
