@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
 from ..errors import AdapterError
-from ..io import atomic_write_json
+from ..io import atomic_dir, atomic_write_json
 
-__all__ = ["META_FILE", "write_meta", "read_meta"]
+__all__ = ["META_FILE", "write_meta", "read_meta", "save_adapter_dir", "check_base"]
 
 META_FILE = "moe_runtime_adapter.json"
 
@@ -43,3 +44,19 @@ def read_meta(directory: Path) -> dict | None:
     if not isinstance(meta, dict) or "method" not in meta:
         raise AdapterError(f"{path}: not a moe-runtime adapter metadata file")
     return meta
+
+
+def save_adapter_dir(out: Path, save: Callable[[Path], None], **meta) -> Path:
+    """Write an adapter directory atomically: ``save(tmp)`` writes the weights, then our metadata."""
+    with atomic_dir(out, replace_marker=META_FILE) as tmp:
+        save(tmp)
+        write_meta(tmp, **meta)
+    return Path(out)
+
+
+def check_base(meta: dict, model, path: Path) -> None:
+    """Refuse an adapter whose recorded base fingerprint is not ``model``'s."""
+    from ..models import model_fingerprint
+
+    if meta.get("base_fingerprint") != model_fingerprint(model):
+        raise AdapterError(f"adapter '{path}': tuned from different base weights than this model")

@@ -7,10 +7,9 @@ from pathlib import Path
 from torch import nn
 
 from ...errors import AdapterError, UsageError
-from ...io import atomic_dir
 from ...models import MoEModelInfo, model_fingerprint
 from ..data import Features
-from ..meta import META_FILE, write_meta
+from ..meta import check_base, save_adapter_dir
 from ..trainer import TrainableModel, TrainConfig, train
 
 __all__ = ["tune_full", "apply_full"]
@@ -39,15 +38,14 @@ def tune_full(
     summary["trainable_params"] = wrapped.trainable_parameters()
     summary["adapter_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     if write:
-        with atomic_dir(out, replace_marker=META_FILE) as tmp:
-            model.save_pretrained(tmp)
-            write_meta(
-                tmp,
-                method="full",
-                model_type=info.model_type,
-                base_fingerprint=base_fp,
-                training=config.to_json(),
-            )
+        save_adapter_dir(
+            out,
+            model.save_pretrained,
+            method="full",
+            model_type=info.model_type,
+            base_fingerprint=base_fp,
+            training=config.to_json(),
+        )
     return summary
 
 
@@ -55,8 +53,7 @@ def apply_full(model: nn.Module, path: Path, meta: dict) -> nn.Module:
     """The fully fine-tuned model stored at ``path`` (checked against ``model``, its base)."""
     from ...models import load_model
 
-    if meta.get("base_fingerprint") != model_fingerprint(model):
-        raise AdapterError(f"adapter '{path}': tuned from different base weights than this model")
+    check_base(meta, model, path)
     try:
         return load_model(path, dtype=next(model.parameters()).dtype)
     except UsageError as exc:

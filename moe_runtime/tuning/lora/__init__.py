@@ -8,10 +8,9 @@ from pathlib import Path
 from torch import nn
 
 from ...errors import AdapterError
-from ...io import atomic_dir
 from ...models import MoEModelInfo, model_fingerprint
 from ..data import Features
-from ..meta import META_FILE, write_meta
+from ..meta import check_base, save_adapter_dir
 from ..trainer import TrainableModel, TrainConfig, train
 
 __all__ = ["LoraSettings", "lora_config", "tune_lora", "apply_lora"]
@@ -85,16 +84,15 @@ def tune_lora(
         p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad
     )
     if write:
-        with atomic_dir(out, replace_marker=META_FILE) as tmp:
-            peft_model.save_pretrained(tmp)
-            write_meta(
-                tmp,
-                method="lora",
-                model_type=info.model_type,
-                base_fingerprint=base_fp,
-                lora={"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout},
-                training=config.to_json(),
-            )
+        save_adapter_dir(
+            out,
+            peft_model.save_pretrained,
+            method="lora",
+            model_type=info.model_type,
+            base_fingerprint=base_fp,
+            lora={"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout},
+            training=config.to_json(),
+        )
     return summary
 
 
@@ -102,8 +100,7 @@ def apply_lora(model: nn.Module, path: Path, meta: dict) -> nn.Module:
     """Merge a peft LoRA adapter into ``model`` (checked against its base fingerprint)."""
     from peft import PeftModel
 
-    if meta.get("base_fingerprint") != model_fingerprint(model):
-        raise AdapterError(f"adapter '{path}': tuned from different base weights than this model")
+    check_base(meta, model, path)
     try:
         return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
