@@ -27,3 +27,12 @@ def _reroute_permute_fake(
         top_k_index.new_empty((num_entries,)),
         top_k_index.new_empty((num_slots,), dtype=torch.int32),
     )
+
+
+@torch.library.register_fake("moe_runtime::segmented_mm")
+def _segmented_mm_fake(
+    x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor, transposed: bool
+) -> torch.Tensor:
+    torch._check(x.dim() == 2 and len(weights) > 0 and offsets.dim() == 1)
+    out_features = weights[0].shape[2 if transposed else 1]
+    return x.new_empty((x.shape[0], out_features))

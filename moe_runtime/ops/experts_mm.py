@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._extension import extension_available, load_extension
 from .reroute import Rerouted
 
-__all__ = ["Segment", "segmented_experts", "grouped_linear"]
+__all__ = ["Segment", "segmented_experts", "grouped_linear", "segmented_mm", "segmented_mm_reference"]
 
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -73,6 +74,79 @@ def grouped_linear(
     return torch.cat(pieces)
 
 
+def segmented_mm(
+    x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor, transposed: bool
+) -> torch.Tensor:
+    """Rows of ``x`` grouped by slot times each slot's weight, the slots spread over several tensors.
+
+    One call of the compiled op ``torch.ops.moe_runtime.segmented_mm`` (CPU): only slots with rows
+    cost anything, and the products run in parallel. No autograd (serving only).
+
+    Args:
+        x: ``[N, in]`` rows sorted by slot.
+        weights: segments ``[n_i, out, in]`` (``[n_i, in, out]`` if ``transposed``); slot ids run
+            through them in order.
+        offsets: ``[sum n_i]`` cumulative row ends, ``offsets[-1] == N``.
+
+    Returns:
+        ``[N, out]``.
+    """
+    load_extension()
+    return torch.ops.moe_runtime.segmented_mm(x, weights, offsets, transposed)
+
+
+def segmented_mm_reference(
+    x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor, transposed: bool
+) -> torch.Tensor:
+    """Pure-PyTorch :func:`segmented_mm`: one product per slot with rows, in slot order."""
+    flat = torch.cat(list(weights))
+    out_features = flat.shape[2 if transposed else 1]
+    pieces, start = [], 0
+    for slot, end in enumerate(offsets.tolist()):
+        if end > start:
+            w = flat[slot] if transposed else flat[slot].transpose(0, 1)
+            pieces.append(x[start:end] @ w)
+        start = end
+    return torch.cat(pieces) if pieces else x.new_zeros(0, out_features)
+
+
+def _fused_ok(x: torch.Tensor, segments: list[Segment]) -> bool:
+    """Whether the compiled op can run this forward: CPU, no gradient needed, extension built."""
+    if x.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(seg.up.requires_grad or seg.down.requires_grad for seg in segments)
+    ):
+        return False
+    return extension_available()
+
+
+def _fused_forward(
+    experts: nn.Module, x: torch.Tensor, segments: list[Segment], offsets: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """Every segment at once through :func:`segmented_mm` (``slots``: each row's slot id)."""
+    transposed = bool(experts.is_transposed)
+
+    def bias(name: str) -> torch.Tensor | None:
+        parts = [getattr(seg, name) for seg in segments]
+        if parts[0] is None:
+            return None
+        return (torch.cat(parts) if len(parts) > 1 else parts[0])[slots]
+
+    h = segmented_mm(x, [seg.up for seg in segments], offsets, transposed)
+    up_bias = bias("up_bias")
+    if up_bias is not None:
+        h = h + up_bias
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    y = segmented_mm(h, [seg.down for seg in segments], offsets, transposed)
+    down_bias = bias("down_bias")
+    if down_bias is not None:
+        y = y + down_bias
+    if getattr(experts, "has_post_expert_norm", False):
+        y = experts.post_expert_norm(y)
+    return y
+
+
 def _segment_forward(
     experts: nn.Module, x: torch.Tensor, seg: Segment, offsets: torch.Tensor, local_slots: torch.Tensor
 ) -> torch.Tensor:
@@ -119,6 +193,10 @@ def segmented_experts(
     offsets = routed.offsets.to(torch.int64)
     bounds = [0] + offsets.tolist()
     pieces = []
+    if bounds[-1] and _fused_ok(hidden, segments):
+        used = bounds[-1]
+        pieces.append(_fused_forward(experts, x[:used], segments, offsets, sorted_slots[:used]))
+        segments = []
     for seg in segments:
         lo, hi = bounds[seg.start], bounds[seg.start + seg.size]
         if hi > lo:
