@@ -5,6 +5,8 @@
     requests  R per adapter + R on the base model, random prompt lengths and token limits
     mixed     every request in one batch, each token with its adapter's experts      -> t_mixed
     (a) base  the same prompts and limits on the bare base model (stock experts)     -> t_base
+        base via the runtime: the same requests, every one on the base model            -> t_base_runtime
+              (separates the cost of rerouting from the speed of the experts kernel)
     (b) swap  per adapter: copy its experts into the base weights, run its requests,
               copy the base experts back                                            -> t_swap
     (c) merged  N separately merged models: memory only, from bytes
@@ -184,6 +186,11 @@ def bench_reroute(
         with engine.stock():
             run_loop(list(range(len(requests))))
 
+    base_requests = [Request(r.prompt, None, r.max_new_tokens, id=r.id) for r in requests]
+
+    def base_runtime() -> None:
+        engine.generate(base_requests, config)
+
     def swap() -> None:
         with engine.stock(), torch.no_grad():
             for name, indices in groups.items():
@@ -196,13 +203,13 @@ def bench_reroute(
                     param[expert].copy_(original)
 
     load_before = os.getloadavg()[0]
-    runs: dict[str, list[float]] = {"mixed": [], "base": [], "swap": []}
-    fns = {"mixed": mixed, "base": base, "swap": swap}
+    fns = {"mixed": mixed, "base": base, "base_runtime": base_runtime, "swap": swap}
+    runs: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():  # warm-up
         fn()
     for repeat in range(repeats):
         names = list(fns)
-        for name in names[repeat % 3 :] + names[: repeat % 3]:
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
             start = time.perf_counter()
             fns[name]()
             runs[name].append(time.perf_counter() - start)
@@ -221,10 +228,12 @@ def bench_reroute(
         "threads": torch.get_num_threads(),
         "load_average": [load_before, os.getloadavg()[0]],  # 1-min, before/after: other work skews times
         "latency_ratio_vs_base": t["mixed"] / t["base"],
+        "latency_ratio_vs_base_runtime": t["mixed"] / t["base_runtime"],
         "speedup_vs_swap": t["swap"] / t["mixed"],
         "memory_ratio_vs_ideal": served_bytes / ideal_bytes,
         "mixed_s": t["mixed"],
         "base_s": t["base"],
+        "base_runtime_s": t["base_runtime"],
         "swap_s": t["swap"],
         "mixed_tokens_per_s": tokens / t["mixed"],
         "base_tokens_per_s": tokens / t["base"],
@@ -240,5 +249,6 @@ def bench_reroute(
         "tuned_expert_share": memory.live_slots / (adapters * info.num_routed_experts),
         "mixed_runs": runs["mixed"],
         "base_runs": runs["base"],
+        "base_runtime_runs": runs["base_runtime"],
         "swap_runs": runs["swap"],
     }

@@ -9,6 +9,11 @@ ESFT arena of trainable copies while tuning, or the base experts and each adapte
 while serving. Keeping them apart means no weight is ever copied to run a mixed batch, and only the
 arena receives gradients. The per-token math is the experts module's own (``_apply_gate``,
 ``act_fn``, ``post_expert_norm``), so every family's variant is honoured.
+
+Serving (CPU, no gradient) runs each projection of all segments as one call of the compiled
+``segmented_mm`` op: only slots that have rows cost anything, which matters because a mixed batch
+touches a small share of the adapter slots. Training (gradients) and other devices use
+``torch._grouped_mm`` per segment.
 """
 
 from __future__ import annotations
