@@ -127,10 +127,10 @@ class MultiAdapterEngine:
 
     def _add_routed_lora(self, name: str, adapter) -> bool:
         """Load ``adapter`` if it is a routed-LoRA adapter (object or directory); False otherwise."""
-        from ..tuning.adapters import adapter_method
+        from ..tuning.meta import read_meta
         from ..tuning.routed_lora import METHOD
 
-        if isinstance(adapter, (str, Path)) and adapter_method(adapter) == METHOD:
+        if isinstance(adapter, (str, Path)) and (read_meta(Path(adapter)) or {}).get("method") == METHOD:
             adapter = read_routed_lora(adapter)
         if not isinstance(adapter, RoutedLoraAdapter):
             return False

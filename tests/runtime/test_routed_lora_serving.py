@@ -144,3 +144,34 @@ def test_routed_lora_of_another_base_is_refused(served, tmp_path):
     with pytest.raises(AdapterError, match="different base weights"):
         served.engine.add_adapter("other", path)
     assert "other" not in served.engine.adapters
+
+
+def test_generate_cli_serves_routed_lora(tmp_path, moe_checkpoint):
+    import json
+
+    from moe_runtime.cli import main
+    from moe_runtime.models import load_model
+
+    model = load_model(moe_checkpoint)
+    adapter = write_random_lora(model, tmp_path / "rl", LORAS["r"], seed=4, b_std=0.3)
+    rows = [
+        {"id": i, "prompt": p, "adapter": a}
+        for i, (p, a) in enumerate([("the quick", "r"), ("the quick", None)])
+    ]
+    (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [
+        "generate",
+        "--model",
+        moe_checkpoint,
+        "--adapter",
+        f"r={adapter}",
+        "--requests",
+        tmp_path / "req.jsonl",
+    ]
+    assert main([str(a) for a in [*args, "--output", tmp_path / "out.jsonl", "--max-new-tokens", "6"]]) == 0
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    engine = MultiAdapterEngine.from_pretrained(moe_checkpoint)
+    engine.add_adapter("r", adapter)
+    expected = engine.generate([Request("the quick", "r", 6), Request("the quick", None, 6)])
+    assert [row["token_ids"] for row in out] == [c.token_ids for c in expected]
+    assert out[0]["token_ids"] != out[1]["token_ids"]
