@@ -300,3 +300,43 @@ def test_install_is_kept_for_other_plugins():
     lora = prepare_routed_lora(model, info, RoutedLoraSettings(variant="perft-s"))
     lora.detach()
     assert all(layer.experts.__dict__["_moe_runtime_state"].executor is None for layer in info.layers)
+
+
+def test_cli_resume_gives_the_uninterrupted_adapter(tmp_path, f32_checkpoint, data):
+    import shutil
+
+    common = ["--method", "routed-lora", "--steps", "6", "--lr", "1e-2", "--batch-size", "8", "--seed", "3"]
+    assert (
+        _cli("tune", "--model", f32_checkpoint, "--data", data, "--out", tmp_path / "straight", *common) == 0
+    )
+    resumed = ["tune", "--model", f32_checkpoint, "--data", data, "--out", tmp_path / "resumed", *common]
+    assert _cli(*resumed, "--save-steps", "3") == 0
+    checkpoints = sorted((tmp_path / "resumed.checkpoints").glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-3", "checkpoint-6"]
+    shutil.rmtree(checkpoints[-1])  # as if interrupted after step 3
+    shutil.rmtree(tmp_path / "resumed")
+    assert _cli(*resumed, "--save-steps", "3", "--resume") == 0
+    a = load_file(tmp_path / "straight" / "adapter.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+def test_torchrun_two_processes_equal_one(tmp_path, f32_checkpoint, data):
+    from conftest import run_torchrun
+
+    common = ["--method", "routed-lora", "--steps", "6", "--lr", "1e-2", "--batch-size", "8", "--seed", "1"]
+    common += ["--aux-loss-coef", "0", "--lora-aux-loss-coef", "0", "--dtype", "float64"]
+    assert _cli("tune", "--model", f32_checkpoint, "--data", data, "--out", tmp_path / "one", *common) == 0
+    result = run_torchrun(
+        ["tune", "--model", f32_checkpoint, "--data", data, "--out", tmp_path / "two", *common]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "adapter.safetensors")
+    b = load_file(tmp_path / "two" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-10)
