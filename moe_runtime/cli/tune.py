@@ -68,14 +68,16 @@ def register(sub) -> None:
         choices=("float32", "bfloat16", "float64"),
         help="training dtype (default float32)",
     )
-    parser.add_argument("--lora-rank", type=int, default=8, metavar="R", help="LoRA rank (lora; default 8)")
     parser.add_argument(
-        "--lora-alpha", type=int, default=16, metavar="A", help="LoRA alpha (lora; default 16)"
+        "--lora-rank", type=int, default=8, metavar="R", help="LoRA rank (lora, routed-lora; default 8)"
+    )
+    parser.add_argument(
+        "--lora-alpha", type=int, default=16, metavar="A", help="LoRA alpha (lora, routed-lora; default 16)"
     )
     routed = parser.add_argument_group("routed-lora")
     routed.add_argument(
         "--variant",
-        default="perft-r",
+        default=None,
         choices=("perft-r", "perft-e", "perft-s", "perft-d", "esft-lora"),
         help="routed-LoRA variant (default perft-r)",
     )
@@ -95,7 +97,7 @@ def register(sub) -> None:
     )
     routed.add_argument(
         "--layers",
-        default="all",
+        default=None,
         metavar="SPEC",
         help="layers and per-layer LoRA expert counts: all | I | I-J, comma-separated, each optionally :N "
         "(default all)",
@@ -103,7 +105,7 @@ def register(sub) -> None:
     routed.add_argument(
         "--lora-aux-loss-coef",
         type=float,
-        default=0.01,
+        default=None,
         metavar="C",
         help="weight of the LoRA router's load-balancing loss (perft-r; default 0.01)",
     )
@@ -153,17 +155,25 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.method == "esft" and not args.experts:
         raise UsageError("--method esft needs --experts FILE (an expert_cfg.json from 'moe-runtime select')")
     routed = None
-    if args.method == "routed-lora":
+    routed_flags = ("variant", "lora_experts", "lora_top_k", "layers", "lora_aux_loss_coef")
+    if args.method != "routed-lora":
+        given = [f for f in routed_flags if getattr(args, f) is not None]
+        if given:
+            raise UsageError(
+                f"--{given[0].replace('_', '-')} goes with --method routed-lora, not {args.method}"
+            )
+    else:
         from ..tuning.routed_lora import RoutedLoraSettings
 
+        args.variant = args.variant or "perft-r"
         routed = RoutedLoraSettings(
             variant=args.variant,
             rank=args.lora_rank,
             alpha=float(args.lora_alpha),
             num_experts=args.lora_experts,
             top_k=args.lora_top_k,
-            layers=args.layers,
-            aux_loss_coef=args.lora_aux_loss_coef,
+            layers=args.layers or "all",
+            aux_loss_coef=0.01 if args.lora_aux_loss_coef is None else args.lora_aux_loss_coef,
         )
         if args.variant == "esft-lora" and not args.experts:
             raise UsageError("--variant esft-lora needs --experts FILE (an expert_cfg.json from 'select')")
@@ -172,7 +182,7 @@ def run_tune(args: argparse.Namespace) -> int:
                 f"--experts goes with --variant esft-lora (or --method esft), not {args.variant}"
             )
         routed.validate()
-    elif args.experts and args.method != "esft":
+    if args.experts and args.method not in ("esft", "routed-lora"):
         raise UsageError(f"--experts goes with --method esft or routed-lora, not {args.method}")
     examples = read_examples(args.data)
     selection = None

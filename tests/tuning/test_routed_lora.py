@@ -273,6 +273,7 @@ def test_cli_tune_then_eval_lowers_loss(capsys, tmp_path, f32_checkpoint, data, 
         (["--layers", "all:1"], "exceeds"),
         (["--layers", "5"], "not an MoE layer"),
         (["--lora-rank", "0"], "--lora-rank"),
+        (["--method", "lora", "--variant", "perft-e"], "--variant goes with --method routed-lora, not lora"),
     ],
 )
 def test_cli_bad_routed_lora_input_exit_2(capsys, tmp_path, f32_checkpoint, data, extra, expect):
