@@ -2,6 +2,7 @@
 
     engine = MultiAdapterEngine.from_pretrained("demo")
     engine.add_adapter("arith", "adapters/arith")        # tuned experts -> arena slots
+    engine.add_adapter("rl", "adapters/rl")              # routed LoRA -> owner row + LoRA terms
     engine.generate([Request("12 + 35 =", adapter="arith"), Request("def f(", adapter=None)])
     engine.remove_adapter("arith")                       # slots and owner row freed for reuse
 
