@@ -1,6 +1,6 @@
 """Routed-LoRA adapters served in mixed batches with ESFT adapters and the base model.
 
-Every request of a mixed batch (base + an ESFT adapter + routed-LoRA adapters of three variants,
+Every request of a mixed batch (base + an ESFT adapter + routed-LoRA adapters of four variants,
 different prompt lengths and limits) must give the tokens it gets served alone, and tokens and
 logits equal to a reference computed without the runtime: plain ``transformers`` ``generate`` on a
 fresh base model whose experts run the stock implementation plus a per-token, per-pair pure-PyTorch
@@ -25,6 +25,7 @@ from moe_runtime.errors import AdapterError  # noqa: E402
 from moe_runtime.models import find_moe_layers  # noqa: E402
 from moe_runtime.models.random_models import build_random_model  # noqa: E402
 from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request  # noqa: E402
+from moe_runtime.tuning.esft import ExpertSelection  # noqa: E402
 from moe_runtime.tuning.routed_lora import RoutedLoraSettings, read_routed_lora  # noqa: E402
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
@@ -44,6 +45,7 @@ PLAN = [
     (1, "d", 3),
     (10, "e", 2),
     (4, "d", 5),
+    (6, "s", 4),
 ]
 
 
@@ -57,7 +59,10 @@ class Served:
                 self.model, root / "esft", {info.layer_indices[-1]: [0, 2]}, seed=0, scale=1.0
             )
         }
-        for i, (name, settings) in enumerate(LORAS.items()):
+        esft_lora = RoutedLoraSettings(
+            variant="esft-lora", rank=4, experts=ExpertSelection({info.layer_indices[-1]: [0, 1, 3]})
+        )
+        for i, (name, settings) in enumerate({**LORAS, "s": esft_lora}.items()):
             self.dirs[name] = write_random_lora(self.model, root / name, settings, seed=10 + i)
         self.engine = MultiAdapterEngine(self.model)
         for name, path in self.dirs.items():
@@ -111,7 +116,7 @@ def test_mixed_batch_equals_alone_and_reference(served):
         if request.adapter is not None:
             base = served.reference(Request(request.prompt, None, request.max_new_tokens))[1]
             differs_from_base += not torch.allclose(base[:1], logits[:1], atol=1e-3)
-    assert differs_from_base >= 5  # the adapters do change the outputs: the test is not vacuous
+    assert differs_from_base >= 6  # the adapters do change the outputs: the test is not vacuous
 
 
 def test_prompt_logits_equal_reference_forward(served):
