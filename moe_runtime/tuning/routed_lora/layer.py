@@ -143,9 +143,9 @@ class LoraLayer(nn.Module):
                 aux = balance_loss(probs, chosen, token_mask)
         else:
             weights, chosen = top_k_weights.to(hidden.dtype), top_k_index
-        return self._grouped(hidden, chosen, weights), aux
+        return self._pairs(hidden, chosen, weights), aux
 
-    def _grouped(self, hidden: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _pairs(self, hidden: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_k weights[t, k] * scale * B_p A_p hidden[t]`` over entries whose pair p exists."""
         num_tokens, k = chosen.shape
         owners = torch.zeros(num_tokens, dtype=torch.int64, device=hidden.device)
