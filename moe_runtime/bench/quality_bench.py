@@ -1,7 +1,8 @@
 """``bench esft-quality``: the ESFT paper's claim at small scale, on the embedded model.
 
 Per held-out task: profile its training data, select experts (gate p=0.1, token p=0.2), then train
-``full``, ``lora``, ``esft_gate`` and ``esft_token`` with the same data, steps, batch and seed, and
+``full``, ``lora``, ``esft_gate``, ``esft_token`` and ``routed_lora`` (perft-r, 4 LoRA experts of
+rank 8 per layer, top-2) with the same data, steps, batch and seed, and
 measure the task score (exact match of greedy answers on the test split, and test loss) and
 forgetting (loss increase on the general held-out set).
 """
@@ -24,11 +25,12 @@ from ..tuning.esft import ExpertSelection, tune_esft
 from ..tuning.evaluate import exact_match, mean_token_loss
 from ..tuning.full import tune_full
 from ..tuning.lora import tune_lora
+from ..tuning.routed_lora import RoutedLoraSettings, tune_routed_lora
 from ..tuning.trainer import TrainConfig
 
 __all__ = ["QualitySettings", "bench_esft_quality", "METHODS"]
 
-METHODS = ("full", "lora", "esft_gate", "esft_token")
+METHODS = ("full", "lora", "esft_gate", "esft_token", "routed_lora")
 
 
 @dataclass
@@ -39,7 +41,13 @@ class QualitySettings:
     batch_size: int = 16
     seed: int = 0
     lr: dict[str, float] = field(
-        default_factory=lambda: {"full": 3e-4, "lora": 1e-3, "esft_gate": 1e-3, "esft_token": 1e-3}
+        default_factory=lambda: {
+            "full": 3e-4,
+            "lora": 1e-3,
+            "esft_gate": 1e-3,
+            "esft_token": 1e-3,
+            "routed_lora": 1e-3,
+        }
     )
     profile_tokens: int = 16384
     eval_examples: int = 100
@@ -107,6 +115,10 @@ def bench_esft_quality(
                     model = _with_adapter(model_arg, out)  # the saved adapter, merged into a fresh base
                 elif method == "full":
                     result = tune_full(model, info, features, config, **common)
+                elif method == "routed_lora":
+                    routed = RoutedLoraSettings()  # perft-r defaults
+                    result = tune_routed_lora(model, info, features, config, settings=routed, **common)
+                    model = _with_adapter(model_arg, out)
                 else:
                     result = tune_lora(model, info, features, config, **common)
                     model = _with_adapter(model_arg, out)
@@ -142,7 +154,7 @@ def bench_esft_quality(
             )
         }
     full = out["full"]
-    for method in ("esft_gate", "esft_token"):
+    for method in ("esft_gate", "esft_token", "routed_lora"):
         out[method]["score_vs_full"] = (
             out[method]["task_score"] / full["task_score"] if full["task_score"] else None
         )

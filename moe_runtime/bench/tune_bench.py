@@ -2,6 +2,7 @@
 
 Each method trains in its own process (so its peak RSS is its own), on the same data, batch and
 steps; step time is the median over the steps after warm-up, measured by a Trainer callback.
+``routed_lora`` is the default variant, perft-r (4 LoRA experts of rank 8 per MoE layer, top-2).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import psutil
 
 __all__ = ["bench_tune", "METHODS"]
 
-METHODS = ("full", "lora", "esft")
+METHODS = ("full", "lora", "esft", "routed_lora")
 
 
 def _worker(
@@ -63,6 +64,10 @@ def _worker(
         from ..tuning.esft import read_expert_config, tune_esft
 
         summary = tune_esft(model, info, read_expert_config(experts), features, config, **common)
+    elif method == "routed_lora":
+        from ..tuning.routed_lora import RoutedLoraSettings, tune_routed_lora
+
+        summary = tune_routed_lora(model, info, features, config, settings=RoutedLoraSettings(), **common)
     elif method == "full":
         from ..tuning.full import tune_full
 

@@ -21,11 +21,18 @@ def register(sub) -> None:
             "Train on JSONL task data ({'text'}, {'prompt','response'} with loss on the response, or "
             "{'messages'}). 'esft' trains exactly the experts of --experts (an expert_cfg.json from "
             "'select'); router, other experts and non-expert modules stay frozen unless the config's "
-            "flags say otherwise. Runs data-parallel under torchrun (rank 0 writes); --batch-size is the "
-            "global batch."
+            "flags say otherwise. 'routed-lora' freezes the whole model and trains small LoRA experts "
+            "inside the MoE routing (--variant perft-r: own router over --lora-experts LoRAs, top "
+            "--lora-top-k; perft-e: a LoRA per routed expert, frozen router; esft-lora: perft-e on the "
+            "experts of --experts only; perft-s / perft-d: one / several always-on LoRAs), on the layers "
+            "of --layers ('all', '12-23', or 'all:4,12-23:8' for more LoRA experts in higher layers). "
+            "Runs data-parallel under torchrun (rank 0 writes); --batch-size is the global batch."
         ),
         examples=[
             "moe-runtime tune --model demo --data arith_train.jsonl --method esft --experts arith_cfg.json --out ad/",
+            "moe-runtime tune --model demo --data arith_train.jsonl --method routed-lora --out rl/   # perft-r, 4 LoRA experts, top-2",
+            "moe-runtime tune --model demo --data d.jsonl --method routed-lora --variant perft-r --layers all:2,3-5:8 --lora-rank 4 --out rl/",
+            "moe-runtime tune --model demo --data d.jsonl --method routed-lora --variant esft-lora --experts cfg.json --out rl/",
             "torchrun --nproc-per-node 2 -m moe_runtime tune --model demo --data d.jsonl --method esft --experts cfg.json --out ad/",
             "moe-runtime tune ... --save-steps 50 && moe-runtime tune ... --resume   # continue from the last checkpoint",
         ],
@@ -35,7 +42,7 @@ def register(sub) -> None:
     parser.add_argument("--data", required=True, metavar="PATH", help="training JSONL")
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--out", required=True, metavar="DIR", help="adapter directory to write")
-    parser.add_argument("--experts", metavar="FILE", help="expert_cfg.json (esft)")
+    parser.add_argument("--experts", metavar="FILE", help="expert_cfg.json (esft; routed-lora esft-lora)")
     parser.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps (default 100)")
     parser.add_argument(
         "--lr", type=float, default=1e-4, metavar="LR", help="peak learning rate (default 1e-4)"
@@ -61,9 +68,46 @@ def register(sub) -> None:
         choices=("float32", "bfloat16", "float64"),
         help="training dtype (default float32)",
     )
-    parser.add_argument("--lora-rank", type=int, default=8, metavar="R", help="LoRA rank (lora; default 8)")
     parser.add_argument(
-        "--lora-alpha", type=int, default=16, metavar="A", help="LoRA alpha (lora; default 16)"
+        "--lora-rank", type=int, default=8, metavar="R", help="LoRA rank (lora, routed-lora; default 8)"
+    )
+    parser.add_argument(
+        "--lora-alpha", type=int, default=16, metavar="A", help="LoRA alpha (lora, routed-lora; default 16)"
+    )
+    routed = parser.add_argument_group("routed-lora")
+    routed.add_argument(
+        "--variant",
+        default=None,
+        choices=("perft-r", "perft-e", "perft-s", "perft-d", "esft-lora"),
+        help="routed-LoRA variant (default perft-r)",
+    )
+    routed.add_argument(
+        "--lora-experts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="LoRA experts per layer (perft-r/d; default 4)",
+    )
+    routed.add_argument(
+        "--lora-top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="LoRA experts per token (perft-r; default 2)",
+    )
+    routed.add_argument(
+        "--layers",
+        default=None,
+        metavar="SPEC",
+        help="layers and per-layer LoRA expert counts: all | I | I-J, comma-separated, each optionally :N "
+        "(default all)",
+    )
+    routed.add_argument(
+        "--lora-aux-loss-coef",
+        type=float,
+        default=None,
+        metavar="C",
+        help="weight of the LoRA router's load-balancing loss (perft-r; default 0.01)",
     )
 
     parser = add_verb(
@@ -108,18 +152,52 @@ def run_tune(args: argparse.Namespace) -> int:
         aux_loss_coef=args.aux_loss_coef,
     )
     config.validate()
-    if args.method == "routed-lora":
-        raise UsageError("--method routed-lora is not yet available in this version")
     if args.method == "esft" and not args.experts:
         raise UsageError("--method esft needs --experts FILE (an expert_cfg.json from 'moe-runtime select')")
+    routed = None
+    routed_flags = ("variant", "lora_experts", "lora_top_k", "layers", "lora_aux_loss_coef")
+    if args.method != "routed-lora":
+        given = [f for f in routed_flags if getattr(args, f) is not None]
+        if given:
+            raise UsageError(
+                f"--{given[0].replace('_', '-')} goes with --method routed-lora, not {args.method}"
+            )
+    else:
+        from ..tuning.routed_lora import RoutedLoraSettings
+
+        args.variant = args.variant or "perft-r"
+        routed = RoutedLoraSettings(
+            variant=args.variant,
+            rank=args.lora_rank,
+            alpha=float(args.lora_alpha),
+            num_experts=args.lora_experts,
+            top_k=args.lora_top_k,
+            layers=args.layers or "all",
+            aux_loss_coef=0.01 if args.lora_aux_loss_coef is None else args.lora_aux_loss_coef,
+        )
+        if args.variant == "esft-lora" and not args.experts:
+            raise UsageError("--variant esft-lora needs --experts FILE (an expert_cfg.json from 'select')")
+        if args.variant != "esft-lora" and args.experts:
+            raise UsageError(
+                f"--experts goes with --variant esft-lora (or --method esft), not {args.variant}"
+            )
+        routed.validate()
+    if args.experts and args.method not in ("esft", "routed-lora"):
+        raise UsageError(f"--experts goes with --method esft or routed-lora, not {args.method}")
     examples = read_examples(args.data)
     selection = None
-    if args.method == "esft":
+    if args.experts:
         from ..tuning.esft import read_expert_config
 
         selection = read_expert_config(args.experts)
     model = load_model(args.model, dtype=args.dtype)
     info = find_moe_layers(model)
+    if routed is not None:
+        from ..tuning.routed_lora import plan_layers
+
+        routed.experts = selection
+        plans = plan_layers(routed, info)  # refuses bad --layers / --experts before any training
+        selection = None
     if selection is not None:
         selection.validate(info, args.experts)
         if selection.num_experts == 0 and not (selection.shared_experts or selection.non_expert_modules):
@@ -140,6 +218,12 @@ def run_tune(args: argparse.Namespace) -> int:
 
         summary = tune_esft(model, info, selection, features, config, **common)
         what = f"{selection.num_experts} experts"
+    elif args.method == "routed-lora":
+        from ..tuning.routed_lora import tune_routed_lora
+
+        summary = tune_routed_lora(model, info, features, config, settings=routed, **common)
+        pairs = sum(plan.num_lora for plan in plans)
+        what = f"{args.variant} r={args.lora_rank} ({pairs} LoRA pairs in {len(plans)} layers)"
     elif args.method == "full":
         from ..tuning.full import tune_full
 

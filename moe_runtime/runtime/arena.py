@@ -317,6 +317,30 @@ class ExpertArena:
         self._slots[name] = taken
         return owner
 
+    # routed-LoRA adapters (issue 8) ---------------------------------------------------------
+
+    def add_owner(self, name: str) -> int:
+        """Give an adapter without tuned experts (routed LoRA) an owner row mapping every expert to
+        the base expert; :meth:`remove` frees it like any other.
+
+        Raises:
+            AdapterError: the name is empty or taken.
+        """
+        if not name:
+            raise AdapterError("adapter name must not be empty")
+        if name in self._owners:
+            raise AdapterError(f"adapter '{name}' is already loaded")
+        owner = heapq.heappop(self._free_owners) if self._free_owners else self._num_rows
+        self._num_rows = max(self._num_rows, owner + 1)
+        for slots in self.layers.values():
+            slots.ensure_rows(self._num_rows)
+            slots.set_row(owner, {})
+        self._owners[name] = owner
+        self._slots[name] = {}
+        return owner
+
+    # ----------------------------------------------------------------------------------------
+
     def remove(self, name: str) -> None:
         """Unload an adapter: free its slots and its owner row.
 

@@ -2,6 +2,7 @@
 
     engine = MultiAdapterEngine.from_pretrained("demo")
     engine.add_adapter("arith", "adapters/arith")        # tuned experts -> arena slots
+    engine.add_adapter("rl", "adapters/rl")              # routed LoRA -> owner row + LoRA terms
     engine.generate([Request("12 + 35 =", adapter="arith"), Request("def f(", adapter=None)])
     engine.remove_adapter("arith")                       # slots and owner row freed for reuse
 
@@ -19,8 +20,9 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, UsageError
-from ..models import MoEModelInfo, install, load_model, load_tokenizer, uninstall
+from ..models import MoEModelInfo, install, load_model, load_tokenizer, model_fingerprint, uninstall
 from ..tuning.esft import ESFTAdapter, read_adapter
+from ..tuning.routed_lora import RoutedLoraAdapter, read_routed_lora
 from .arena import ArenaMemory, ExpertArena
 from .executor import ReroutingExecutor
 from .generation import generate_batch, left_pad
@@ -71,6 +73,7 @@ class MultiAdapterEngine:
         self.executor = ReroutingExecutor(self.arena)
         self.executor.attach()
         self._pending: list[tuple[Request, list[int]]] = []  # with the prompt's token ids
+        self._base_fingerprint: str | None = None  # computed at the first routed-LoRA load
 
     @classmethod
     def from_pretrained(
@@ -101,11 +104,12 @@ class MultiAdapterEngine:
         """Loaded adapter names."""
         return self.arena.names
 
-    def add_adapter(self, name: str, adapter: str | Path | ESFTAdapter) -> None:
-        """Load an ESFT adapter (a directory, official layout or ours) under ``name``.
+    def add_adapter(self, name: str, adapter: str | Path | ESFTAdapter | RoutedLoraAdapter) -> None:
+        """Load an ESFT adapter (a directory, official layout or ours) or a routed-LoRA adapter under ``name``.
 
         The adapter is checked against the base model first (names, shapes, expert ids, base
-        fingerprint); only its tuned experts are kept, in arena slots.
+        fingerprint); only its tuned experts are kept, in arena slots. A routed-LoRA adapter gets an
+        owner row of base experts and its LoRA modules run beside them.
 
         Raises:
             AdapterError: the name is taken, or the adapter is missing, corrupt, does not fit this
@@ -113,10 +117,31 @@ class MultiAdapterEngine:
         """
         if name in self.arena.names:
             raise AdapterError(f"adapter '{name}' is already loaded")
+        if self._add_routed_lora(name, adapter):
+            return
         if not isinstance(adapter, ESFTAdapter):
             adapter = read_adapter(adapter)
         adapter.check(self.model, self.info)
         self.arena.add(name, adapter)
+
+    # routed-LoRA adapters (issue 8) -------------------------------------------------------------
+
+    def _add_routed_lora(self, name: str, adapter) -> bool:
+        """Load ``adapter`` if it is a routed-LoRA adapter (object or directory); False otherwise."""
+        from ..tuning.meta import read_meta
+        from ..tuning.routed_lora import METHOD
+
+        if isinstance(adapter, (str, Path)) and (read_meta(Path(adapter)) or {}).get("method") == METHOD:
+            adapter = read_routed_lora(adapter)
+        if not isinstance(adapter, RoutedLoraAdapter):
+            return False
+        if self._base_fingerprint is None:
+            self._base_fingerprint = model_fingerprint(self.model)
+        lora = adapter.build(self.model, self.info, base_fingerprint=self._base_fingerprint)
+        self.executor.lora[self.arena.add_owner(name)] = lora
+        return True
+
+    # ---------------------------------------------------------------------------------------------
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter; its slots are reused by the next load.
@@ -130,6 +155,7 @@ class MultiAdapterEngine:
                 f"adapter '{name}' is named by {len(waiting)} pending request(s) (first id {waiting[0]!r}); "
                 "run or cancel them before removing it"
             )
+        self.executor.lora.pop(self.arena.owner(name), None)
         self.arena.remove(name)
 
     def compact(self) -> None:

@@ -7,6 +7,9 @@
 
 Exact for ESFT adapters: they change only routed experts, so every token is routed exactly as in
 its adapter merged into the base model, and the slot holds exactly the merged expert's weights.
+
+Routed-LoRA adapters (``lora``, by owner id) add their term afterwards, batched per adapter present
+(see :mod:`moe_runtime.tuning.routed_lora.serving`); their owner rows map every expert to the base.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 from ..models import state_of
 from ..ops.experts_mm import segmented_experts
 from ..ops.reroute import reroute_permute
+from ..tuning.routed_lora.serving import LoraRows, add_lora_terms, lora_rows
 from .arena import ExpertArena, LayerSlots
 
 __all__ = ["ReroutingExecutor"]
@@ -37,6 +41,8 @@ class ReroutingExecutor:
     def __init__(self, arena: ExpertArena) -> None:
         self.arena = arena
         self.token_owner: torch.Tensor | None = None
+        self.lora: dict = {}  # routed-LoRA adapters by owner id (RoutedLora)
+        self._lora_rows: LoraRows = []
 
     def set_owners(self, row_owner: torch.Tensor, seq_len: int) -> None:
         """Owners of the next forward's tokens.
@@ -47,9 +53,11 @@ class ReroutingExecutor:
                 so token ``b * S + s`` belongs to row ``b``.
         """
         self.token_owner = row_owner.to(torch.int64).repeat_interleave(seq_len)
+        self._lora_rows = lora_rows(self.lora, row_owner, seq_len)
 
     def clear_owners(self) -> None:
         self.token_owner = None
+        self._lora_rows = []
 
     def attach(self) -> None:
         """Make every experts module of the arena's model run through this executor."""
@@ -84,4 +92,7 @@ class ReroutingExecutor:
             # no entry of this forward uses an adapter slot of this layer: run the base experts alone
             routed = routed._replace(offsets=routed.offsets[: slots.num_experts])
             segments = segments[:1]
-        return segmented_experts(experts, hidden, top_k_weights, routed, segments)
+        out = segmented_experts(experts, hidden, top_k_weights, routed, segments)
+        if self._lora_rows:
+            add_lora_terms(self._lora_rows, slots.layer.index, out, hidden, top_k_index, top_k_weights)
+        return out

@@ -30,6 +30,9 @@ def adapter_method(path: str | Path) -> str:
 def apply_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Checked merge of an adapter into ``model``; returns the model to evaluate.
 
+    ESFT, LoRA and full adapters are merged into the weights; a routed-LoRA adapter is attached
+    through the experts hook (the model's weights stay the base ones).
+
     Raises:
         AdapterError: the adapter does not fit this base model.
     """
@@ -48,4 +51,8 @@ def apply_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         from .lora import apply_lora
 
         return apply_lora(model, Path(path), read_meta(Path(path)))
+    if method == "routed_lora":
+        from .routed_lora import apply_routed_lora
+
+        return apply_routed_lora(model, Path(path), read_meta(Path(path)))
     raise AdapterError(f"adapter '{path}': method '{method}' is not supported by this version")

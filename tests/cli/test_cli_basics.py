@@ -30,7 +30,6 @@ def test_every_contract_verb_is_registered():
 @pytest.mark.parametrize(
     "argv",
     [
-        ["tune", "--model", "demo", "--data", "x.jsonl", "--method", "routed-lora", "--out", "o"],
         ["generate", "--model", "demo", "--prompt", "hi", "--offload", "disk"],
         ["bench", "offload"],
     ],
