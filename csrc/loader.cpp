@@ -3,6 +3,7 @@
 #include "loader.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -93,6 +94,9 @@ ExpertLoader::ExpertLoader(int64_t num_threads, bool direct_io, int64_t staging_
   threads_.reserve(static_cast<size_t>(num_threads));
   for (int64_t i = 0; i < num_threads; ++i) {
     threads_.emplace_back([this] { worker_loop(); });
+#ifdef __linux__
+    pthread_setname_np(threads_.back().native_handle(), "expert-loader");  // top -H, /proc/*/task/*/comm
+#endif
   }
 }
 

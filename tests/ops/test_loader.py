@@ -319,9 +319,19 @@ def test_threads_end_after_close_and_destruction(backend, data_file):
     path, _ = data_file
 
     def count() -> int:
-        return len(os.listdir("/proc/self/task")) if backend == "cpp" else threading.active_count()
+        """Live loader threads: named in /proc (C++ threads) or in threading (Python threads)."""
+        if backend == "python":
+            return sum(thread.name.startswith("expert-loader") for thread in threading.enumerate())
+        names = []
+        for task in os.listdir("/proc/self/task"):
+            try:
+                names.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
+            except OSError:  # the thread just ended
+                pass
+        return names.count("expert-loader")
 
     baseline = count()
+    assert baseline == 0
     loader = ExpertLoader(4, backend=backend)
     assert count() == baseline + 4
     loader.wait(loader.submit(path, [(0, 100)], torch.zeros(100, dtype=torch.uint8)), TIMEOUT)
