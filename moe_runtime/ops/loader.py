@@ -36,7 +36,7 @@ import torch
 
 from ._extension import load_extension
 
-__all__ = ["ExpertLoader", "LoaderCancelledError", "LoaderError", "cpp_loader_available"]
+__all__ = ["ExpertLoader", "LoaderCancelledError", "LoaderError", "aligned_empty", "cpp_loader_available"]
 
 # Ticket states, shared with csrc/loader.h.
 _QUEUED, _RUNNING, _DONE, _FAILED, _CANCELLED = range(5)
@@ -65,6 +65,17 @@ class LoaderError(OSError):
 
 class LoaderCancelledError(LoaderError):
     """The ticket was cancelled before it started (by `cancel` or `close`)."""
+
+
+def aligned_empty(nbytes: int, alignment: int = _ALIGN) -> torch.Tensor:
+    """An uninitialized uint8 tensor of `nbytes` whose data starts on an `alignment` boundary.
+
+    With direct_io, reads of block-aligned ranges into such a buffer go straight into it (no
+    staging copy). The tensor is a view of a slightly larger allocation.
+    """
+    buffer = torch.empty(nbytes + alignment, dtype=torch.uint8)
+    pad = -buffer.data_ptr() % alignment
+    return buffer[pad : pad + nbytes]
 
 
 def _cpp_class():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -12,7 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_runtime.ops.loader import ExpertLoader, LoaderCancelledError, LoaderError, cpp_loader_available
+from moe_runtime.ops.loader import (
+    ExpertLoader,
+    LoaderCancelledError,
+    LoaderError,
+    aligned_empty,
+    cpp_loader_available,
+)
 
 BACKENDS = [
     "python",
@@ -38,11 +45,11 @@ def data_file(tmp_path_factory) -> tuple[Path, bytes]:
     return path, data
 
 
-def aligned_bytes(nbytes: int) -> torch.Tensor:
-    """A uint8 tensor of nbytes whose data starts on a 4 KiB boundary."""
-    buffer = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-    pad = -buffer.data_ptr() % ALIGN
-    return buffer[pad : pad + nbytes]
+def test_aligned_empty():
+    for nbytes in (0, 1, 5000):
+        tensor = aligned_empty(nbytes)
+        assert tensor.numel() == nbytes and tensor.dtype == torch.uint8 and tensor.is_contiguous()
+        assert tensor.data_ptr() % ALIGN == 0
 
 
 def as_bytes(tensor: torch.Tensor, nbytes: int) -> bytes:
@@ -100,7 +107,7 @@ def test_random_ranges_equal_file_bytes(backend, data_file, direct_io):
             ranges = random_ranges(rng, len(data), rng.randrange(1, 5))
             total = sum(n for _, n in ranges)
             if i % 3 == 0:
-                dest = aligned_bytes(total)
+                dest = aligned_empty(total)
             elif i % 3 == 1:
                 dest = torch.zeros((total + 3) // 4 + 1, dtype=torch.float32)  # any dtype, spare room
             else:
@@ -124,7 +131,7 @@ def test_random_ranges_equal_file_bytes(backend, data_file, direct_io):
 def test_direct_io_reads_aligned_blocks_in_place(backend, data_file):
     path, data = data_file
     with ExpertLoader(1, direct_io=True, backend=backend) as loader:
-        dest = aligned_bytes(4 * ALIGN)
+        dest = aligned_empty(4 * ALIGN)
         loader.wait(loader.submit(path, [(2 * ALIGN, 4 * ALIGN)], dest), TIMEOUT)
         if loader.stats()["direct_fallbacks"]:
             pytest.skip("the temporary directory's file system refuses O_DIRECT")
@@ -132,7 +139,7 @@ def test_direct_io_reads_aligned_blocks_in_place(backend, data_file):
         assert as_bytes(dest, 4 * ALIGN) == data[2 * ALIGN : 6 * ALIGN]
         # Aligned start, unaligned length: whole blocks in place, the tail (to EOF) staged.
         tail = len(data) - 10 * ALIGN
-        dest = aligned_bytes(tail)
+        dest = aligned_empty(tail)
         loader.wait(loader.submit(path, [(10 * ALIGN, tail)], dest), TIMEOUT)
         assert loader.stats()["staged_bytes"] == tail % ALIGN
         assert as_bytes(dest, tail) == data[10 * ALIGN :]
@@ -238,7 +245,7 @@ def test_read_errors_surface_on_wait(backend, tmp_path, direct_io):
                 loader.wait(ticket, TIMEOUT)
         # A file truncated between submit and read.
         loader.pause()
-        ticket = loader.submit(path, [(4096, 4096)], aligned_bytes(4096))
+        ticket = loader.submit(path, [(4096, 4096)], aligned_empty(4096))
         os.truncate(path, 5000)
         loader.resume()
         with pytest.raises(LoaderError, match="ends at byte 5000"):
@@ -324,10 +331,8 @@ def test_threads_end_after_close_and_destruction(backend, data_file):
             return sum(thread.name.startswith("expert-loader") for thread in threading.enumerate())
         names = []
         for task in os.listdir("/proc/self/task"):
-            try:
+            with contextlib.suppress(OSError):  # the thread just ended
                 names.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
-            except OSError:  # the thread just ended
-                pass
         return names.count("expert-loader")
 
     baseline = count()
