@@ -92,11 +92,16 @@ ExpertLoader::ExpertLoader(int64_t num_threads, bool direct_io, int64_t staging_
       staging_bytes, " for ", num_threads, " threads");
   TORCH_CHECK_VALUE(fail_every >= 0, "ExpertLoader: fail_every must be >= 0, got ", fail_every);
   threads_.reserve(static_cast<size_t>(num_threads));
-  for (int64_t i = 0; i < num_threads; ++i) {
-    threads_.emplace_back([this] { worker_loop(); });
+  try {
+    for (int64_t i = 0; i < num_threads; ++i) {
+      threads_.emplace_back([this] { worker_loop(); });
 #ifdef __linux__
-    pthread_setname_np(threads_.back().native_handle(), "expert-loader");  // top -H, /proc/*/task/*/comm
+      pthread_setname_np(threads_.back().native_handle(), "expert-loader");  // top -H, /proc/*/task/*/comm
 #endif
+    }
+  } catch (...) {
+    close();  // no destructor runs for a half-built object: join the threads already started
+    throw;
   }
 }
 
