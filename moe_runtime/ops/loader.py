@@ -105,7 +105,7 @@ class ExpertLoader:
         staging_bytes: Bound on the aligned staging buffers of all threads together (used only
             with direct_io, for unaligned offsets, addresses and tails; at least 4 KiB a thread).
         backend: "cpp" (the compiled loader), "python" (the reference) or "auto" (cpp if built).
-        fail_every: Test hook: if > 0, every fail_every-th ticket taken off the queue fails with
+        fail_every: Test hook: if > 0 (None = 0), every fail_every-th ticket taken off the queue fails with
             EIO instead of reading.
 
     Raises:
@@ -120,7 +120,7 @@ class ExpertLoader:
         direct_io: bool = False,
         staging_bytes: int = 16 << 20,
         backend: str = "auto",
-        fail_every: int = 0,
+        fail_every: int | None = 0,
     ) -> None:
         if backend not in ("auto", "cpp", "python"):
             raise ValueError(f"ExpertLoader: backend must be 'auto', 'cpp' or 'python', got {backend!r}")
@@ -131,7 +131,8 @@ class ExpertLoader:
                 f"ExpertLoader: staging_bytes must hold one {_ALIGN}-byte block per thread with direct_io, "
                 f"got {staging_bytes} for {num_threads} threads"
             )
-        if int(fail_every) < 0:
+        fail_every = int(fail_every or 0)
+        if fail_every < 0:
             raise ValueError(f"ExpertLoader: fail_every must be >= 0, got {fail_every}")
         cls = _cpp_class() if backend != "python" else None
         if backend == "cpp" and cls is None:
