@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from ._extension import extension_available, load_extension
 from .experts_mm import Segment, grouped_linear, segmented_experts
+from .loader import ExpertLoader, LoaderCancelledError, LoaderError
 from .reroute import Rerouted, group_by_slot, reroute_permute, reroute_permute_reference
 
 __all__ = [
+    "ExpertLoader",
+    "LoaderCancelledError",
+    "LoaderError",
     "Rerouted",
     "Segment",
     "extension_available",
