@@ -1,0 +1,176 @@
+"""Offloaded serving equals resident serving: tokens exactly, logits within float64 rounding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_runtime.errors import UsageError
+from moe_runtime.models import find_moe_layers, load_model
+from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
+from moe_runtime.runtime.offload import OffloadConfig, load_offloaded_model, parse_budget
+from tests.conftest import save_checkpoint
+from tests.runtime.serving_helpers import make_adapter
+
+# (family, overrides): qwen2_moe / mixtral / deepseek_v3 save per-expert keys (packed file), gpt_oss fused ones.
+FAMILIES = {
+    "qwen2_moe": {},
+    "mixtral": {},
+    "gpt_oss": {},
+    "deepseek_v3": {},
+}
+PROMPTS = ["the quick brown fox", "def f ( x ) : return", "12 + 35 = 47 key", "seven wizards"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    return {
+        family: save_checkpoint(tmp_path_factory.mktemp(family), family, num_hidden_layers=3, **overrides)
+        for family, overrides in FAMILIES.items()
+    }
+
+
+def _requests(adapters: list[str | None]) -> list[Request]:
+    return [Request(prompt=p, adapter=adapters[i % len(adapters)], id=i) for i, p in enumerate(PROMPTS)]
+
+
+def _serve(engine: MultiAdapterEngine, requests: list[Request]):
+    completions = engine.generate(requests, DecodeConfig(max_new_tokens=6, output_logits=True))
+    return [c.token_ids for c in completions], [c.logits for c in completions]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("budget", ["25%", "50%"])
+def test_offloaded_generate_equals_resident(checkpoints, tmp_path, family, budget):
+    path = checkpoints[family]
+    resident = MultiAdapterEngine.from_pretrained(path)
+    offloaded = MultiAdapterEngine.from_pretrained(
+        path, offload=OffloadConfig(budget=budget, cache_dir=str(tmp_path / "cache"))
+    )
+    requests = _requests([None])
+    tokens, logits = _serve(resident, requests)
+    got_tokens, got_logits = _serve(offloaded, requests)
+    assert got_tokens == tokens
+    for a, b in zip(got_logits, logits):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    stats = offloaded.executor.stats
+    assert stats.misses > 0 and stats.bytes_read > 0
+    info = offloaded.info
+    assert all(layer.experts.down_proj.is_meta for layer in info.layers)  # never materialized
+    slots = offloaded.executor.num_slots
+    assert offloaded.executor.resident_expert_bytes() == slots * sum(
+        layer.expert_bytes for layer in info.layers
+    )
+    assert slots <= parse_budget(budget).share * min(layer.num_experts for layer in info.layers)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_offloaded_mixed_adapters_equal_resident(checkpoints, tmp_path, family):
+    path = checkpoints[family]
+    base = load_model(path)
+    info = find_moe_layers(base)
+    layers = info.layer_indices
+    a = make_adapter(base, tmp_path / "a", {layers[0]: [1, 3], layers[-1]: [0]}, seed=1, info=info)
+    b = make_adapter(base, tmp_path / "b", {layers[-1]: [2, 5, 6]}, seed=2, info=info)
+    engines = [
+        MultiAdapterEngine.from_pretrained(path),
+        MultiAdapterEngine.from_pretrained(
+            path,
+            offload=OffloadConfig(
+                budget="25%", prefetch=("router", "trajectory"), cache_dir=str(tmp_path / "c")
+            ),
+        ),
+    ]
+    results = []
+    for engine in engines:
+        engine.add_adapter("a", a)
+        engine.add_adapter("b", b)
+        results.append(_serve(engine, _requests(["a", None, "b"])))
+        results.append(engine.prompt_logits(_requests(["a", "b", None])))
+    assert results[2][0] == results[0][0]
+    for x, y in zip(results[2][1], results[0][1]):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    for x, y in zip(results[3], results[1]):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    assert engines[1].executor.stats.prefetches > 0
+
+
+def test_policies_and_prefetch_keep_outputs(checkpoints, tmp_path):
+    path = checkpoints["mixtral"]
+    reference = _serve(MultiAdapterEngine.from_pretrained(path), _requests([None]))
+    scores = {layer: {e: float(e % 3) for e in range(8)} for layer in range(3)}
+    for policy, prefetch in [
+        ("lfu", ("router",)),
+        ("profile", ("trajectory",)),
+        ("lru", ("router", "trajectory")),
+    ]:
+        config = OffloadConfig(
+            budget="50%",
+            policy=policy,
+            prefetch=prefetch,
+            profile_scores=scores,
+            cache_dir=str(tmp_path / "c"),
+        )
+        engine = MultiAdapterEngine.from_pretrained(path, offload=config)
+        assert _serve(engine, _requests([None]))[0] == reference[0]
+        assert engine.executor.stats.hit_rate > 0
+
+
+def test_model_loaded_without_experts_matches_checkpoint(checkpoints, tmp_path):
+    for family in ("mixtral", "gpt_oss"):
+        path = checkpoints[family]
+        net, info, store = load_offloaded_model(path, cache_dir=tmp_path)
+        full = load_model(path)
+        assert store.kind == ("checkpoint" if family == "gpt_oss" else "packed")
+        for layer, ref in zip(info.layers, find_moe_layers(full).layers):
+            for expert in range(layer.num_experts):
+                for name, tensor in store.read_expert(layer.index, expert).items():
+                    assert torch.equal(tensor, getattr(ref.experts, name)[expert])
+        reference = full.state_dict()
+        for name, tensor in net.state_dict().items():
+            if not tensor.is_meta:
+                assert torch.equal(tensor, reference[name]), name
+    # the packed file is made once and reused
+    packed = store.packed_path if store.packed_path else None
+    _, _, again = load_offloaded_model(checkpoints["mixtral"], cache_dir=tmp_path)
+    assert (
+        again.packed_path is not None
+        and again.packed_path.stat().st_mtime_ns == again.packed_path.stat().st_mtime_ns
+    )
+    del packed
+
+
+def test_budget_errors(checkpoints, tmp_path):
+    path = checkpoints["qwen2_moe"]
+    for bad in ("0%", "150%", "abc", "12XB", "-3GB"):
+        with pytest.raises(UsageError):
+            parse_budget(bad)
+    assert parse_budget("2GB").bytes == 2 * 10**9 and parse_budget("25%").share == 0.25
+    with pytest.raises(UsageError, match="working set"):
+        MultiAdapterEngine.from_pretrained(path, offload=OffloadConfig(budget="12%", cache_dir=str(tmp_path)))
+    with pytest.raises(UsageError, match="working set"):
+        MultiAdapterEngine.from_pretrained(path, offload=OffloadConfig(budget=1000, cache_dir=str(tmp_path)))
+    with pytest.raises(UsageError, match="GPU|not implemented"):
+        OffloadConfig(tier="cpu").validate()
+
+
+def test_read_failure_surfaces(checkpoints, tmp_path):
+    from moe_runtime.ops.loader import ExpertLoader, LoaderError
+    from moe_runtime.runtime.offload import OffloadedExperts, OffloadExecutor
+
+    path = checkpoints["gpt_oss"]
+    engine = MultiAdapterEngine.from_pretrained(
+        path, offload=OffloadConfig(budget="25%", cache_dir=str(tmp_path))
+    )
+    engine.executor.detach()
+    config = engine.executor.config
+    failing = OffloadExecutor(
+        engine.arena, engine.executor.store, config, loader=ExpertLoader(1, fail_every=3)
+    )
+    failing.attach()
+    engine.executor = failing
+    with pytest.raises(LoaderError):
+        _serve(engine, _requests([None]))
+    assert isinstance(OffloadedExperts, type)
