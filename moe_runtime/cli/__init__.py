@@ -11,11 +11,11 @@ import sys
 import traceback
 
 from ..errors import UsageError
-from . import bench, demo, generate, profile, select, tune
+from . import bench, demo, generate, profile, select, simulate, tune
 
 __all__ = ["main", "build_parser"]
 
-_VERBS = (demo, profile, select, tune, generate, bench)
+_VERBS = (demo, profile, select, tune, generate, simulate, bench)
 
 EPILOG = """examples:
   moe-runtime demo
