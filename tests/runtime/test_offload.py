@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_checkpoint
+from serving_helpers import make_adapter
 
 from moe_runtime.errors import UsageError
 from moe_runtime.models import find_moe_layers, load_model
 from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
 from moe_runtime.runtime.offload import OffloadConfig, load_offloaded_model, parse_budget
-from tests.conftest import save_checkpoint
-from tests.runtime.serving_helpers import make_adapter
 
 # (family, overrides): qwen2_moe / mixtral / deepseek_v3 save per-expert keys (packed file), gpt_oss fused ones.
 FAMILIES = {
