@@ -174,3 +174,39 @@ def test_read_failure_surfaces(checkpoints, tmp_path):
     with pytest.raises(LoaderError):
         _serve(engine, _requests([None]))
     assert isinstance(OffloadedExperts, type)
+
+
+def test_generate_cli_offload(capsys, checkpoints, tmp_path, monkeypatch):
+    import json
+
+    from moe_runtime.cli import main
+
+    monkeypatch.setenv("MOE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    path = checkpoints["mixtral"]
+    base = load_model(path)
+    adapter = make_adapter(base, tmp_path / "a", {0: [1, 2]}, seed=3)
+    rows = [{"id": i, "prompt": p, "adapter": "a" if i % 2 else None} for i, p in enumerate(PROMPTS)]
+    requests = tmp_path / "req.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["generate", "--model", path, "--adapter", f"a={adapter}", "--requests", requests]
+    outputs = []
+    for i, extra in enumerate(([], ["--offload", "disk", "--expert-budget", "25%", "--prefetch", "router"])):
+        out = tmp_path / f"out{i}.jsonl"
+        code = main([str(a) for a in [*common, "--output", out, "--max-new-tokens", 5, *extra]])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1]
+    assert "hit rate" in err
+    for bad, message in [
+        (["--offload", "disk", "--expert-budget", "lots"], "--expert-budget 'lots'"),
+        (["--offload", "disk", "--expert-budget", "5%"], "working set"),
+        (["--expert-budget", "25%"], "go with --offload disk"),
+        (["--offload", "cpu"], "no GPU"),
+        (["--offload", "disk", "--cache-policy", "profile"], "needs --pin-profile"),
+    ]:
+        out = tmp_path / "bad.jsonl"
+        code = main([str(a) for a in [*common, "--output", out, *bad]])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
