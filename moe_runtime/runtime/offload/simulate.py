@@ -12,7 +12,7 @@ The router prefetcher needs hidden states, which a trace does not keep: it is no
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from .cache import OffloadStats, SlotMap
 from .config import parse_budget
 from .policies import POLICIES, TrajectoryPrefetcher, make_policy
 
-__all__ = ["DEFAULT_POLICIES", "load_trace", "replay", "simulate"]
+__all__ = ["DEFAULT_POLICIES", "load_trace", "replay", "replay_steps", "simulate"]
 
 DEFAULT_POLICIES = ("lru", "lfu", "profile", "lru+trajectory", "lfu+trajectory", "profile+trajectory")
 
@@ -71,7 +71,7 @@ def replay(
     scores: dict[int, dict[int, float]] | None = None,
     tokens_per_step: int = 1,
 ) -> OffloadStats:
-    """Replay a trace through one policy.
+    """Replay a token trace through one policy.
 
     Args:
         trace: per MoE layer ``[tokens, K]`` expert ids (same token order in every layer).
@@ -85,18 +85,35 @@ def replay(
     Returns:
         The counters (``bytes_read`` counts experts loaded).
     """
+    tokens = len(trace[0]) if len(trace) else 0
+    steps = (
+        [t[start : start + tokens_per_step] for t in trace] for start in range(0, tokens, tokens_per_step)
+    )
+    return replay_steps(steps, layers, num_experts, slots, policy, scores=scores)
+
+
+def replay_steps(
+    steps: Iterable[Sequence[np.ndarray]],
+    layers: Sequence[int],
+    num_experts: int,
+    slots: int,
+    policy: str,
+    *,
+    scores: dict[int, dict[int, float]] | None = None,
+) -> OffloadStats:
+    """Replay forward steps (per step, per MoE layer in order: the expert ids of its tokens).
+
+    Same arguments and result as :func:`replay`; a step may hold any number of tokens (a prefill).
+    """
     name, trajectory = _parse_policy(policy)
     stats = OffloadStats()
     evict = make_policy(name, slots=slots, scores=scores)
     maps = {layer: SlotMap(layer, slots, evict, stats) for layer in layers}
     predictor = TrajectoryPrefetcher(list(layers), num_experts, limit=slots) if trajectory else None
-    loaded = 0
-    for slot_map in maps.values():
-        loaded += len(slot_map.warm())
-    tokens = len(trace[0]) if len(trace) else 0
-    for start in range(0, tokens, tokens_per_step):
-        for i, layer in enumerate(layers):
-            ids = trace[i][start : start + tokens_per_step]
+    loaded = sum(len(slot_map.warm()) for slot_map in maps.values())
+    for step in steps:
+        for layer, ids in zip(layers, step):
+            ids = np.asarray(ids)
             ids = ids[(ids >= 0) & (ids < num_experts)]
             needed = sorted({int(e) for e in ids.reshape(-1)})
             slot_map = maps[layer]
