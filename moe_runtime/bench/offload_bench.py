@@ -13,8 +13,8 @@
                      bookkeeping as the runtime), beside the other policies
 
 Each run is a separate process (clean peak RSS, nothing cached in Python); the page cache is
-dropped before each (``/proc/sys/vm/drop_caches`` when permitted, else ``posix_fadvise
-DONTNEED`` on the files read, which needs no privilege). Requests are decoded one at a time
+dropped before each for the files read (``posix_fadvise DONTNEED``, no privilege needed; else
+``/proc/sys/vm/drop_caches`` when permitted). Requests are decoded one at a time
 (batch 1), greedy, EOS ignored, the same prompts in every run.
 """
 
@@ -107,26 +107,28 @@ def _prompts(settings: OffloadBenchSettings) -> list[list[int]]:
 def drop_page_cache(paths: list[Path]) -> str:
     """Evict ``paths`` (files or directories) from the page cache.
 
+    Per file with ``posix_fadvise(DONTNEED)`` (no privilege needed, nothing else on the machine is
+    affected); without it, the whole page cache through ``/proc/sys/vm/drop_caches`` if permitted.
+
     Returns:
-        ``"drop_caches"`` (whole page cache), ``"fadvise"`` (the files' pages), or ``"none"``.
+        ``"fadvise"``, ``"drop_caches"``, or ``"none"`` (the cache stays warm).
     """
     os.sync()
+    files = [p for path in paths for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()]
+    if files and hasattr(os, "posix_fadvise"):
+        for file in files:
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return "fadvise"
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
         return "drop_caches"
     except OSError:
-        pass
-    files = [p for path in paths for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()]
-    if not files or not hasattr(os, "posix_fadvise"):
         return "none"
-    for file in files:
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return "fadvise"
 
 
 def _peak_rss() -> int:

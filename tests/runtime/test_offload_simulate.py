@@ -74,3 +74,34 @@ def test_simulate_cli(capsys, moe_checkpoint, task_files, tmp_path):
         assert main(["simulate", "--trace", str(tmp_path / "prof"), *bad]) == 2
     assert main(["simulate", "--trace", str(tmp_path), "--budget", "50%"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_simulator_replays_the_runtime_exactly(tmp_path, policy):
+    """Replaying a served run's routing gives the runtime's own hits and misses (same bookkeeping)."""
+    import torch
+    from conftest import save_checkpoint
+
+    from moe_runtime.models import state_of
+    from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
+    from moe_runtime.runtime.offload import OffloadConfig
+    from moe_runtime.runtime.offload.simulate import replay_steps
+
+    path = save_checkpoint(tmp_path / "ckpt", "mixtral", dtype=torch.float32, num_hidden_layers=3)
+    config = OffloadConfig(budget="25%", policy=policy, cache_dir=str(tmp_path / "cache"))
+    engine = MultiAdapterEngine.from_pretrained(path, offload=config)
+    steps, first = [], engine.info.layers[0].index
+
+    def record(layer, hidden, top_k_index, top_k_weights):
+        if layer.index == first:
+            steps.append([])
+        steps[-1].append(top_k_index.numpy().copy())
+
+    for layer in engine.info.layers:
+        state_of(layer.experts).observers.append(record)
+    prompts = ["the quick brown fox jumps", "seven wizards", "def return for in range"]
+    engine.generate([Request(prompt=p, id=i) for i, p in enumerate(prompts)], DecodeConfig(max_new_tokens=8))
+    served = engine.executor.stats
+    replayed = replay_steps(steps, engine.info.layer_indices, 8, engine.executor.num_slots, policy)
+    assert (replayed.hits, replayed.misses, replayed.passes) == (served.hits, served.misses, served.passes)
+    assert served.hits > 0 and served.passes > len(steps) * 3  # prefills needed several passes
