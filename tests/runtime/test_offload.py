@@ -210,3 +210,18 @@ def test_generate_cli_offload(capsys, checkpoints, tmp_path, monkeypatch):
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_short_read_names_the_file(checkpoints, tmp_path):
+    engine = MultiAdapterEngine.from_pretrained(
+        checkpoints["mixtral"],
+        offload=OffloadConfig(budget="50%", prefetch=("router",), cache_dir=str(tmp_path)),
+    )
+    packed = engine.executor.store.packed_path
+    size = packed.stat().st_size
+    with open(packed, "r+b") as f:
+        f.truncate(size // 4)
+    with pytest.raises(OSError) as raised:  # the loader's LoaderError, naming the file
+        _serve(engine, _requests([None]))
+    assert packed.name in str(raised.value)
+    assert engine.executor.loader.stats()["failed"] > 0

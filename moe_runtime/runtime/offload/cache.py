@@ -181,7 +181,9 @@ class LayerCache(SlotMap):
             name: torch.empty((slots, *shape), dtype=store.dtype)
             for name, shape in store.shapes[layer.index].items()
         }
-        self.tickets: dict[int, list[tuple[int, int]]] = {}  # slot -> outstanding (ticket, bytes)
+        self.tickets: dict[
+            int, tuple[int, list[tuple[int, int]]]
+        ] = {}  # slot -> (priority, [(ticket, bytes)])
         names = layer.layout
         self.segment = Segment(
             start=0,
@@ -203,7 +205,7 @@ class LayerCache(SlotMap):
                 ticket = self.loader.submit(loc.path, [(offset, nbytes)], self.tensors[name][slot], priority)
                 tickets.append((ticket, nbytes))
                 self.stats.bytes_read += nbytes
-            self.tickets[slot] = tickets
+            self.tickets[slot] = (priority, tickets)
 
     def ensure(self, group: Sequence[int]) -> None:
         """Make every expert of ``group`` resident, loading misses on demand and waiting for them."""
@@ -222,19 +224,38 @@ class LayerCache(SlotMap):
         self.load(self.warm(), priority=1)
 
     def _wait(self, expert: int) -> None:
+        """Wait for an expert's reads; a failed prefetch is read again on demand, a failed demand read raises."""
         slot = self.slot_of[expert]
-        tickets = self.tickets.pop(slot, [])
+        priority, tickets = self.tickets.pop(slot, (0, []))
         for ticket, _ in tickets:
             self.loader.promote(ticket)
+        error = self._finish(expert, tickets)
+        if error is not None and priority > 0:
+            self.load([(expert, slot)], priority=0)
+            error = self._finish(expert, self.tickets.pop(slot)[1])
+        if error is not None:
+            self.drop(expert)
+            raise error
+
+    def _finish(self, expert: int, tickets: list[tuple[int, int]]) -> OSError | None:
+        """Wait for every ticket (even after a failure, so no read still writes into the slot)."""
+        error = None
         try:
             for ticket, _ in tickets:
-                self.loader.wait(ticket)
+                try:
+                    self.loader.wait(ticket)
+                except OSError as exc:
+                    error = error or exc
         except BaseException:
+            for ticket, _ in tickets:
+                self.loader.cancel(ticket)
             self.drop(expert)
             raise
+        return error
 
     def _reuse(self, slot: int) -> None:
-        for ticket, nbytes in self.tickets.pop(slot, []):
+        _, tickets = self.tickets.pop(slot, (0, []))
+        for ticket, nbytes in tickets:
             if self.loader.cancel(ticket):
                 self.stats.bytes_read -= nbytes
                 continue
