@@ -61,8 +61,9 @@ def register(sub) -> None:
         "--offload",
         choices=("none", "cpu", "disk"),
         default="none",
-        help="expert offloading: 'disk' reads routed experts from the checkpoint files on demand, keeping "
-        "--expert-budget of them in RAM; 'cpu' needs a GPU (default none)",
+        help="expert offloading: 'disk' reads routed experts on demand from the checkpoint files (or from a "
+        "packed copy made once under ~/.cache/moe_runtime when the checkpoint stores experts one by one), "
+        "keeping --expert-budget of them in RAM; 'cpu' needs a GPU (default none)",
     )
     parser.add_argument(
         "--expert-budget",

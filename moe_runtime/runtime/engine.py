@@ -108,6 +108,8 @@ class MultiAdapterEngine:
     @contextlib.contextmanager
     def stock(self) -> Iterator[nn.Module]:
         """Temporarily run the bare base model with its stock experts implementation (baselines)."""
+        if self.offload is not None:  # offload
+            raise UsageError("the stock model is not available with offloaded experts (they are on disk)")
         self.close()
         try:
             yield self.model
