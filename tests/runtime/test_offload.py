@@ -225,3 +225,29 @@ def test_short_read_names_the_file(checkpoints, tmp_path):
         _serve(engine, _requests([None]))
     assert packed.name in str(raised.value)
     assert engine.executor.loader.stats()["failed"] > 0
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe"])
+def test_sharded_checkpoint(checkpoints, tmp_path, family):
+    """Experts spread over several safetensors shards (index.json) are found and read exactly."""
+    import shutil
+
+    full = load_model(checkpoints[family])
+    sharded = tmp_path / "sharded"
+    full.save_pretrained(sharded, max_shard_size="20KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoints[family] / name, sharded / name)
+    assert (sharded / "model.safetensors.index.json").exists()
+    net, info, store = load_offloaded_model(sharded, cache_dir=tmp_path / "cache")
+    files = {loc.path for layer in store.locations.values() for loc in layer.values()}
+    assert len(files) > 1 or store.kind == "packed"
+    for layer, ref in zip(info.layers, find_moe_layers(full).layers):
+        for expert in range(layer.num_experts):
+            for name, tensor in store.read_expert(layer.index, expert).items():
+                assert torch.equal(tensor, getattr(ref.experts, name)[expert])
+    resident = _serve(MultiAdapterEngine.from_pretrained(checkpoints[family]), _requests([None]))
+    config = OffloadConfig(budget="25%", cache_dir=str(tmp_path / "cache"))
+    assert (
+        _serve(MultiAdapterEngine.from_pretrained(sharded, offload=config), _requests([None]))[0]
+        == resident[0]
+    )
