@@ -155,26 +155,31 @@ class RouterPrefetcher:
         routers: ``{layer index: router weight [E, H]}`` for the layers that have a linear router.
         order: MoE layer indices in forward order.
         top_k: experts predicted per token.
+        lookahead: later MoE layers predicted from each layer (more lead time, less accuracy).
     """
 
     name = "router"
 
-    def __init__(self, routers: dict[int, torch.Tensor], order: list[int], top_k: int) -> None:
+    def __init__(
+        self, routers: dict[int, torch.Tensor], order: list[int], top_k: int, lookahead: int = 1
+    ) -> None:
         self.routers = routers
-        self.next_of = {a: b for a, b in zip(order, order[1:])}
+        self.later = {layer: order[i + 1 : i + 1 + lookahead] for i, layer in enumerate(order)}
         self.top_k = top_k
 
     def predict(
         self, layer: int, hidden: torch.Tensor, used: torch.Tensor | None = None
     ) -> dict[int, list[int]]:
-        """``{next layer: experts}`` for ``hidden [T, H]`` entering ``layer``'s experts."""
-        nxt = self.next_of.get(layer)
-        weight = self.routers.get(nxt) if nxt is not None else None
-        if weight is None or hidden.shape[0] == 0:
-            return {}
-        logits = hidden.to(weight.dtype) @ weight.T
-        top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices
-        return {nxt: torch.unique(top).tolist()}
+        """``{later layer: experts}`` for ``hidden [T, H]`` entering ``layer``'s experts."""
+        out = {}
+        for nxt in self.later.get(layer, []):
+            weight = self.routers.get(nxt)
+            if weight is None or hidden.shape[0] == 0:
+                continue
+            logits = hidden.to(weight.dtype) @ weight.T
+            top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices
+            out[nxt] = torch.unique(top).tolist()
+        return out
 
     def end_step(self) -> None:
         pass
