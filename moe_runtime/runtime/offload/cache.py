@@ -131,11 +131,13 @@ class SlotMap:
                 raise RuntimeError(f"layer {self.layer}: no evictable slot (all {self.slots} slots in use)")
             victim = self.policy.victim(self.layer, candidates)
             slot = self.slot_of.pop(victim)
+            self._moved(victim, None)
             self.policy.evict(self.layer, victim)
             self.prefetched.discard(victim)
             self._reuse(slot)
         self.slot_of[expert] = slot
         self.expert_in[slot] = expert
+        self._moved(expert, slot)
         self.policy.insert(self.layer, expert)
         return slot
 
@@ -144,11 +146,15 @@ class SlotMap:
         slot = self.slot_of.pop(expert, None)
         if slot is not None:
             self.expert_in[slot] = None
+            self._moved(expert, None)
             self.policy.evict(self.layer, expert)
             self.prefetched.discard(expert)
 
     def _reuse(self, slot: int) -> None:
         """Called before an evicted expert's slot is given to another expert."""
+
+    def _moved(self, expert: int, slot: int | None) -> None:
+        """Called when an expert gets a slot (or loses it: ``None``)."""
 
 
 class LayerCache(SlotMap):
@@ -181,9 +187,9 @@ class LayerCache(SlotMap):
             name: torch.empty((slots, *shape), dtype=store.dtype)
             for name, shape in store.shapes[layer.index].items()
         }
-        self.tickets: dict[
-            int, tuple[int, list[tuple[int, int]]]
-        ] = {}  # slot -> (priority, [(ticket, bytes)])
+        # slot -> (priority, [(ticket, bytes)]) of its outstanding reads
+        self.tickets: dict[int, tuple[int, list[tuple[int, int]]]] = {}
+        self.slot_table = torch.full((layer.num_experts,), -1, dtype=torch.int32)  # expert -> slot, or -1
         names = layer.layout
         self.segment = Segment(
             start=0,
@@ -192,6 +198,9 @@ class LayerCache(SlotMap):
             up_bias=self.tensors.get(f"{names.up_name}_bias"),
             down_bias=self.tensors.get("down_proj_bias"),
         )
+
+    def _moved(self, expert: int, slot: int | None) -> None:
+        self.slot_table[expert] = -1 if slot is None else slot
 
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())

@@ -199,21 +199,24 @@ class OffloadExecutor:
             Segment(c.start - num_experts + size, c.up, c.down, c.up_bias, c.down_bias) for c in slots.chunks
         ]
         total_slots = size + slots.held_slots
-        shifted = (table.long() - num_experts + size).to(torch.int32)
+        groups = cache.passes(needed)
         out = None
-        for i, group in enumerate(cache.passes(needed)):
+        for i, group in enumerate(groups):
             cache.ensure(group)
             if i == 0:
                 self._prefetch(cache.layer, hidden, base_ids)
-            slot_of = torch.full((num_experts,), -1, dtype=torch.int32)
-            if group:
-                slot_of[torch.tensor(group)] = torch.tensor(
-                    [cache.slot_of[e] for e in group], dtype=torch.int32
-                )
-            adapter = shifted if i == 0 else torch.full_like(shifted, -1)
-            combined = torch.where(
-                table < num_experts, slot_of[table.clamp(max=num_experts - 1).long()], adapter
-            )
+            if len(groups) == 1:  # every routed base expert is resident: the slot map as it stands
+                slot_of = cache.slot_table
+            else:
+                slot_of = torch.full((num_experts,), -1, dtype=torch.int32)
+                ids = torch.tensor(group, dtype=torch.int64)
+                slot_of[ids] = cache.slot_table[ids]
+            base = slot_of[table.long().clamp(max=num_experts - 1)]
+            if chunks:
+                adapter = table - num_experts + size if i == 0 else torch.full_like(table, -1)
+                combined = torch.where(table < num_experts, base, adapter)
+            else:
+                combined = base
             routed = reroute_permute(top_k_index, owners, combined, total_slots)
             partial = segmented_experts(experts, hidden, top_k_weights, routed, [cache.segment, *chunks])
             out = partial if out is None else out + partial
