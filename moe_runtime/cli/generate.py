@@ -174,6 +174,15 @@ def run(args: argparse.Namespace) -> int:
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     completions = engine.generate(requests, config)
+    if args.prompt is not None:
+        print(completions[0].completion, flush=True)
+    else:
+        write_json_lines(args.output, [c.to_json() for c in completions])
+        tokens = sum(len(c.token_ids) for c in completions)
+        print(
+            f"served {len(completions)} requests over {len(adapters)} adapters ({tokens} tokens) -> {args.output}",
+            file=sys.stderr,
+        )
     if offload is not None:
         stats = engine.executor.stats
         print(
@@ -181,13 +190,4 @@ def run(args: argparse.Namespace) -> int:
             f"{stats.bytes_read / 1e6:.1f} MB read, {stats.stall_s:.2f} s stalled",
             file=sys.stderr,
         )
-    if args.prompt is not None:
-        print(completions[0].completion)
-        return 0
-    write_json_lines(args.output, [c.to_json() for c in completions])
-    tokens = sum(len(c.token_ids) for c in completions)
-    print(
-        f"served {len(completions)} requests over {len(adapters)} adapters ({tokens} tokens) -> {args.output}",
-        file=sys.stderr,
-    )
     return 0
