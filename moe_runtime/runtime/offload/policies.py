@@ -170,15 +170,17 @@ class RouterPrefetcher:
     def predict(
         self, layer: int, hidden: torch.Tensor, used: torch.Tensor | None = None
     ) -> dict[int, list[int]]:
-        """``{later layer: experts}`` for ``hidden [T, H]`` entering ``layer``'s experts."""
+        """``{later layer: experts}`` for ``hidden [T, H]`` entering ``layer``'s experts, most likely first."""
         out = {}
         for nxt in self.later.get(layer, []):
             weight = self.routers.get(nxt)
             if weight is None or hidden.shape[0] == 0:
                 continue
             logits = hidden.to(weight.dtype) @ weight.T
-            top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices
-            out[nxt] = torch.unique(top).tolist()
+            top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices.reshape(-1)
+            votes = torch.bincount(top, minlength=logits.shape[-1])
+            order = votes.argsort(descending=True, stable=True)
+            out[nxt] = order[: int((votes > 0).sum())].tolist()  # most selected first
         return out
 
     def end_step(self) -> None:
