@@ -76,7 +76,7 @@ def test_simulate_cli(capsys, moe_checkpoint, task_files, tmp_path):
     assert "error" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lru+trajectory"])
 def test_simulator_replays_the_runtime_exactly(tmp_path, policy):
     """Replaying a served run's routing gives the runtime's own hits and misses (same bookkeeping)."""
     import torch
@@ -88,7 +88,10 @@ def test_simulator_replays_the_runtime_exactly(tmp_path, policy):
     from moe_runtime.runtime.offload.simulate import replay_steps
 
     path = save_checkpoint(tmp_path / "ckpt", "mixtral", dtype=torch.float32, num_hidden_layers=3)
-    config = OffloadConfig(budget="25%", policy=policy, cache_dir=str(tmp_path / "cache"))
+    name, _, prefetch = policy.partition("+")
+    config = OffloadConfig(
+        budget="25%", policy=name, prefetch=(prefetch,) if prefetch else (), cache_dir=str(tmp_path / "cache")
+    )
     engine = MultiAdapterEngine.from_pretrained(path, offload=config)
     steps, first = [], engine.info.layers[0].index
 
@@ -103,5 +106,6 @@ def test_simulator_replays_the_runtime_exactly(tmp_path, policy):
     engine.generate([Request(prompt=p, id=i) for i, p in enumerate(prompts)], DecodeConfig(max_new_tokens=8))
     served = engine.executor.stats
     replayed = replay_steps(steps, engine.info.layer_indices, 8, engine.executor.num_slots, policy)
-    assert (replayed.hits, replayed.misses, replayed.passes) == (served.hits, served.misses, served.passes)
+    counters = ("hits", "misses", "passes", "prefetches", "prefetch_hits")
+    assert [getattr(replayed, c) for c in counters] == [getattr(served, c) for c in counters]
     assert served.hits > 0 and served.passes > len(steps) * 3  # prefills needed several passes

@@ -94,7 +94,9 @@ class OffloadExecutor:
                 self.prefetchers.append(RouterPrefetcher(router_weights(info), order, top_k))
             else:
                 num_experts = max(layer.num_experts for layer in info.layers)
-                self.prefetchers.append(TrajectoryPrefetcher(order, num_experts, limit=self.num_slots))
+                self.prefetchers.append(
+                    TrajectoryPrefetcher(order, num_experts, limit=max(layer.top_k for layer in info.layers))
+                )
         self._first = order[0]
         self.token_owner: torch.Tensor | None = None
         for cache in self.caches.values():

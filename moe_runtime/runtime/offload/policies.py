@@ -199,7 +199,8 @@ class TrajectoryPrefetcher:
         num_experts: experts per layer.
         history: steps kept.
         lookahead: later layers predicted at each layer.
-        limit: at most this many experts predicted per layer (the most used in the match first).
+        limit: at most this many experts predicted per layer (the most used in the match first); the
+            runtime uses top-k (more evicts useful experts for little gain).
     """
 
     name = "trajectory"

@@ -109,11 +109,13 @@ def replay_steps(
     stats = OffloadStats()
     evict = make_policy(name, slots=slots, scores=scores)
     maps = {layer: SlotMap(layer, slots, evict, stats) for layer in layers}
-    predictor = TrajectoryPrefetcher(list(layers), num_experts, limit=slots) if trajectory else None
+    predictor = TrajectoryPrefetcher(list(layers), num_experts) if trajectory else None
     loaded = sum(len(slot_map.warm()) for slot_map in maps.values())
     for step in steps:
         for layer, ids in zip(layers, step):
             ids = np.asarray(ids)
+            if predictor is not None and predictor.limit is None and ids.ndim == 2:
+                predictor.limit = ids.shape[1]  # as the runtime: at most top-k experts per layer
             ids = ids[(ids >= 0) & (ids < num_experts)]
             needed = sorted({int(e) for e in ids.reshape(-1)})
             slot_map = maps[layer]
