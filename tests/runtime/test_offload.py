@@ -251,3 +251,14 @@ def test_sharded_checkpoint(checkpoints, tmp_path, family):
         _serve(MultiAdapterEngine.from_pretrained(sharded, offload=config), _requests([None]))[0]
         == resident[0]
     )
+
+
+def test_corrupt_checkpoint_is_a_usage_error(checkpoints, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoints["qwen2_moe"], bad)
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UsageError, match="cannot load for offloading"):
+        load_offloaded_model(bad, cache_dir=tmp_path / "cache")

@@ -162,6 +162,29 @@ def load_offloaded_model(
     dtype: torch.dtype | str | None = None,
     cache_dir: str | Path | None = None,
 ) -> tuple[nn.Module, MoEModelInfo, ExpertStore]:
+    """Load a causal LM with its routed experts left on disk (see :func:`_load_offloaded`).
+
+    Raises:
+        UsageError: not a loadable safetensors checkpoint, a weight is missing, or the experts
+            cannot be mapped.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        return _load_offloaded(model, dtype=dtype, cache_dir=cache_dir)
+    except UsageError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, struct.error) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UsageError(f"model '{model}': cannot load for offloading ({first})") from exc
+
+
+def _load_offloaded(
+    model: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[nn.Module, MoEModelInfo, ExpertStore]:
     """Load a causal LM with its routed experts left on disk.
 
     Non-expert weights (attention, norms, embeddings, routers, shared experts) are loaded into RAM;
