@@ -156,24 +156,58 @@ def test_budget_errors(checkpoints, tmp_path):
         OffloadConfig(tier="cpu").validate()
 
 
-def test_read_failure_surfaces(checkpoints, tmp_path):
-    from moe_runtime.ops.loader import ExpertLoader, LoaderError
-    from moe_runtime.runtime.offload import OffloadedExperts, OffloadExecutor
+class FlakyLoader:
+    """An ExpertLoader whose reads of one priority fail (on ``wait``), to test the cache's handling."""
 
-    path = checkpoints["gpt_oss"]
-    engine = MultiAdapterEngine.from_pretrained(
-        path, offload=OffloadConfig(budget="25%", cache_dir=str(tmp_path))
-    )
+    def __init__(self, fail_priority: int) -> None:
+        from moe_runtime.ops.loader import ExpertLoader
+
+        self.inner, self.fail_priority, self.failed = ExpertLoader(1), fail_priority, set()
+        self._next = -1
+
+    def submit(self, path, ranges, dest, priority=0):
+        if priority == self.fail_priority:
+            self._next -= 1
+            self.failed.add(self._next)
+            return self._next
+        return self.inner.submit(path, ranges, dest, priority)
+
+    def wait(self, ticket, timeout_s=None):
+        if ticket in self.failed:
+            raise OSError(f"injected failure of ticket {ticket}")
+        self.inner.wait(ticket, timeout_s)
+
+    def promote(self, ticket):
+        if ticket not in self.failed:
+            self.inner.promote(ticket)
+
+    def cancel(self, ticket):
+        return ticket in self.failed or self.inner.cancel(ticket)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.mark.parametrize("fail_priority", [0, 1])
+def test_failed_reads(checkpoints, tmp_path, fail_priority):
+    """A failed demand read raises; a failed prefetch is read again on demand (same tokens)."""
+    from moe_runtime.runtime.offload import OffloadExecutor
+
+    path = checkpoints["mixtral"]
+    reference = _serve(MultiAdapterEngine.from_pretrained(path), _requests([None]))
+    config = OffloadConfig(budget="25%", prefetch=("router",), cache_dir=str(tmp_path))
+    engine = MultiAdapterEngine.from_pretrained(path, offload=config)
     engine.executor.detach()
-    config = engine.executor.config
-    failing = OffloadExecutor(
-        engine.arena, engine.executor.store, config, loader=ExpertLoader(1, fail_every=3)
+    engine.executor = OffloadExecutor(
+        engine.arena, engine.executor.store, config, loader=FlakyLoader(fail_priority)
     )
-    failing.attach()
-    engine.executor = failing
-    with pytest.raises(LoaderError):
-        _serve(engine, _requests([None]))
-    assert isinstance(OffloadedExperts, type)
+    engine.executor.attach()
+    if fail_priority == 0:
+        with pytest.raises(OSError, match="injected"):
+            _serve(engine, _requests([None]))
+    else:
+        assert _serve(engine, _requests([None]))[0] == reference[0]
+        assert engine.executor.stats.prefetches > 0
 
 
 def test_generate_cli_offload(capsys, checkpoints, tmp_path, monkeypatch):
