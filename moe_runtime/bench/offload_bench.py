@@ -136,6 +136,12 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
 # child processes ---------------------------------------------------------------------------
 
 
@@ -203,7 +209,7 @@ def _child_resident(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) 
 
     engine = MultiAdapterEngine(load_model(ckpt))
     tokens, seconds = _generate(engine, settings)
-    return {"tokens": tokens, "seconds": seconds, "peak_rss_bytes": _peak_rss()}
+    return {"tokens": tokens, "seconds": seconds, "peak_rss_bytes": _peak_rss(), "rss_after_bytes": _rss()}
 
 
 def _child_offload(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) -> dict:
@@ -240,6 +246,7 @@ def _child_offload(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) -
         "tokens": tokens,
         "seconds": seconds,
         "peak_rss_bytes": _peak_rss(),
+        "rss_after_bytes": _rss(),
         "stats": stats.to_json(),
         "slots_per_layer": executor.num_slots,
         "resident_expert_bytes": executor.resident_expert_bytes(),
@@ -363,7 +370,12 @@ def bench_offload(
         "expert_store": prepared["store"],
         "model_bytes": {"experts": prepared["expert_bytes"], "non_expert": prepared["non_expert_bytes"]},
         "peak_rss_bytes": {"offload": offload["peak_rss_bytes"], "resident": resident["peak_rss_bytes"]},
-        "rss_saving_vs_offloaded_bytes": (resident["peak_rss_bytes"] - offload["peak_rss_bytes"])
+        "rss_after_run_bytes": {
+            "offload": offload["rss_after_bytes"],
+            "resident": resident["rss_after_bytes"],
+        },
+        # (resident RSS after its run - offload peak RSS) / bytes not resident; >= 0.5 is the target
+        "rss_saving_vs_offloaded_bytes": (resident["rss_after_bytes"] - offload["peak_rss_bytes"])
         / max(1, offload["offloaded_bytes"] - offload["resident_expert_bytes"]),
         "settings": dataclasses.asdict(settings),
     }

@@ -14,6 +14,7 @@ def test_peak_rss_below_resident(tmp_path):
         prompts=1, prompt_len=8, new_tokens=4, accelerate=False,
     )  # fmt: skip
     ckpt = _checkpoint(settings, tmp_path)
+    _run_child("prepare", ckpt, settings, tmp_path)  # the packed expert file is made once, beforehand
     resident = _run_child("resident", ckpt, settings, tmp_path)
     offload = _run_child("offload", ckpt, settings, tmp_path)
     assert offload["tokens"] == resident["tokens"]
