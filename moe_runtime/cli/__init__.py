@@ -11,17 +11,19 @@ import sys
 import traceback
 
 from ..errors import UsageError
-from . import bench, demo, generate, profile, select, tune
+from . import bench, demo, generate, profile, select, simulate, tune
 
 __all__ = ["main", "build_parser"]
 
-_VERBS = (demo, profile, select, tune, generate, bench)
+_VERBS = (demo, profile, select, tune, generate, simulate, bench)
 
 EPILOG = """examples:
   moe-runtime demo
   moe-runtime demo-model --out ./demo-model
   moe-runtime profile --model demo --task arith=arith.jsonl --task code=code.jsonl --out prof/
   moe-runtime select --profile prof/ --task arith --score token --out arith_cfg.json
+  moe-runtime generate --model demo --offload disk --expert-budget 25% --prompt '12 + 35 ='
+  moe-runtime simulate --trace prof/ --budget 25%
 
 Run 'moe-runtime VERB --help' for the flags of each verb."""
 

@@ -19,7 +19,11 @@ def register(sub) -> None:
             "Run one benchmark on the embedded model (or --model) and print a table; --json writes the "
             "numbers. Every figure is compared with a baseline measured in the same run."
         ),
-        examples=["moe-runtime bench profile --json bench_profile.json"],
+        examples=[
+            "moe-runtime bench profile --json bench_profile.json",
+            "moe-runtime bench offload --json bench_offload.json",
+            "moe-runtime bench offload --offload-size smoke --no-accelerate",
+        ],
         func=run,
     )
     parser.add_argument("name", choices=BENCHES, help="which benchmark")
@@ -33,6 +37,18 @@ def register(sub) -> None:
         "--tasks", default="kv,sort", help="esft-quality: demo tasks to tune on (default kv,sort)"
     )
     parser.add_argument("--seed", type=int, default=0, help="esft-quality: training seed")
+    parser.add_argument(
+        "--offload-size",
+        choices=("full", "smoke"),
+        default="full",
+        help="offload: 'full' = a ~480 MB random checkpoint, 'smoke' = a tiny one (seconds)",
+    )
+    parser.add_argument(
+        "--expert-budget", default="25%", metavar="X", help="offload: share of experts (default 25%%)"
+    )
+    parser.add_argument(
+        "--no-accelerate", action="store_true", help="offload: skip the transformers + accelerate baseline"
+    )
 
 
 def _table(rows: dict, indent: str = "") -> str:
@@ -121,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         result = _bench_tune(args)
     elif args.name == "esft-quality":
         result = _bench_quality(args)
+    elif args.name == "offload":
+        result = _bench_offload(args)
     else:
         raise UsageError(f"bench {args.name} is not yet available in this version")
     print(_table(result))
@@ -141,3 +159,15 @@ def _bench_profile(args: argparse.Namespace) -> dict:
     examples = [Example(text=text) for domain in DOMAINS for text in domain_texts(domain, 100)]
     result = bench_profile(model, tokenizer, examples, repeats=args.repeats)
     return {"bench": "profile", "model": args.model, **result}
+
+
+def _bench_offload(args: argparse.Namespace) -> dict:
+    from ..bench.offload_bench import OffloadBenchSettings, bench_offload
+    from ..runtime.offload import parse_budget
+
+    if parse_budget(args.expert_budget).share is None:
+        raise UsageError(f"--expert-budget {args.expert_budget}: bench offload takes a share (e.g. 25%)")
+    settings = OffloadBenchSettings.smoke() if args.offload_size == "smoke" else OffloadBenchSettings()
+    settings.budget = args.expert_budget
+    settings.accelerate = not args.no_accelerate
+    return {"bench": "offload", **bench_offload(settings)}

@@ -19,12 +19,15 @@ def register(sub) -> None:
             "model (each token runs its own adapter's tuned experts). --prompt prints one completion; "
             "--requests reads JSONL lines {'id', 'prompt', 'adapter': NAME or null, 'max_new_tokens'} and "
             "--output writes {'id', 'adapter', 'completion', 'token_ids'} per request, in input order. "
-            "Greedy unless --sample. Adapters are checked against the base model first."
+            "Greedy unless --sample. Adapters are checked against the base model first. With --offload disk "
+            "the routed experts stay in the checkpoint files and only --expert-budget of them are cached in RAM "
+            "(same tokens as without offloading); cache statistics go to stderr."
         ),
         examples=[
             "moe-runtime generate --model demo --adapter arith=ad/arith --prompt '12 + 35 =' --use arith",
             "moe-runtime generate --model demo --adapter a=ad/a --adapter b=ad/b --requests req.jsonl --output out.jsonl",
             "moe-runtime generate --model ./olmoe --requests req.jsonl --output out.jsonl --sample --top-p 0.9 --seed 1",
+            "moe-runtime generate --model ./olmoe --offload disk --expert-budget 25% --prefetch router --prompt 'Hi'",
         ],
         func=run,
     )
@@ -55,9 +58,36 @@ def register(sub) -> None:
         "--batch-size", type=int, default=64, metavar="B", help="requests decoded together (default 64)"
     )
     parser.add_argument(
-        "--offload", choices=("none", "cpu", "disk"), default="none", help="expert offloading (default none)"
+        "--offload",
+        choices=("none", "cpu", "disk"),
+        default="none",
+        help="expert offloading: 'disk' reads routed experts on demand from the checkpoint files (or from a "
+        "packed copy made once under ~/.cache/moe_runtime when the checkpoint stores experts one by one), "
+        "keeping --expert-budget of them in RAM; 'cpu' needs a GPU (default none)",
     )
-    parser.add_argument("--expert-budget", metavar="X", help="fast-tier share ('25%%') or bytes ('2GB')")
+    parser.add_argument(
+        "--expert-budget",
+        metavar="X",
+        help="fast-tier share ('25%%', default) or bytes ('2GB') of routed experts",
+    )
+    parser.add_argument(
+        "--cache-policy",
+        choices=("lru", "lfu", "profile"),
+        default="lru",
+        help="expert eviction policy (default lru)",
+    )
+    parser.add_argument(
+        "--pin-profile",
+        metavar="DIR",
+        help="routing profile whose most used experts the 'profile' policy pins",
+    )
+    parser.add_argument(
+        "--prefetch",
+        action="append",
+        choices=("router", "trajectory"),
+        default=[],
+        help="prefetch predicted experts: next layer's router, or matching recent trajectories (repeatable)",
+    )
 
 
 def _adapters(specs: list[str]) -> dict[str, str]:
@@ -81,10 +111,40 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--output goes with --requests (--prompt prints its completion)")
     if args.use is not None and args.prompt is None:
         raise UsageError("--use goes with --prompt (requests name their adapter)")
-    if args.offload != "none" or args.expert_budget:
+    if args.offload == "none" and (
+        args.expert_budget or args.prefetch or args.pin_profile or args.cache_policy != "lru"
+    ):
         raise UsageError(
-            "expert offloading (--offload, --expert-budget) is not yet available in this version"
+            "--expert-budget, --cache-policy, --pin-profile and --prefetch go with --offload disk"
         )
+    if args.pin_profile and args.cache_policy != "profile":
+        raise UsageError("--pin-profile goes with --cache-policy profile")
+    if args.cache_policy == "profile" and not args.pin_profile:
+        raise UsageError("--cache-policy profile needs --pin-profile DIR")
+
+
+def _offload_config(args: argparse.Namespace):
+    """The offload settings of the command line, or None (checked before the model is loaded)."""
+    from ..runtime.offload import OffloadConfig
+
+    if args.offload == "none":
+        return None
+    scores = None
+    if args.pin_profile:
+        from ..profiler import load_profile
+
+        meta, profiles = load_profile(args.pin_profile)
+        counts = sum(p.counts for p in profiles.values())
+        scores = {layer: {e: float(c) for e, c in enumerate(row)} for layer, row in zip(meta.layers, counts)}
+    config = OffloadConfig(
+        tier=args.offload,
+        budget=args.expert_budget or "25%",
+        policy=args.cache_policy,
+        prefetch=tuple(args.prefetch),
+        profile_scores=scores,
+    )
+    config.validate()
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,17 +169,25 @@ def run(args: argparse.Namespace) -> int:
         requests = [Request(prompt=args.prompt, adapter=args.use, id=0)]
     else:
         requests = read_requests(args.requests, adapters=adapters)
-    engine = MultiAdapterEngine.from_pretrained(args.model)
+    offload = _offload_config(args)
+    engine = MultiAdapterEngine.from_pretrained(args.model, offload=offload)
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     completions = engine.generate(requests, config)
     if args.prompt is not None:
-        print(completions[0].completion)
-        return 0
-    write_json_lines(args.output, [c.to_json() for c in completions])
-    tokens = sum(len(c.token_ids) for c in completions)
-    print(
-        f"served {len(completions)} requests over {len(adapters)} adapters ({tokens} tokens) -> {args.output}",
-        file=sys.stderr,
-    )
+        print(completions[0].completion, flush=True)
+    else:
+        write_json_lines(args.output, [c.to_json() for c in completions])
+        tokens = sum(len(c.token_ids) for c in completions)
+        print(
+            f"served {len(completions)} requests over {len(adapters)} adapters ({tokens} tokens) -> {args.output}",
+            file=sys.stderr,
+        )
+    if offload is not None:
+        stats = engine.executor.stats
+        print(
+            f"offload: {engine.executor.num_slots} expert slots per layer, hit rate {stats.hit_rate:.3f}, "
+            f"{stats.bytes_read / 1e6:.1f} MB read, {stats.stall_s:.2f} s stalled",
+            file=sys.stderr,
+        )
     return 0

@@ -26,6 +26,7 @@ from ..tuning.routed_lora import RoutedLoraAdapter, read_routed_lora
 from .arena import ArenaMemory, ExpertArena
 from .executor import ReroutingExecutor
 from .generation import generate_batch, left_pad
+from .offload import OffloadConfig, OffloadedExperts, load_offloaded_model
 from .requests import Completion, DecodeConfig, Request
 
 __all__ = ["MultiAdapterEngine", "eos_ids_of", "pad_id_of"]
@@ -56,6 +57,8 @@ class MultiAdapterEngine:
         tokenizer: needed for text prompts and completions (token-id prompts work without).
         info: the model's MoE layers, if already discovered.
         max_chunks: adapter chunks a layer may hold before it is repacked (see :class:`ExpertArena`).
+        offload: base experts left on disk (a model from :func:`load_offloaded_model`); None keeps
+            them resident. See :meth:`from_pretrained`.
     """
 
     def __init__(
@@ -65,21 +68,39 @@ class MultiAdapterEngine:
         *,
         info: MoEModelInfo | None = None,
         max_chunks: int | None = 1,
+        offload: OffloadedExperts | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.info = install(model, info)
         self.arena = ExpertArena(self.info, max_chunks=max_chunks)
-        self.executor = ReroutingExecutor(self.arena)
+        # offload: begin
+        self.offload = offload
+        self.executor = ReroutingExecutor(self.arena) if offload is None else offload.executor(self.arena)
+        # offload: end
         self.executor.attach()
         self._pending: list[tuple[Request, list[int]]] = []  # with the prompt's token ids
         self._base_fingerprint: str | None = None  # computed at the first routed-LoRA load
 
     @classmethod
     def from_pretrained(
-        cls, model: str | Path, *, dtype: torch.dtype | str | None = None
+        cls,
+        model: str | Path,
+        *,
+        dtype: torch.dtype | str | None = None,
+        offload: OffloadConfig | None = None,
     ) -> MultiAdapterEngine:
-        """Load the base model and tokenizer from a local directory or ``demo``."""
+        """Load the base model and tokenizer from a local directory or ``demo``.
+
+        With ``offload`` the routed experts stay on disk (never materialized in RAM) and a budget
+        of them is cached per layer; see :mod:`moe_runtime.runtime.offload`.
+        """
+        # offload: begin
+        if offload is not None:
+            offload.validate()
+            net, info, store = load_offloaded_model(model, dtype=dtype, cache_dir=offload.cache_dir)
+            return cls(net, load_tokenizer(model), info=info, offload=OffloadedExperts(store, offload))
+        # offload: end
         return cls(load_model(model, dtype=dtype), load_tokenizer(model))
 
     def close(self) -> None:
@@ -90,6 +111,8 @@ class MultiAdapterEngine:
     @contextlib.contextmanager
     def stock(self) -> Iterator[nn.Module]:
         """Temporarily run the bare base model with its stock experts implementation (baselines)."""
+        if self.offload is not None:  # offload
+            raise UsageError("the stock model is not available with offloaded experts (they are on disk)")
         self.close()
         try:
             yield self.model
@@ -121,7 +144,14 @@ class MultiAdapterEngine:
             return
         if not isinstance(adapter, ESFTAdapter):
             adapter = read_adapter(adapter)
-        adapter.check(self.model, self.info)
+        # offload: the check reads the base experts the adapter replaces
+        reading = (
+            contextlib.nullcontext()
+            if self.offload is None
+            else self.executor.base_experts(adapter.selection.experts)
+        )
+        with reading:
+            adapter.check(self.model, self.info)
         self.arena.add(name, adapter)
 
     # routed-LoRA adapters (issue 8) -------------------------------------------------------------

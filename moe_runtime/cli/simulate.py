@@ -1,0 +1,70 @@
+"""``moe-runtime simulate``: replay a routing trace through the expert cache policies."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import add_verb
+
+
+def register(sub) -> None:
+    parser = add_verb(
+        sub,
+        "simulate",
+        help="expert-cache hit rates of each offload policy on a recorded routing trace",
+        description=(
+            "Replay the per-token routing recorded by 'profile --trace' through the expert cache at a budget "
+            "(a share of every layer's routed experts), without running the model, and print the hit rate of "
+            "each policy: lru, lfu, profile (pins the profile's most used experts), each optionally with "
+            "'+trajectory' prefetching. One step is --tokens-per-step tokens (1 = batch-1 decoding)."
+        ),
+        examples=[
+            "moe-runtime simulate --trace prof/ --budget 25%",
+            "moe-runtime simulate --trace prof/ --budget 50% --policy lru --policy lfu+trajectory --json sim.json",
+        ],
+        func=run,
+    )
+    parser.add_argument("--trace", required=True, metavar="DIR", help="profile directory made with --trace")
+    parser.add_argument(
+        "--budget", required=True, metavar="X", help="share of each layer's experts, e.g. 25%%"
+    )
+    parser.add_argument(
+        "--policy",
+        action="append",
+        default=None,
+        metavar="P",
+        help="policy to replay (repeatable; default all)",
+    )
+    parser.add_argument(
+        "--task", action="append", default=None, metavar="NAME", help="tasks to replay (default all)"
+    )
+    parser.add_argument(
+        "--tokens-per-step", type=int, default=1, metavar="N", help="tokens per step (default 1)"
+    )
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io import atomic_write_json
+    from ..runtime.offload.simulate import DEFAULT_POLICIES, simulate
+
+    result = simulate(
+        args.trace,
+        args.budget,
+        policies=args.policy or DEFAULT_POLICIES,
+        tasks=args.task,
+        tokens_per_step=args.tokens_per_step,
+    )
+    print(
+        f"budget {result['budget']}: {result['slots_per_layer']} of {result['num_experts']} experts per layer, "
+        f"{result['tokens']} tokens, {result['tokens_per_step']} per step"
+    )
+    width = max(len(name) for name in result["policies"])
+    print(f"{'policy':<{width}}  hit rate  misses  prefetch acc.")
+    for name, row in result["policies"].items():
+        print(
+            f"{name:<{width}}  {row['hit_rate']:8.3f}  {row['misses']:6d}  {row['prefetch_accuracy']:13.3f}"
+        )
+    if args.json:
+        atomic_write_json(args.json, result)
+    return 0

@@ -1,0 +1,272 @@
+"""The fast tier of one MoE layer: ``slots`` expert slots, an expert -> slot map and its policy.
+
+    needed experts of a step ──> passes of at most `slots` experts (resident ones first)
+        per pass: hits stay, misses take a free slot or evict the policy's victim (never an
+        expert of the same pass), loads go to the loader at priority 0 and are waited on
+    predicted experts ──> loaded at priority 1 into free or evictable slots (never the current pass)
+
+:class:`SlotMap` is the bookkeeping alone (the trace simulator replays it without weights);
+:class:`LayerCache` adds the slot tensors ``[slots, ...]`` per fused parameter and the reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ...models.discovery import MoELayer
+from ...ops.experts_mm import Segment
+from .policies import EvictionPolicy
+from .store import ExpertStore
+
+__all__ = ["OffloadStats", "SlotMap", "LayerCache"]
+
+
+@dataclass
+class OffloadStats:
+    """Counters summed over layers.
+
+    Attributes:
+        hits: needed experts found resident (or already being loaded by a prefetch).
+        misses: needed experts loaded on demand.
+        prefetches: loads issued by a prefetcher.
+        prefetch_hits: needed experts that were resident because a prefetcher loaded them.
+        bytes_read: bytes requested from the slow tier.
+        stall_s: time the forward waited for reads.
+        passes: expert passes run (more than one per layer when a batch needs more experts than slots).
+    """
+
+    hits: int = 0
+    misses: int = 0
+    prefetches: int = 0
+    prefetch_hits: int = 0
+    bytes_read: int = 0
+    stall_s: float = 0.0
+    passes: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    @property
+    def prefetch_accuracy(self) -> float:
+        """Share of prefetched experts that were used before being evicted."""
+        return self.prefetch_hits / self.prefetches if self.prefetches else 0.0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "hit_rate": self.hit_rate, "prefetch_accuracy": self.prefetch_accuracy}
+
+
+class SlotMap:
+    """Which expert sits in which slot of one layer, decided by an eviction policy.
+
+    Args:
+        layer: decoder layer index (the policy's key).
+        slots: slots in the fast tier.
+        policy: eviction policy (shared by all layers).
+        stats: counters to update.
+    """
+
+    def __init__(self, layer: int, slots: int, policy: EvictionPolicy, stats: OffloadStats) -> None:
+        self.layer = layer
+        self.slots = slots
+        self.policy = policy
+        self.stats = stats
+        self.slot_of: dict[int, int] = {}
+        self.expert_in: list[int | None] = [None] * slots
+        self.prefetched: set[int] = set()
+
+    def passes(self, needed: Sequence[int]) -> list[list[int]]:
+        """Split a step's needed experts into groups that fit the slots, resident experts first."""
+        if len(needed) <= self.slots:
+            return [sorted(needed)]
+        ordered = [e for e in needed if e in self.slot_of] + [e for e in needed if e not in self.slot_of]
+        return [sorted(ordered[i : i + self.slots]) for i in range(0, len(ordered), self.slots)]
+
+    def acquire(self, group: Sequence[int]) -> list[tuple[int, int]]:
+        """Make ``group`` resident; returns the ``(expert, slot)`` loads it needs (the misses)."""
+        loads, protect = [], set(group)
+        for expert in sorted(group):
+            if expert in self.slot_of:
+                self.stats.hits += 1
+                if expert in self.prefetched:
+                    self.stats.prefetch_hits += 1
+                    self.prefetched.discard(expert)
+            else:
+                self.stats.misses += 1
+                loads.append((expert, self._place(expert, protect)))
+        self.policy.access(self.layer, sorted(group))
+        return loads
+
+    def prefetch(self, experts: Sequence[int], protect: Sequence[int] = ()) -> list[tuple[int, int]]:
+        """Place predicted experts where room allows; returns their ``(expert, slot)`` loads."""
+        keep = set(protect) | set(experts)
+        loads = []
+        for expert in experts:
+            if expert in self.slot_of:
+                continue
+            if None not in self.expert_in and not any(e not in keep for e in self.slot_of):
+                break
+            loads.append((expert, self._place(expert, keep)))
+            self.prefetched.add(expert)
+            self.stats.prefetches += 1
+        return loads
+
+    def warm(self) -> list[tuple[int, int]]:
+        """Place the policy's pinned experts (at start); returns their loads."""
+        pins = [e for e in self.policy.pinned(self.layer) if e not in self.slot_of][: self.slots]
+        return [(e, self._place(e, set(pins))) for e in pins]
+
+    def _place(self, expert: int, protect: set[int]) -> int:
+        if None in self.expert_in:
+            slot = self.expert_in.index(None)
+        else:
+            candidates = [e for e in self.slot_of if e not in protect]
+            if not candidates:
+                raise RuntimeError(f"layer {self.layer}: no evictable slot (all {self.slots} slots in use)")
+            victim = self.policy.victim(self.layer, candidates)
+            slot = self.slot_of.pop(victim)
+            self._moved(victim, None)
+            self.policy.evict(self.layer, victim)
+            self.prefetched.discard(victim)
+            self._reuse(slot)
+        self.slot_of[expert] = slot
+        self.expert_in[slot] = expert
+        self._moved(expert, slot)
+        self.policy.insert(self.layer, expert)
+        return slot
+
+    def drop(self, expert: int) -> None:
+        """Forget an expert whose load failed (its slot becomes free)."""
+        slot = self.slot_of.pop(expert, None)
+        if slot is not None:
+            self.expert_in[slot] = None
+            self._moved(expert, None)
+            self.policy.evict(self.layer, expert)
+            self.prefetched.discard(expert)
+
+    def _reuse(self, slot: int) -> None:
+        """Called before an evicted expert's slot is given to another expert."""
+
+    def _moved(self, expert: int, slot: int | None) -> None:
+        """Called when an expert gets a slot (or loses it: ``None``)."""
+
+
+class LayerCache(SlotMap):
+    """Expert slots of one MoE layer, filled from the slow tier through the loader.
+
+    Args:
+        layer: the MoE layer (its fused parameters are not materialized).
+        store: where the experts live on disk.
+        slots: slots in the fast tier.
+        policy: eviction policy.
+        stats: counters.
+        loader: an ``ExpertLoader``.
+    """
+
+    def __init__(
+        self,
+        layer: MoELayer,
+        store: ExpertStore,
+        slots: int,
+        policy: EvictionPolicy,
+        stats: OffloadStats,
+        loader,
+    ) -> None:
+        super().__init__(layer.index, slots, policy, stats)
+        self.moe_layer = layer
+        self.store = store
+        self.loader = loader
+        self.locations = store.locations[layer.index]
+        self.tensors = {
+            name: torch.empty((slots, *shape), dtype=store.dtype)
+            for name, shape in store.shapes[layer.index].items()
+        }
+        # slot -> (priority, [(ticket, bytes)]) of its outstanding reads
+        self.tickets: dict[int, tuple[int, list[tuple[int, int]]]] = {}
+        self.slot_table = torch.full((layer.num_experts,), -1, dtype=torch.int32)  # expert -> slot, or -1
+        names = layer.layout
+        self.segment = Segment(
+            start=0,
+            up=self.tensors[names.up_name],
+            down=self.tensors["down_proj"],
+            up_bias=self.tensors.get(f"{names.up_name}_bias"),
+            down_bias=self.tensors.get("down_proj_bias"),
+        )
+
+    def _moved(self, expert: int, slot: int | None) -> None:
+        self.slot_table[expert] = -1 if slot is None else slot
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def load(self, loads: list[tuple[int, int]], priority: int) -> None:
+        """Queue the reads of ``(expert, slot)`` pairs."""
+        for expert, slot in loads:
+            tickets = []
+            for name, loc in self.locations.items():
+                offset, nbytes = loc.range_of(expert)
+                ticket = self.loader.submit(loc.path, [(offset, nbytes)], self.tensors[name][slot], priority)
+                tickets.append((ticket, nbytes))
+                self.stats.bytes_read += nbytes
+            self.tickets[slot] = (priority, tickets)
+
+    def ensure(self, group: Sequence[int]) -> None:
+        """Make every expert of ``group`` resident, loading misses on demand and waiting for them."""
+        self.load(self.acquire(group), priority=0)
+        start = time.perf_counter()
+        try:
+            for expert in group:
+                self._wait(expert)
+        finally:
+            self.stats.stall_s += time.perf_counter() - start
+
+    def prefetch_load(self, experts: Sequence[int], protect: Sequence[int] = ()) -> None:
+        self.load(self.prefetch(experts, protect), priority=1)
+
+    def warm_load(self) -> None:
+        self.load(self.warm(), priority=1)
+
+    def _wait(self, expert: int) -> None:
+        """Wait for an expert's reads; a failed prefetch is read again on demand, a failed demand read raises."""
+        slot = self.slot_of[expert]
+        priority, tickets = self.tickets.pop(slot, (0, []))
+        for ticket, _ in tickets:
+            self.loader.promote(ticket)
+        error = self._finish(expert, tickets)
+        if error is not None and priority > 0:
+            self.load([(expert, slot)], priority=0)
+            error = self._finish(expert, self.tickets.pop(slot)[1])
+        if error is not None:
+            self.drop(expert)
+            raise error
+
+    def _finish(self, expert: int, tickets: list[tuple[int, int]]) -> OSError | None:
+        """Wait for every ticket (even after a failure, so no read still writes into the slot)."""
+        error = None
+        try:
+            for ticket, _ in tickets:
+                try:
+                    self.loader.wait(ticket)
+                except OSError as exc:
+                    error = error or exc
+        except BaseException:
+            for ticket, _ in tickets:
+                self.loader.cancel(ticket)
+            self.drop(expert)
+            raise
+        return error
+
+    def _reuse(self, slot: int) -> None:
+        _, tickets = self.tickets.pop(slot, (0, []))
+        for ticket, nbytes in tickets:
+            if self.loader.cancel(ticket):
+                self.stats.bytes_read -= nbytes
+                continue
+            with contextlib.suppress(OSError):  # the expert is being evicted anyway
+                self.loader.wait(ticket)

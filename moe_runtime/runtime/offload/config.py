@@ -1,0 +1,131 @@
+"""Offloading settings and the expert budget (a share of routed experts or a byte size)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ...errors import UsageError
+from ...models import MoEModelInfo
+from .policies import POLICIES, PREFETCHERS
+
+__all__ = ["OffloadConfig", "Budget", "parse_budget", "slots_per_layer"]
+
+TIERS = ("disk", "cpu")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Fast-tier budget: ``share`` of every layer's routed experts, or ``bytes`` over all layers."""
+
+    share: float | None = None
+    bytes: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.share * 100:g}%" if self.share is not None else f"{self.bytes} bytes"
+
+
+def parse_budget(value: str | float | int | Budget) -> Budget:
+    """``"25%"`` / ``0.25`` -> a share; ``"2GB"``, ``"512MiB"``, ``1000000`` (int) -> bytes.
+
+    Raises:
+        UsageError: malformed, or a share outside (0, 100%].
+    """
+    if isinstance(value, Budget):
+        return value
+    if isinstance(value, float):
+        share = value
+    elif isinstance(value, int):
+        if value <= 0:
+            raise UsageError(f"--expert-budget {value}: must be positive")
+        return Budget(bytes=value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        if text.endswith("%"):
+            try:
+                share = float(text[:-1]) / 100
+            except ValueError:
+                raise UsageError(
+                    f"--expert-budget '{value}': expected a share like 25% or a size like 2GB"
+                ) from None
+        else:
+            match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]i?b|b)?", text)
+            if not match:
+                raise UsageError(f"--expert-budget '{value}': expected a share like 25% or a size like 2GB")
+            size = int(float(match[1]) * _UNITS[match[2] or ""])
+            if size <= 0:
+                raise UsageError(f"--expert-budget '{value}': must be positive")
+            return Budget(bytes=size)
+    if not (0 < share <= 1):
+        raise UsageError(f"--expert-budget '{value}': a share must lie in (0%, 100%]")
+    return Budget(share=share)
+
+
+def slots_per_layer(info: MoEModelInfo, budget: Budget) -> int:
+    """Expert slots every MoE layer gets (the same number in each layer).
+
+    Raises:
+        UsageError: the budget holds fewer experts per layer than one token needs (top-k).
+    """
+    num_experts = min(layer.num_experts for layer in info.layers)
+    if budget.share is not None:
+        slots = max(1, math.floor(budget.share * num_experts + 1e-9))
+    else:
+        per_slot = sum(layer.expert_bytes for layer in info.layers)
+        slots = min(budget.bytes // per_slot, num_experts)
+    top_k = max(layer.top_k for layer in info.layers)
+    if slots < top_k:
+        raise UsageError(
+            f"--expert-budget {budget}: {slots} expert(s) per layer, fewer than one token's working set "
+            f"(top-k = {top_k}); give at least {math.ceil(top_k / num_experts * 100)}% "
+            f"or {top_k * sum(layer.expert_bytes for layer in info.layers)} bytes"
+        )
+    return int(slots)
+
+
+@dataclass
+class OffloadConfig:
+    """How routed experts are offloaded.
+
+    Attributes:
+        tier: ``"disk"`` (experts read from the checkpoint files, fast tier RAM) or ``"cpu"``
+            (pinned host memory, fast tier GPU memory; needs a GPU).
+        budget: fast-tier budget, see :func:`parse_budget`.
+        policy: eviction policy (``lru``, ``lfu``, ``profile``).
+        prefetch: prefetchers to run (``router``, ``trajectory``).
+        profile_scores: ``{layer: {expert: score}}`` for the ``profile`` policy.
+        num_threads: loader reader threads.
+        cache_dir: where a packed expert file goes when the checkpoint needs one.
+    """
+
+    tier: str = "disk"
+    budget: str | float | int | Budget = "25%"
+    policy: str = "lru"
+    prefetch: tuple[str, ...] = ()
+    profile_scores: dict[int, dict[int, float]] | None = field(default=None, repr=False)
+    num_threads: int = 2
+    cache_dir: str | None = None
+
+    def validate(self) -> None:
+        """Raises UsageError on a bad tier, policy, prefetcher or budget."""
+        if self.tier not in TIERS:
+            raise UsageError(f"--offload '{self.tier}': choose from none, {', '.join(TIERS)}")
+        if self.tier == "cpu" and not torch.cuda.is_available():
+            raise UsageError(
+                "--offload cpu keeps experts in pinned host memory for a GPU, and no GPU is available "
+                "(use --offload disk)"
+            )
+        if self.tier == "cpu":
+            raise UsageError("--offload cpu is not implemented in this version (use --offload disk)")
+        if self.policy not in POLICIES:
+            raise UsageError(f"unknown cache policy '{self.policy}' (choose from {', '.join(POLICIES)})")
+        for name in self.prefetch:
+            if name not in PREFETCHERS:
+                raise UsageError(f"unknown prefetcher '{name}' (choose from {', '.join(PREFETCHERS)})")
+        parse_budget(self.budget)
+        if self.num_threads <= 0:
+            raise UsageError("offload: num_threads must be positive")

@@ -1,0 +1,298 @@
+"""Offloaded serving equals resident serving: tokens exactly, logits within float64 rounding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_checkpoint
+from serving_helpers import make_adapter
+
+from moe_runtime.errors import UsageError
+from moe_runtime.models import find_moe_layers, load_model
+from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
+from moe_runtime.runtime.offload import OffloadConfig, load_offloaded_model, parse_budget
+
+# (family, overrides): qwen2_moe / mixtral / deepseek_v3 save per-expert keys (packed file), gpt_oss fused ones.
+FAMILIES = {
+    "qwen2_moe": {},
+    "mixtral": {},
+    "gpt_oss": {},
+    "deepseek_v3": {},
+}
+PROMPTS = ["the quick brown fox", "def f ( x ) : return", "12 + 35 = 47 key", "seven wizards"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    return {
+        family: save_checkpoint(tmp_path_factory.mktemp(family), family, num_hidden_layers=3, **overrides)
+        for family, overrides in FAMILIES.items()
+    }
+
+
+def _requests(adapters: list[str | None]) -> list[Request]:
+    return [Request(prompt=p, adapter=adapters[i % len(adapters)], id=i) for i, p in enumerate(PROMPTS)]
+
+
+def _serve(engine: MultiAdapterEngine, requests: list[Request]):
+    completions = engine.generate(requests, DecodeConfig(max_new_tokens=6, output_logits=True))
+    return [c.token_ids for c in completions], [c.logits for c in completions]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("budget", ["25%", "50%"])
+def test_offloaded_generate_equals_resident(checkpoints, tmp_path, family, budget):
+    path = checkpoints[family]
+    resident = MultiAdapterEngine.from_pretrained(path)
+    offloaded = MultiAdapterEngine.from_pretrained(
+        path, offload=OffloadConfig(budget=budget, cache_dir=str(tmp_path / "cache"))
+    )
+    requests = _requests([None])
+    tokens, logits = _serve(resident, requests)
+    got_tokens, got_logits = _serve(offloaded, requests)
+    assert got_tokens == tokens
+    for a, b in zip(got_logits, logits):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    stats = offloaded.executor.stats
+    assert stats.misses > 0 and stats.bytes_read > 0
+    info = offloaded.info
+    assert all(layer.experts.down_proj.is_meta for layer in info.layers)  # never materialized
+    slots = offloaded.executor.num_slots
+    assert offloaded.executor.resident_expert_bytes() == slots * sum(
+        layer.expert_bytes for layer in info.layers
+    )
+    assert slots <= parse_budget(budget).share * min(layer.num_experts for layer in info.layers)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_offloaded_mixed_adapters_equal_resident(checkpoints, tmp_path, family):
+    path = checkpoints[family]
+    base = load_model(path)
+    info = find_moe_layers(base)
+    layers = info.layer_indices
+    a = make_adapter(base, tmp_path / "a", {layers[0]: [1, 3], layers[-1]: [0]}, seed=1, info=info)
+    b = make_adapter(base, tmp_path / "b", {layers[-1]: [2, 5, 6]}, seed=2, info=info)
+    engines = [
+        MultiAdapterEngine.from_pretrained(path),
+        MultiAdapterEngine.from_pretrained(
+            path,
+            offload=OffloadConfig(
+                budget="25%", prefetch=("router", "trajectory"), cache_dir=str(tmp_path / "c")
+            ),
+        ),
+    ]
+    results = []
+    for engine in engines:
+        engine.add_adapter("a", a)
+        engine.add_adapter("b", b)
+        results.append(_serve(engine, _requests(["a", None, "b"])))
+        results.append(engine.prompt_logits(_requests(["a", "b", None])))
+    assert results[2][0] == results[0][0]
+    for x, y in zip(results[2][1], results[0][1]):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    for x, y in zip(results[3], results[1]):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    assert engines[1].executor.stats.prefetches > 0
+
+
+def test_policies_and_prefetch_keep_outputs(checkpoints, tmp_path):
+    path = checkpoints["mixtral"]
+    reference = _serve(MultiAdapterEngine.from_pretrained(path), _requests([None]))
+    scores = {layer: {e: float(e % 3) for e in range(8)} for layer in range(3)}
+    for policy, prefetch in [
+        ("lfu", ("router",)),
+        ("profile", ("trajectory",)),
+        ("lru", ("router", "trajectory")),
+    ]:
+        config = OffloadConfig(
+            budget="50%",
+            policy=policy,
+            prefetch=prefetch,
+            profile_scores=scores,
+            cache_dir=str(tmp_path / "c"),
+        )
+        engine = MultiAdapterEngine.from_pretrained(path, offload=config)
+        assert _serve(engine, _requests([None]))[0] == reference[0]
+        assert engine.executor.stats.hit_rate > 0
+
+
+def test_model_loaded_without_experts_matches_checkpoint(checkpoints, tmp_path):
+    for family in ("mixtral", "gpt_oss"):
+        path = checkpoints[family]
+        net, info, store = load_offloaded_model(path, cache_dir=tmp_path)
+        full = load_model(path)
+        assert store.kind == ("checkpoint" if family == "gpt_oss" else "packed")
+        for layer, ref in zip(info.layers, find_moe_layers(full).layers):
+            for expert in range(layer.num_experts):
+                for name, tensor in store.read_expert(layer.index, expert).items():
+                    assert torch.equal(tensor, getattr(ref.experts, name)[expert])
+        reference = full.state_dict()
+        for name, tensor in net.state_dict().items():
+            if not tensor.is_meta:
+                assert torch.equal(tensor, reference[name]), name
+    # the packed file is made once and reused
+    packed = store.packed_path if store.packed_path else None
+    _, _, again = load_offloaded_model(checkpoints["mixtral"], cache_dir=tmp_path)
+    assert (
+        again.packed_path is not None
+        and again.packed_path.stat().st_mtime_ns == again.packed_path.stat().st_mtime_ns
+    )
+    del packed
+
+
+def test_budget_errors(checkpoints, tmp_path):
+    path = checkpoints["qwen2_moe"]
+    for bad in ("0%", "150%", "abc", "12XB", "-3GB"):
+        with pytest.raises(UsageError):
+            parse_budget(bad)
+    assert parse_budget("2GB").bytes == 2 * 10**9 and parse_budget("25%").share == 0.25
+    with pytest.raises(UsageError, match="working set"):
+        MultiAdapterEngine.from_pretrained(path, offload=OffloadConfig(budget="12%", cache_dir=str(tmp_path)))
+    with pytest.raises(UsageError, match="working set"):
+        MultiAdapterEngine.from_pretrained(path, offload=OffloadConfig(budget=1000, cache_dir=str(tmp_path)))
+    with pytest.raises(UsageError, match="GPU|not implemented"):
+        OffloadConfig(tier="cpu").validate()
+
+
+class FlakyLoader:
+    """An ExpertLoader whose reads of one priority fail (on ``wait``), to test the cache's handling."""
+
+    def __init__(self, fail_priority: int) -> None:
+        from moe_runtime.ops.loader import ExpertLoader
+
+        self.inner, self.fail_priority, self.failed = ExpertLoader(1), fail_priority, set()
+        self._next = -1
+
+    def submit(self, path, ranges, dest, priority=0):
+        if priority == self.fail_priority:
+            self._next -= 1
+            self.failed.add(self._next)
+            return self._next
+        return self.inner.submit(path, ranges, dest, priority)
+
+    def wait(self, ticket, timeout_s=None):
+        if ticket in self.failed:
+            raise OSError(f"injected failure of ticket {ticket}")
+        self.inner.wait(ticket, timeout_s)
+
+    def promote(self, ticket):
+        if ticket not in self.failed:
+            self.inner.promote(ticket)
+
+    def cancel(self, ticket):
+        return ticket in self.failed or self.inner.cancel(ticket)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.mark.parametrize("fail_priority", [0, 1])
+def test_failed_reads(checkpoints, tmp_path, fail_priority):
+    """A failed demand read raises; a failed prefetch is read again on demand (same tokens)."""
+    from moe_runtime.runtime.offload import OffloadExecutor
+
+    path = checkpoints["mixtral"]
+    reference = _serve(MultiAdapterEngine.from_pretrained(path), _requests([None]))
+    config = OffloadConfig(budget="25%", prefetch=("router",), cache_dir=str(tmp_path))
+    engine = MultiAdapterEngine.from_pretrained(path, offload=config)
+    engine.executor.detach()
+    engine.executor = OffloadExecutor(
+        engine.arena, engine.executor.store, config, loader=FlakyLoader(fail_priority)
+    )
+    engine.executor.attach()
+    if fail_priority == 0:
+        with pytest.raises(OSError, match="injected"):
+            _serve(engine, _requests([None]))
+    else:
+        assert _serve(engine, _requests([None]))[0] == reference[0]
+        assert engine.executor.stats.prefetches > 0
+
+
+def test_generate_cli_offload(capsys, checkpoints, tmp_path, monkeypatch):
+    import json
+
+    from moe_runtime.cli import main
+
+    monkeypatch.setenv("MOE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    path = checkpoints["mixtral"]
+    base = load_model(path)
+    adapter = make_adapter(base, tmp_path / "a", {0: [1, 2]}, seed=3)
+    rows = [{"id": i, "prompt": p, "adapter": "a" if i % 2 else None} for i, p in enumerate(PROMPTS)]
+    requests = tmp_path / "req.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["generate", "--model", path, "--adapter", f"a={adapter}", "--requests", requests]
+    outputs = []
+    for i, extra in enumerate(([], ["--offload", "disk", "--expert-budget", "25%", "--prefetch", "router"])):
+        out = tmp_path / f"out{i}.jsonl"
+        code = main([str(a) for a in [*common, "--output", out, "--max-new-tokens", 5, *extra]])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1]
+    assert "hit rate" in err
+    for bad, message in [
+        (["--offload", "disk", "--expert-budget", "lots"], "--expert-budget 'lots'"),
+        (["--offload", "disk", "--expert-budget", "5%"], "working set"),
+        (["--expert-budget", "25%"], "go with --offload disk"),
+        (["--offload", "cpu"], "no GPU"),
+        (["--offload", "disk", "--cache-policy", "profile"], "needs --pin-profile"),
+    ]:
+        out = tmp_path / "bad.jsonl"
+        code = main([str(a) for a in [*common, "--output", out, *bad]])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+def test_short_read_names_the_file(checkpoints, tmp_path):
+    engine = MultiAdapterEngine.from_pretrained(
+        checkpoints["mixtral"],
+        offload=OffloadConfig(budget="50%", prefetch=("router",), cache_dir=str(tmp_path)),
+    )
+    packed = engine.executor.store.packed_path
+    size = packed.stat().st_size
+    with open(packed, "r+b") as f:
+        f.truncate(size // 4)
+    with pytest.raises(OSError) as raised:  # the loader's LoaderError, naming the file
+        _serve(engine, _requests([None]))
+    assert packed.name in str(raised.value)
+    assert engine.executor.loader.stats()["failed"] > 0
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe"])
+def test_sharded_checkpoint(checkpoints, tmp_path, family):
+    """Experts spread over several safetensors shards (index.json) are found and read exactly."""
+    import shutil
+
+    full = load_model(checkpoints[family])
+    sharded = tmp_path / "sharded"
+    full.save_pretrained(sharded, max_shard_size="20KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoints[family] / name, sharded / name)
+    assert (sharded / "model.safetensors.index.json").exists()
+    net, info, store = load_offloaded_model(sharded, cache_dir=tmp_path / "cache")
+    files = {loc.path for layer in store.locations.values() for loc in layer.values()}
+    assert len(files) > 1 or store.kind == "packed"
+    for layer, ref in zip(info.layers, find_moe_layers(full).layers):
+        for expert in range(layer.num_experts):
+            for name, tensor in store.read_expert(layer.index, expert).items():
+                assert torch.equal(tensor, getattr(ref.experts, name)[expert])
+    resident = _serve(MultiAdapterEngine.from_pretrained(checkpoints[family]), _requests([None]))
+    config = OffloadConfig(budget="25%", cache_dir=str(tmp_path / "cache"))
+    assert (
+        _serve(MultiAdapterEngine.from_pretrained(sharded, offload=config), _requests([None]))[0]
+        == resident[0]
+    )
+
+
+def test_corrupt_checkpoint_is_a_usage_error(checkpoints, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoints["qwen2_moe"], bad)
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UsageError, match="cannot load for offloading"):
+        load_offloaded_model(bad, cache_dir=tmp_path / "cache")
