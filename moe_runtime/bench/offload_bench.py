@@ -26,13 +26,14 @@ import hashlib
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .memory import peak_rss_bytes
 
 __all__ = ["OffloadBenchSettings", "bench_offload", "drop_page_cache"]
 
@@ -132,10 +133,6 @@ def drop_page_cache(paths: list[Path]) -> str:
         return "none"
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _rss() -> int:
     import psutil
 
@@ -209,7 +206,12 @@ def _child_resident(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) 
 
     engine = MultiAdapterEngine(load_model(ckpt))
     tokens, seconds = _generate(engine, settings)
-    return {"tokens": tokens, "seconds": seconds, "peak_rss_bytes": _peak_rss(), "rss_after_bytes": _rss()}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rss_after_bytes": _rss(),
+    }
 
 
 def _child_offload(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) -> dict:
@@ -245,7 +247,7 @@ def _child_offload(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) -
     return {
         "tokens": tokens,
         "seconds": seconds,
-        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "rss_after_bytes": _rss(),
         "stats": stats.to_json(),
         "slots_per_layer": executor.num_slots,
@@ -285,7 +287,7 @@ def _child_accelerate(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str
     return {
         "tokens": tokens,
         "seconds": seconds,
-        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "ram_budget": ram,
         "devices": devices,
     }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from .memory import peak_rss_bytes
 
 __all__ = ["bench_tune", "METHODS"]
 
@@ -80,7 +81,7 @@ def _worker(
     warm = times[2:] if len(times) > 4 else times
     return {
         "step_time_s": statistics.median(warm),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "rss_after_load_bytes": rss_loaded,
         "trainable_params": summary["trainable_params"],
         "adapter_bytes": sum(p.stat().st_size for p in files),

@@ -8,7 +8,7 @@ fingerprint of exactly the base weights they replace; profiles record the whole 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -16,24 +16,42 @@ from torch import nn
 __all__ = ["fingerprint_tensors", "model_fingerprint"]
 
 
-def _update(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
+Parts = Callable[[str, torch.Tensor], Iterable[torch.Tensor]]
+"""``parts(name, tensor)``: the contents of a tensor that is not materialized (on the meta device),
+as consecutive pieces along its first dimension (e.g. one expert at a time, read from disk)."""
+
+
+def _update(digest: hashlib._Hash, name: str, tensor: torch.Tensor, parts: Parts | None = None) -> None:
     tensor = tensor.detach()
     digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}|".encode())
-    flat = tensor.to("cpu").contiguous().reshape(-1)
-    if flat.numel():
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    pieces = [tensor]
+    if tensor.is_meta:
+        if parts is None:
+            raise ValueError(
+                f"cannot fingerprint '{name}': it is not materialized (meta) and no reader was given"
+            )
+        pieces = parts(name, tensor)
+    for piece in pieces:
+        flat = piece.detach().to("cpu", tensor.dtype).contiguous().reshape(-1)
+        if flat.numel():
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
 
 
-def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """``sha256:<hex>`` digest of named tensors, sorted by name."""
+def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]], parts: Parts | None = None) -> str:
+    """``sha256:<hex>`` digest of named tensors, sorted by name (meta tensors read through ``parts``)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(named, key=lambda item: item[0]):
-        _update(digest, name, tensor)
+        _update(digest, name, tensor, parts)
     return "sha256:" + digest.hexdigest()
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """Fingerprint of every parameter and persistent buffer of ``model`` (tied weights once)."""
+def model_fingerprint(model: nn.Module, parts: Parts | None = None) -> str:
+    """Fingerprint of every parameter and persistent buffer of ``model`` (tied weights once).
+
+    Args:
+        parts: reads tensors that are not materialized (offloaded experts) piece by piece; the
+            fingerprint equals that of the same model fully in memory.
+    """
     seen: set[int] = set()
     named = []
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
@@ -42,4 +60,4 @@ def model_fingerprint(model: nn.Module) -> str:
             continue
         seen.add(key)
         named.append((name, tensor))
-    return fingerprint_tensors(named)
+    return fingerprint_tensors(named, parts)

@@ -166,7 +166,8 @@ class MultiAdapterEngine:
         if not isinstance(adapter, RoutedLoraAdapter):
             return False
         if self._base_fingerprint is None:
-            self._base_fingerprint = model_fingerprint(self.model)
+            parts = None if self.offload is None else self.executor.expert_parts  # offload
+            self._base_fingerprint = model_fingerprint(self.model, parts)
         lora = adapter.build(self.model, self.info, base_fingerprint=self._base_fingerprint)
         self.executor.lora[self.arena.add_owner(name)] = lora
         return True

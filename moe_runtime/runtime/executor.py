@@ -25,17 +25,16 @@ from ..ops.reroute import reroute_permute
 from ..tuning.routed_lora.serving import LoraRows, add_lora_terms, lora_rows
 from .arena import ExpertArena, LayerSlots
 
-__all__ = ["ReroutingExecutor"]
+__all__ = ["OwnerRouting", "ReroutingExecutor"]
 
 
-class ReroutingExecutor:
-    """Plugs the arena into every experts module of a model (``install`` must have run).
+class OwnerRouting:
+    """What every serving executor shares: the owner of each token and the routed-LoRA terms.
 
-    The engine sets the owner of every token before each forward; a forward without owners (a
-    plain model call) runs every token with the base experts.
+    Subclasses run the experts and then pass the layer's output through :meth:`add_lora`.
 
     Args:
-        arena: the model's expert arena.
+        arena: the model's expert arena (owner rows of every adapter).
     """
 
     def __init__(self, arena: ExpertArena) -> None:
@@ -59,6 +58,42 @@ class ReroutingExecutor:
         self.token_owner = None
         self._lora_rows = []
 
+    def owners_for(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``[T]`` owner of each token of this forward (the base model when none were set)."""
+        owners = self.token_owner
+        if owners is None:
+            return torch.zeros(hidden.shape[0], dtype=torch.int64, device=hidden.device)
+        if owners.shape[0] != hidden.shape[0]:
+            raise RuntimeError(
+                f"layer {layer_index}: the experts received {hidden.shape[0]} tokens but owners were "
+                f"set for {owners.shape[0]} (this family does not flatten [batch, seq] row-major)"
+            )
+        return owners.to(hidden.device)
+
+    def add_lora(
+        self,
+        layer_index: int,
+        out: torch.Tensor,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """``out`` plus the routed-LoRA terms of the adapters present in this forward (in place)."""
+        if self._lora_rows:
+            add_lora_terms(self._lora_rows, layer_index, out, hidden, top_k_index, top_k_weights)
+        return out
+
+
+class ReroutingExecutor(OwnerRouting):
+    """Plugs the arena into every experts module of a model (``install`` must have run).
+
+    The engine sets the owner of every token before each forward; a forward without owners (a
+    plain model call) runs every token with the base experts.
+
+    Args:
+        arena: the model's expert arena.
+    """
+
     def attach(self) -> None:
         """Make every experts module of the arena's model run through this executor."""
         for slots in self.arena.layers.values():
@@ -78,21 +113,12 @@ class ReroutingExecutor:
         top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
         """One layer: ``hidden [T, H]``, ``top_k_index [T, K]``, ``top_k_weights [T, K]`` -> ``[T, H]``."""
-        owners = self.token_owner
-        if owners is None:
-            owners = torch.zeros(hidden.shape[0], dtype=torch.int64, device=hidden.device)
-        elif owners.shape[0] != hidden.shape[0]:
-            raise RuntimeError(
-                f"layer {slots.layer.index}: the experts received {hidden.shape[0]} tokens but owners were "
-                f"set for {owners.shape[0]} (this family does not flatten [batch, seq] row-major)"
-            )
-        routed = reroute_permute(top_k_index, owners.to(hidden.device), slots.table, slots.num_slots)
+        owners = self.owners_for(slots.layer.index, hidden)
+        routed = reroute_permute(top_k_index, owners, slots.table, slots.num_slots)
         segments = slots.segments
         if len(segments) > 1 and int(routed.offsets[slots.num_experts - 1]) == int(routed.offsets[-1]):
             # no entry of this forward uses an adapter slot of this layer: run the base experts alone
             routed = routed._replace(offsets=routed.offsets[: slots.num_experts])
             segments = segments[:1]
         out = segmented_experts(experts, hidden, top_k_weights, routed, segments)
-        if self._lora_rows:
-            add_lora_terms(self._lora_rows, slots.layer.index, out, hidden, top_k_index, top_k_weights)
-        return out
+        return self.add_lora(slots.layer.index, out, hidden, top_k_index, top_k_weights)

@@ -296,3 +296,40 @@ def test_corrupt_checkpoint_is_a_usage_error(checkpoints, tmp_path):
         f.truncate(1000)
     with pytest.raises(UsageError, match="cannot load for offloading"):
         load_offloaded_model(bad, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_offloaded_routed_lora_and_esft_equal_resident(checkpoints, tmp_path, family):
+    """Routed-LoRA adapters (checked against the whole base, experts read from disk) with ESFT ones."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tuning"))
+    from routed_lora_helpers import write_random_lora
+
+    from moe_runtime.models import model_fingerprint
+    from moe_runtime.tuning.routed_lora import RoutedLoraSettings
+
+    path = checkpoints[family]
+    base = load_model(path)
+    info = find_moe_layers(base)
+    esft = make_adapter(base, tmp_path / "esft", {info.layer_indices[-1]: [0, 2]}, seed=3, info=info)
+    r = write_random_lora(
+        base, tmp_path / "r", RoutedLoraSettings(variant="perft-r", num_experts=3, top_k=2), seed=4
+    )
+    e = write_random_lora(base, tmp_path / "e", RoutedLoraSettings(variant="perft-e"), seed=5)
+    offload = OffloadConfig(budget="25%", cache_dir=str(tmp_path / "c"))
+    engines = [
+        MultiAdapterEngine.from_pretrained(path),
+        MultiAdapterEngine.from_pretrained(path, offload=offload),
+    ]
+    results = []
+    for engine in engines:
+        for name, adapter in (("esft", esft), ("r", r), ("e", e)):
+            engine.add_adapter(name, adapter)
+        results.append(_serve(engine, _requests(["r", "esft", None, "e"])))
+    # the offloaded engine fingerprinted the base with its experts read from disk: same as in memory
+    assert engines[1]._base_fingerprint == model_fingerprint(base)
+    assert results[1][0] == results[0][0]
+    for x, y in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    assert all(layer.experts.down_proj.is_meta for layer in engines[1].info.layers)

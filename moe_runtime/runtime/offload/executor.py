@@ -25,6 +25,7 @@ from ...models import state_of
 from ...ops.experts_mm import Segment, segmented_experts
 from ...ops.reroute import reroute_permute
 from ..arena import ExpertArena, LayerSlots
+from ..executor import OwnerRouting
 from .cache import LayerCache, OffloadStats
 from .config import OffloadConfig, parse_budget, slots_per_layer
 from .policies import RouterPrefetcher, TrajectoryPrefetcher, make_policy
@@ -50,10 +51,10 @@ def router_weights(info) -> dict[int, torch.Tensor]:
     return out
 
 
-class OffloadExecutor:
+class OffloadExecutor(OwnerRouting):
     """Runs every experts module of the arena's model from per-layer expert caches.
 
-    Same interface as :class:`ReroutingExecutor` (owners per token, attach/detach).
+    Same interface as :class:`ReroutingExecutor` (owners per token, routed-LoRA terms, attach/detach).
 
     Args:
         arena: the model's expert arena (adapter experts; the base experts are not materialized).
@@ -66,7 +67,7 @@ class OffloadExecutor:
         from ...ops.loader import ExpertLoader
 
         config.validate()
-        self.arena = arena
+        super().__init__(arena)
         self.store = store
         self.config = config
         info = arena.info
@@ -98,18 +99,10 @@ class OffloadExecutor:
                     TrajectoryPrefetcher(order, num_experts, limit=max(layer.top_k for layer in info.layers))
                 )
         self._first = order[0]
-        self.token_owner: torch.Tensor | None = None
         for cache in self.caches.values():
             cache.warm_load()
 
     # the ReroutingExecutor interface ----------------------------------------------------------
-
-    def set_owners(self, row_owner: torch.Tensor, seq_len: int) -> None:
-        """Owners of the next forward's tokens (``[B]`` per row, rows flattened row-major)."""
-        self.token_owner = row_owner.to(torch.int64).repeat_interleave(seq_len)
-
-    def clear_owners(self) -> None:
-        self.token_owner = None
 
     def attach(self) -> None:
         for index, slots in self.arena.layers.items():
@@ -160,6 +153,19 @@ class OffloadExecutor:
             for module, name, original in reversed(saved):
                 module._parameters[name] = original
 
+    def expert_parts(self, name: str, tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The contents of an offloaded fused expert parameter, one expert at a time from disk.
+
+        For :func:`~moe_runtime.models.model_fingerprint` of the base model (``parts``).
+        """
+        for layer in self.arena.info.layers:
+            for param_name in layer.layout.param_names():
+                if name == f"{layer.experts_name}.{param_name}":
+                    for expert in range(layer.num_experts):
+                        yield self.store.read_expert(layer.index, expert)[param_name]
+                    return
+        raise ValueError(f"'{name}' is not materialized and is not an offloaded expert parameter")
+
     # one layer -------------------------------------------------------------------------------
 
     def _prefetch(self, index: int, hidden: torch.Tensor, used: torch.Tensor) -> None:
@@ -182,14 +188,7 @@ class OffloadExecutor:
         if cache.layer == self._first:
             for prefetcher in self.prefetchers:
                 prefetcher.end_step()
-        owners = self.token_owner
-        if owners is None:
-            owners = torch.zeros(hidden.shape[0], dtype=torch.int64, device=hidden.device)
-        elif owners.shape[0] != hidden.shape[0]:
-            raise RuntimeError(
-                f"layer {cache.layer}: the experts received {hidden.shape[0]} tokens but owners were set for "
-                f"{owners.shape[0]} (this family does not flatten [batch, seq] row-major)"
-            )
+        owners = self.owners_for(cache.layer, hidden)
         num_experts = slots.num_experts
         table = slots.table  # [A, E]: base expert id, or an adapter slot >= E
         valid = (top_k_index >= 0) & (top_k_index < num_experts)
@@ -223,4 +222,4 @@ class OffloadExecutor:
             partial = segmented_experts(experts, hidden, top_k_weights, routed, [cache.segment, *chunks])
             out = partial if out is None else out + partial
             self.stats.passes += 1
-        return out
+        return self.add_lora(cache.layer, out, hidden, top_k_index, top_k_weights)
