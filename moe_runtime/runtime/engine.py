@@ -105,7 +105,10 @@ class MultiAdapterEngine:
 
     def close(self) -> None:
         """Detach the executor and restore the model's stock experts implementation."""
-        self.executor.detach()
+        if self.offload is not None:  # offload: detach and stop the loader threads
+            self.executor.close()
+        else:
+            self.executor.detach()
         uninstall(self.model, self.info)
 
     @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -15,6 +16,9 @@ def test_demo_runs_end_to_end(capsys, tmp_path):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "mean pairwise Jaccard" in out and "exact match" in out
+    # the offloaded serving step reproduces the resident completions exactly
+    served = re.search(r"(\d+)/(\d+) completions identical to the resident run", out)
+    assert served and served.group(1) == served.group(2), out[-2000:]
     assert (tmp_path / "w" / "profile" / "overlap.png").exists()
     for task in ("kv", "sort"):
         cfg = json.loads((tmp_path / "w" / f"{task}_experts.json").read_text())
