@@ -68,6 +68,9 @@ class OffloadExecutor(OwnerRouting):
 
         config.validate()
         super().__init__(arena)
+        threads = config.resolved_compute_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)  # see OffloadConfig.compute_threads
         self.store = store
         self.config = config
         info = arena.info
