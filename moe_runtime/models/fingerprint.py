@@ -1,8 +1,12 @@
 """Stable fingerprints of model weights.
 
 A fingerprint is a sha256 over (name, dtype, shape, raw bytes) of tensors in name order, so it
-does not depend on load order, device or the file layout of the checkpoint. Adapters record the
-fingerprint of exactly the base weights they replace; profiles record the whole model's.
+does not depend on load order, device or the file layout of the checkpoint. Floating-point tensors
+are hashed as their bfloat16 rounding (through float32) under the one dtype name ``float``, so a
+checkpoint has the same fingerprint whether it is loaded in bfloat16, float16, float32 or float64:
+``tune`` trains in float32 by default, ``eval`` loads float32 and ``generate`` the checkpoint's own
+dtype, and an adapter tuned on a bfloat16 checkpoint must still be accepted by all three. Adapters
+record the fingerprint of exactly the base weights they replace; profiles record the whole model's.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ __all__ = ["fingerprint_tensors", "model_fingerprint"]
 
 def _update(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
     tensor = tensor.detach()
-    digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}|".encode())
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if tensor.is_floating_point():  # independent of the dtype the checkpoint was loaded in
+        tensor, dtype = tensor.to(torch.float32).to(torch.bfloat16), "float"
+    digest.update(f"{name}|{dtype}|{tuple(tensor.shape)}|".encode())
     flat = tensor.to("cpu").contiguous().reshape(-1)
     if flat.numel():
         digest.update(flat.view(torch.uint8).numpy().tobytes())

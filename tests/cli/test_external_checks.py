@@ -212,3 +212,49 @@ def test_esft_adapter_of_another_family_is_refused(capsys, tmp_path, f32_checkpo
         capsys, "generate", "--model", f32_checkpoint, "--adapter", f"a={adapter}", "--prompt", "x"
     )
     assert_usage_error(code, err, "tuned on model type 'mixtral'")
+
+
+# adapters tuned on a bfloat16 / float64 checkpoint: tune trains in float32, eval loads float32 and
+# generate the checkpoint's dtype, and the base fingerprint depended on the load dtype ---------------
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("method", ["routed-lora", "esft"])
+def test_adapters_of_a_non_float32_checkpoint_pass_eval_and_generate(capsys, tmp_path, data, stored, method):
+    checkpoint = save_checkpoint(tmp_path / "ckpt", "olmoe", dtype=stored)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"experts": {"0": [1, 4]}}))
+    extra = ["--experts", cfg] if method == "esft" else []
+    code, _, err = _tune(capsys, checkpoint, data, tmp_path / "ad", "--method", method, *extra)
+    assert code == 0, err
+    code, _, err = run_cli(
+        capsys,
+        "eval",
+        "--model",
+        checkpoint,
+        "--adapter",
+        tmp_path / "ad",
+        "--data",
+        data,
+        "--no-exact-match",
+    )
+    assert code == 0, err
+    requests = write_jsonl(
+        tmp_path / "req.jsonl", [{"prompt": PROMPTS[0], "adapter": "a", "max_new_tokens": 2}]
+    )
+    code, _, err = run_cli(
+        capsys, "generate", "--model", checkpoint, "--adapter", f"a={tmp_path / 'ad'}", "--requests", requests,
+        "--output", tmp_path / "out.jsonl",
+    )  # fmt: skip
+    assert code == 0, err
+
+
+def test_fingerprint_ignores_the_load_dtype_not_the_weights():
+    from moe_runtime.models import model_fingerprint
+    from moe_runtime.models.random_models import build_random_model
+
+    model = build_random_model("olmoe", seed=0, dtype=torch.bfloat16)
+    same = {model_fingerprint(model.to(dtype)) for dtype in (torch.bfloat16, torch.float32, torch.float64)}
+    assert len(same) == 1
+    other = build_random_model("olmoe", seed=1, dtype=torch.bfloat16)
+    assert model_fingerprint(other) not in same
