@@ -120,6 +120,14 @@ class MultiAdapterEngine:
         if self._add_routed_lora(name, adapter):
             return
         if not isinstance(adapter, ESFTAdapter):
+            from ..tuning.meta import read_meta
+
+            method = (read_meta(Path(adapter)) or {}).get("method", "esft")
+            if method != "esft":
+                raise AdapterError(
+                    f"adapter '{adapter}': a '{method}' adapter changes weights shared by every request and "
+                    "cannot be served per request (serve esft or routed-lora adapters, or merge it into the model)"
+                )
             adapter = read_adapter(adapter)
         adapter.check(self.model, self.info)
         self.arena.add(name, adapter)
@@ -206,6 +214,10 @@ class MultiAdapterEngine:
             if not isinstance(request.prompt, str)
             else list(self.tokenizer(request.prompt)["input_ids"])
         )
+        vocab = self.model.get_input_embeddings().num_embeddings
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
+        if bad:
+            raise UsageError(f"request {request.id!r}: token id {bad[0]!r} is not in [0, {vocab})")
         if not ids:
             bos = getattr(self.tokenizer, "bos_token_id", None)
             if bos is None:

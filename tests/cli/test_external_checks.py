@@ -18,6 +18,7 @@ from moe_runtime.tuning import apply_adapter
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 sys.path.insert(0, str(Path(__file__).parents[1] / "runtime"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tuning"))
 from conftest import save_checkpoint  # noqa: E402
 from serving_helpers import make_adapter  # noqa: E402
 
@@ -258,3 +259,79 @@ def test_fingerprint_ignores_the_load_dtype_not_the_weights():
     assert len(same) == 1
     other = build_random_model("olmoe", seed=1, dtype=torch.bfloat16)
     assert model_fingerprint(other) not in same
+
+
+# serving edge cases through the Python API: bfloat16, more requests than a batch, one-token prompts
+# and limits, one adapter for every request, unload / reload cycles ----------------------------------
+
+
+def test_bfloat16_engine_edge_cases_equal_transformers_and_reload_leaks_nothing(tmp_path):
+    from routed_lora_helpers import write_random_lora
+
+    from moe_runtime.errors import UsageError
+    from moe_runtime.models.random_models import build_random_model
+    from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
+    from moe_runtime.tuning.routed_lora import RoutedLoraSettings
+
+    def build():
+        return build_random_model("qwen2_moe", seed=0, dtype=torch.bfloat16, experts_implementation="eager")
+
+    model = build()
+    dirs = {
+        "esft": make_adapter(model, tmp_path / "esft", {0: [1, 3], 1: [2]}, seed=1, scale=1.0),
+        "r": write_random_lora(model, tmp_path / "r", RoutedLoraSettings("perft-r", rank=4), seed=2),
+        "s": write_random_lora(model, tmp_path / "s", RoutedLoraSettings("perft-s", rank=4), seed=3),
+    }
+    engine = MultiAdapterEngine(model)
+    for name, path in dirs.items():
+        engine.add_adapter(name, path)
+    prompts = [[5], [17, 4, 9, 33, 2, 8], [7, 9], [3]]
+    names = [None, "esft", "r", "s"]
+    mixed = [Request(prompts[i % 4], names[(i + i // 4) % 4], 1 + i % 3, id=i) for i in range(10)]
+    one_adapter = [Request(p, "r", 3, id=i) for i, p in enumerate(prompts)]
+    references: dict = {}
+
+    def reference(request: Request) -> list[int]:
+        if request.adapter not in references:
+            base = build()
+            references[request.adapter] = (
+                apply_adapter(base, dirs[request.adapter]) if request.adapter else base
+            )
+        ids = torch.tensor([request.prompt])
+        out = references[request.adapter].generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.max_new_tokens, do_sample=False
+        )
+        return out[0, ids.shape[1] :].tolist()
+
+    expected = [reference(r) for r in mixed + one_adapter]
+    assert [c.token_ids for c in engine.generate(mixed, DecodeConfig(max_batch_size=3))] == expected[:10]
+    assert [c.token_ids for c in engine.generate(one_adapter)] == expected[10:]
+    memory, rows = engine.memory(), [slots.table.shape for slots in engine.arena.layers.values()]
+    for _ in range(4):
+        for name in ("r", "esft", "s"):
+            engine.remove_adapter(name)
+        assert engine.adapters == [] and engine.executor.lora == {}
+        for name in ("s", "esft", "r"):
+            engine.add_adapter(name, dirs[name])
+    assert engine.memory() == memory and [s.table.shape for s in engine.arena.layers.values()] == rows
+    assert [c.token_ids for c in engine.generate(mixed, DecodeConfig(max_batch_size=4))] == expected[:10]
+    with pytest.raises(UsageError, match=r"token id 100000 is not in \[0, "):
+        engine.generate([Request([5, 100000])])
+    with pytest.raises(UsageError, match="token id -1"):
+        engine.generate([Request([-1])])
+    assert engine.pending == 0
+
+
+def test_lora_and_full_adapters_are_refused_by_generate_with_their_method(
+    capsys, tmp_path, f32_checkpoint, data
+):
+    requests = write_jsonl(tmp_path / "req.jsonl", [{"prompt": PROMPTS[0], "adapter": "a"}])
+    for method in ("lora", "full"):
+        code, _, err = _tune(capsys, f32_checkpoint, data, tmp_path / method, "--method", method)
+        assert code == 0, err
+        code, _, err = run_cli(
+            capsys, "generate", "--model", f32_checkpoint, "--adapter", f"a={tmp_path / method}",
+            "--requests", requests, "--output", tmp_path / "out.jsonl",
+        )  # fmt: skip
+        assert_usage_error(code, err, f"a '{method}' adapter changes weights shared by every request")
+        assert not (tmp_path / "out.jsonl").exists()
