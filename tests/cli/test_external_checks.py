@@ -335,3 +335,9 @@ def test_lora_and_full_adapters_are_refused_by_generate_with_their_method(
         )  # fmt: skip
         assert_usage_error(code, err, f"a '{method}' adapter changes weights shared by every request")
         assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_refused_resume_leaves_no_checkpoint_directory(capsys, tmp_path, f32_checkpoint, data):
+    code, _, err = _tune(capsys, f32_checkpoint, data, tmp_path / "ad", "--method", "routed-lora", "--resume")
+    assert_usage_error(code, err, "--resume: no checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
