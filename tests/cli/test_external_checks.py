@@ -341,3 +341,13 @@ def test_refused_resume_leaves_no_checkpoint_directory(capsys, tmp_path, f32_che
     code, _, err = _tune(capsys, f32_checkpoint, data, tmp_path / "ad", "--method", "routed-lora", "--resume")
     assert_usage_error(code, err, "--resume: no checkpoint")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_checkpoint_without_tokenizer_files_is_refused(capsys, tmp_path, data):
+    from moe_runtime.models.random_models import save_random_checkpoint
+
+    checkpoint = save_random_checkpoint("olmoe", tmp_path / "bare")  # config + weights only
+    code, out, err = run_cli(capsys, "generate", "--model", checkpoint, "--prompt", "hi")
+    assert_usage_error(code, err, "no usable tokenizer")  # was: exit 0 with an empty completion
+    code, _, err = _tune(capsys, checkpoint, data, tmp_path / "ad", "--method", "routed-lora")
+    assert_usage_error(code, err, "no usable tokenizer")  # was: 'example 1 has no tokens to learn'
