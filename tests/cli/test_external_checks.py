@@ -351,3 +351,31 @@ def test_checkpoint_without_tokenizer_files_is_refused(capsys, tmp_path, data):
     assert_usage_error(code, err, "no usable tokenizer")  # was: exit 0 with an empty completion
     code, _, err = _tune(capsys, checkpoint, data, tmp_path / "ad", "--method", "routed-lora")
     assert_usage_error(code, err, "no usable tokenizer")  # was: 'example 1 has no tokens to learn'
+
+
+@pytest.mark.parametrize("family", ["granitemoe_swa", "deepseek_v4"])
+def test_families_not_left_padding_invariant_are_served_unpadded(capsys, tmp_path, family):
+    checkpoint = save_checkpoint(tmp_path / "ckpt", family)  # float64
+    model = load_model(checkpoint)
+    adapter = make_adapter(
+        model, tmp_path / "esft", {find_moe_layers(model).layer_indices[-1]: [0, 2]}, seed=1
+    )
+    prompts = [*PROMPTS, "seven wizards", "the lazy"]  # some of equal token length
+    rows = [
+        {"id": i, "prompt": p, "adapter": "a" if i % 2 else None, "max_new_tokens": 3}
+        for i, p in enumerate(prompts)
+    ]
+    code, _, err = run_cli(
+        capsys, "generate", "--model", checkpoint, "--adapter", f"a={adapter}", "--requests",
+        write_jsonl(tmp_path / "req.jsonl", rows), "--output", tmp_path / "out.jsonl",
+    )  # fmt: skip
+    assert code == 0, err
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    tokenizer = load_tokenizer(checkpoint)
+    references = {None: load_model(checkpoint), "a": apply_adapter(load_model(checkpoint), adapter)}
+    for reference in references.values():
+        reference.set_experts_implementation("eager")
+    for row, line in zip(rows, got):  # before: left-padded rows differed (granitemoe_swa: NaN -> id 0)
+        assert line["token_ids"] == reference_tokens(
+            references[row["adapter"]], tokenizer, row["prompt"], 3
+        ), row
