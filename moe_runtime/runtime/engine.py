@@ -31,7 +31,9 @@ from .requests import Completion, DecodeConfig, Request
 
 __all__ = ["MultiAdapterEngine", "eos_ids_of", "pad_id_of", "UNPADDED_FAMILIES"]
 
-UNPADDED_FAMILIES = frozenset({"deepseek_v4", "dots3_note_text", "glm_moe_dsa", "granitemoe_swa"})
+UNPADDED_FAMILIES = frozenset(
+    {"deepseek_v32", "deepseek_v4", "dots3_note_text", "glm_moe_dsa", "granitemoe_swa"}
+)
 """Families whose transformers code gives left-padded rows other tokens than the prompt alone
 (compressed / indexed sparse attention; granitemoe_swa's sliding window turns padded rows into NaN):
 their requests are batched with prompts of the same length only."""

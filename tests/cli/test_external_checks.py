@@ -353,7 +353,7 @@ def test_checkpoint_without_tokenizer_files_is_refused(capsys, tmp_path, data):
     assert_usage_error(code, err, "no usable tokenizer")  # was: 'example 1 has no tokens to learn'
 
 
-@pytest.mark.parametrize("family", ["granitemoe_swa", "deepseek_v4"])
+@pytest.mark.parametrize("family", ["granitemoe_swa", "deepseek_v4", "deepseek_v32"])
 def test_families_not_left_padding_invariant_are_served_unpadded(capsys, tmp_path, family):
     checkpoint = save_checkpoint(tmp_path / "ckpt", family)  # float64
     model = load_model(checkpoint)
