@@ -379,3 +379,12 @@ def test_families_not_left_padding_invariant_are_served_unpadded(capsys, tmp_pat
         assert line["token_ids"] == reference_tokens(
             references[row["adapter"]], tokenizer, row["prompt"], 3
         ), row
+
+
+def test_default_top_k_above_the_lora_experts_says_it_is_the_default(capsys, tmp_path, f32_checkpoint, data):
+    extra = ["--method", "routed-lora", "--lora-experts", 1]
+    code, _, err = _tune(capsys, f32_checkpoint, data, tmp_path / "ad", *extra)
+    assert_usage_error(code, err, "--lora-top-k 2 (the default) exceeds the 1 LoRA experts of layer 0")
+    code, _, err = _tune(capsys, f32_checkpoint, data, tmp_path / "ad", *extra, "--lora-top-k", 3)
+    assert_usage_error(code, err, "--lora-top-k 3 exceeds the 1 LoRA experts")
+    assert not (tmp_path / "ad").exists()
