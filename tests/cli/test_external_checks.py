@@ -388,3 +388,24 @@ def test_default_top_k_above_the_lora_experts_says_it_is_the_default(capsys, tmp
     code, _, err = _tune(capsys, f32_checkpoint, data, tmp_path / "ad", *extra, "--lora-top-k", 3)
     assert_usage_error(code, err, "--lora-top-k 3 exceeds the 1 LoRA experts")
     assert not (tmp_path / "ad").exists()
+
+
+def test_jsonl_files_with_a_byte_order_mark_are_read(capsys, tmp_path, f32_checkpoint):
+    bom = "\ufeff"
+    data = tmp_path / "data.jsonl"
+    data.write_text(bom + json.dumps({"text": "the quick brown fox"}) + "\r\n", encoding="utf-8")
+    code, out, err = run_cli(capsys, "eval", "--model", f32_checkpoint, "--data", data)
+    assert code == 0 and json.loads(out.splitlines()[-1])["tokens"] > 0, err
+    requests = tmp_path / "req.jsonl"
+    requests.write_text(bom + json.dumps({"prompt": "seven", "max_new_tokens": 1}) + "\r\n", encoding="utf-8")
+    code, _, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        f32_checkpoint,
+        "--requests",
+        requests,
+        "--output",
+        tmp_path / "o.jsonl",
+    )
+    assert code == 0, err
