@@ -268,7 +268,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.adapter:
         model = apply_adapter(model, args.adapter)
     loss, tokens = mean_token_loss(
-        model, tokenizer, examples, max_length=args.max_length, batch_size=args.batch_size
+        model, tokenizer, examples, max_length=args.max_length, batch_size=args.batch_size, where=args.data
     )
     result: dict = {"loss": loss, "tokens": tokens}
     if not args.no_exact_match:

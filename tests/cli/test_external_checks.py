@@ -409,3 +409,9 @@ def test_jsonl_files_with_a_byte_order_mark_are_read(capsys, tmp_path, f32_check
         tmp_path / "o.jsonl",
     )
     assert code == 0, err
+
+
+def test_eval_names_the_data_file_of_an_example_without_tokens(capsys, tmp_path, f32_checkpoint):
+    data = write_jsonl(tmp_path / "empty_text.jsonl", [{"text": "the quick"}, {"text": ""}])
+    code, _, err = run_cli(capsys, "eval", "--model", f32_checkpoint, "--data", data)
+    assert_usage_error(code, err, f"{data}: example 2 has no tokens to learn")
