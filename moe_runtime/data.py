@@ -69,7 +69,7 @@ def read_examples(path: str | Path, *, allow_empty: bool = False) -> list[Exampl
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        lines = raw.decode("utf-8").splitlines()
+        lines = raw.decode("utf-8-sig").splitlines()  # a leading byte-order mark is not data
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     examples = []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["atomic_dir", "atomic_write_text", "atomic_write_json", "write_json_lines"]
+__all__ = ["atomic_dir", "atomic_write_text", "atomic_write_json", "check_output_dir", "write_json_lines"]
 
 
 def _umask() -> int:
@@ -24,10 +24,23 @@ def _umask() -> int:
     return mask
 
 
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"output '{path}': cannot create its directory ({exc.strerror or exc})") from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same directory and rename it."""
+    """Write ``text`` to ``path`` through a temp file in the same directory and rename it.
+
+    Raises:
+        UsageError: ``path`` is a directory, or its parent cannot be created.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise UsageError(f"output '{path}' is a directory (expected a file path)")
+    _make_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
@@ -51,6 +64,22 @@ def write_json_lines(path: str | Path, rows: list[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def check_output_dir(out: str | Path, *, replace_marker: str | None = None) -> Path:
+    """Refuse an output directory :func:`atomic_dir` would refuse; call it before long work.
+
+    Raises:
+        UsageError: ``out`` is a file, or a non-empty directory without ``replace_marker``.
+    """
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"output '{out}' exists and is not a directory")
+        replaceable = replace_marker is not None and (out / replace_marker).exists()
+        if any(out.iterdir()) and not replaceable:
+            raise UsageError(f"output directory '{out}' exists and is not empty")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, *, replace_marker: str | None = None) -> Iterator[Path]:
     """Build a directory under a temporary name and move it to ``out`` on success.
@@ -67,14 +96,8 @@ def atomic_dir(out: str | Path, *, replace_marker: str | None = None) -> Iterato
     Raises:
         UsageError: ``out`` exists, is not empty, and is not a replaceable earlier output.
     """
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise UsageError(f"output '{out}' exists and is not a directory")
-        replaceable = replace_marker is not None and (out / replace_marker).exists()
-        if any(out.iterdir()) and not replaceable:
-            raise UsageError(f"output directory '{out}' exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out, replace_marker=replace_marker)
+    _make_parent(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:

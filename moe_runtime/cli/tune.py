@@ -163,6 +163,7 @@ def run_tune(args: argparse.Namespace) -> int:
                 f"--{given[0].replace('_', '-')} goes with --method routed-lora, not {args.method}"
             )
     else:
+        from ..tuning.esft import read_expert_config
         from ..tuning.routed_lora import RoutedLoraSettings
 
         args.variant = args.variant or "perft-r"
@@ -172,9 +173,11 @@ def run_tune(args: argparse.Namespace) -> int:
             alpha=float(args.lora_alpha),
             num_experts=args.lora_experts,
             top_k=args.lora_top_k,
-            layers=args.layers or "all",
+            layers="all" if args.layers is None else args.layers,
             aux_loss_coef=0.01 if args.lora_aux_loss_coef is None else args.lora_aux_loss_coef,
         )
+        if args.experts and args.variant == "esft-lora":
+            routed.experts = read_expert_config(args.experts)  # validate() wants it for esft-lora
         if args.variant == "esft-lora" and not args.experts:
             raise UsageError("--variant esft-lora needs --experts FILE (an expert_cfg.json from 'select')")
         if args.variant != "esft-lora" and args.experts:
@@ -184,6 +187,10 @@ def run_tune(args: argparse.Namespace) -> int:
         routed.validate()
     if args.experts and args.method not in ("esft", "routed-lora"):
         raise UsageError(f"--experts goes with --method esft or routed-lora, not {args.method}")
+    from ..io import check_output_dir
+    from ..tuning.meta import META_FILE
+
+    check_output_dir(args.out, replace_marker=META_FILE)  # refused before training, not after
     examples = read_examples(args.data)
     selection = None
     if args.experts:
@@ -261,7 +268,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.adapter:
         model = apply_adapter(model, args.adapter)
     loss, tokens = mean_token_loss(
-        model, tokenizer, examples, max_length=args.max_length, batch_size=args.batch_size
+        model, tokenizer, examples, max_length=args.max_length, batch_size=args.batch_size, where=args.data
     )
     result: dict = {"loss": loss, "tokens": tokens}
     if not args.no_exact_match:

@@ -1,8 +1,12 @@
 """Stable fingerprints of model weights.
 
 A fingerprint is a sha256 over (name, dtype, shape, raw bytes) of tensors in name order, so it
-does not depend on load order, device or the file layout of the checkpoint. Adapters record the
-fingerprint of exactly the base weights they replace; profiles record the whole model's.
+does not depend on load order, device or the file layout of the checkpoint. Floating-point tensors
+are hashed as their bfloat16 rounding (through float32) under the one dtype name ``float``, so a
+checkpoint has the same fingerprint whether it is loaded in bfloat16, float16, float32 or float64:
+``tune`` trains in float32 by default, ``eval`` loads float32 and ``generate`` the checkpoint's own
+dtype, and an adapter tuned on a bfloat16 checkpoint must still be accepted by all three. Adapters
+record the fingerprint of exactly the base weights they replace; profiles record the whole model's.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ as consecutive pieces along its first dimension (e.g. one expert at a time, read
 
 def _update(digest: hashlib._Hash, name: str, tensor: torch.Tensor, parts: Parts | None = None) -> None:
     tensor = tensor.detach()
-    digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}|".encode())
+    floating = tensor.is_floating_point()  # hashed independently of the dtype it was loaded in
+    dtype = "float" if floating else str(tensor.dtype).removeprefix("torch.")
+    digest.update(f"{name}|{dtype}|{tuple(tensor.shape)}|".encode())
     pieces = [tensor]
     if tensor.is_meta:
         if parts is None:
@@ -32,7 +38,10 @@ def _update(digest: hashlib._Hash, name: str, tensor: torch.Tensor, parts: Parts
             )
         pieces = parts(name, tensor)
     for piece in pieces:
-        flat = piece.detach().to("cpu", tensor.dtype).contiguous().reshape(-1)
+        piece = piece.detach().to("cpu")
+        if floating:
+            piece = piece.to(torch.float32).to(torch.bfloat16)
+        flat = piece.to(tensor.dtype if not floating else torch.bfloat16).contiguous().reshape(-1)
         if flat.numel():
             digest.update(flat.view(torch.uint8).numpy().tobytes())
 

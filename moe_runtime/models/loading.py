@@ -72,7 +72,8 @@ def load_tokenizer(model: str | Path):
     """Load the tokenizer stored beside the model; pad token falls back to eos.
 
     Raises:
-        UsageError: no loadable tokenizer in the directory.
+        UsageError: no loadable tokenizer in the directory (transformers returns an empty-vocabulary
+            tokenizer of the model type when there are no tokenizer files; it is refused too).
     """
     from transformers import AutoTokenizer
 
@@ -82,6 +83,8 @@ def load_tokenizer(model: str | Path):
     except (OSError, ValueError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise UsageError(f"model '{model}': cannot load its tokenizer ({first})") from None
+    if not tokenizer("a b", add_special_tokens=False)["input_ids"]:  # no files: an empty-vocabulary stand-in
+        raise UsageError(f"model '{model}': no usable tokenizer in the directory (text encodes to no tokens)")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

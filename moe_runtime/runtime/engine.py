@@ -13,6 +13,7 @@ every row before each forward, and the generation loop drops finished rows from 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -29,7 +30,14 @@ from .generation import generate_batch, left_pad
 from .offload import OffloadConfig, OffloadedExperts, load_offloaded_model
 from .requests import Completion, DecodeConfig, Request
 
-__all__ = ["MultiAdapterEngine", "eos_ids_of", "pad_id_of"]
+__all__ = ["MultiAdapterEngine", "eos_ids_of", "pad_id_of", "UNPADDED_FAMILIES"]
+
+UNPADDED_FAMILIES = frozenset(
+    {"deepseek_v32", "deepseek_v4", "dots3_note_text", "glm_moe_dsa", "granitemoe_swa"}
+)
+"""Families whose transformers code gives left-padded rows other tokens than the prompt alone
+(compressed / indexed sparse attention; granitemoe_swa's sliding window turns padded rows into NaN):
+their requests are batched with prompts of the same length only."""
 
 
 def eos_ids_of(model: nn.Module, tokenizer=None) -> set[int]:
@@ -146,6 +154,14 @@ class MultiAdapterEngine:
         if self._add_routed_lora(name, adapter):
             return
         if not isinstance(adapter, ESFTAdapter):
+            from ..tuning.meta import read_meta
+
+            method = (read_meta(Path(adapter)) or {}).get("method", "esft")
+            if method != "esft":
+                raise AdapterError(
+                    f"adapter '{adapter}': a '{method}' adapter changes weights shared by every request and "
+                    "cannot be served per request (serve esft or routed-lora adapters, or merge it into the model)"
+                )
             adapter = read_adapter(adapter)
         # offload: the check reads the base experts the adapter replaces
         reading = (
@@ -240,6 +256,10 @@ class MultiAdapterEngine:
             if not isinstance(request.prompt, str)
             else list(self.tokenizer(request.prompt)["input_ids"])
         )
+        vocab = self.model.get_input_embeddings().num_embeddings
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
+        if bad:
+            raise UsageError(f"request {request.id!r}: token id {bad[0]!r} is not in [0, {vocab})")
         if not ids:
             bos = getattr(self.tokenizer, "bos_token_id", None)
             if bos is None:
@@ -273,9 +293,14 @@ class MultiAdapterEngine:
         limits = [r.max_new_tokens or config.max_new_tokens for r in requests]
         eos, pad = eos_ids_of(self.model, self.tokenizer), pad_id_of(self.model, self.tokenizer)
         order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
+        groups = [order]
+        if self.info.model_type in UNPADDED_FAMILIES:  # one prompt length per wave: no row is padded
+            groups = [list(g) for _, g in itertools.groupby(order, key=lambda i: len(prompts[i]))]
+        waves = [
+            g[s : s + config.max_batch_size] for g in groups for s in range(0, len(g), config.max_batch_size)
+        ]
         results: list[Completion | None] = [None] * len(requests)
-        for start in range(0, len(order), config.max_batch_size):
-            wave = order[start : start + config.max_batch_size]
+        for wave in waves:
             wave_owners = owners[torch.tensor(wave, device=device)]
 
             def before_forward(rows: torch.Tensor, seq_len: int, wave_owners=wave_owners) -> None:

@@ -1,7 +1,7 @@
 """The batched generation loop: left-padded prefill, then decode steps over a shared KV cache.
 
     prompts -> left-pad [B, L] (+ attention mask, position ids from the mask's cumsum)
-            -> prefill (one forward, DynamicCache)  -> choose next token per row
+            -> prefill (one forward, the model's own cache) -> choose next token per row
             -> loop: forward 1 token per live row   -> choose -> finished rows leave the batch
                      (their rows are cut from the cache, mask and positions; the others go on)
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import Cache
 
 from .requests import DecodeConfig
 
@@ -57,6 +57,19 @@ def left_pad(
     return input_ids.to(device), mask.to(device), positions.to(device)
 
 
+def _keep_rows(cache: Cache, index: torch.Tensor) -> None:
+    """Keep only the batch rows ``index`` of every state in ``cache``.
+
+    A family's own cache class that overrides ``batch_select_indices`` (MiniMax) knows all its
+    states; otherwise ``reorder_cache`` does, for every layer kind (the linear-attention / SSM layers
+    of hybrid families have no ``batch_select_indices``, or inherit one that keeps only their keys).
+    """
+    if type(cache).batch_select_indices is not Cache.batch_select_indices:
+        cache.batch_select_indices(index)
+    else:
+        cache.reorder_cache(index)
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
@@ -89,7 +102,7 @@ def generate_batch(
     """Generate for a batch of prompts together, each up to its own token limit.
 
     Args:
-        model: a causal LM (any transformers family with a ``DynamicCache``).
+        model: a causal LM (any transformers family that returns its cache).
         prompts: token ids per row (non-empty).
         max_new_tokens: per row, at least 1.
         config: decoding settings (``do_sample``, ``temperature``, ``top_p``, ``stop_on_eos``,
@@ -109,7 +122,7 @@ def generate_batch(
     if config.do_sample:
         seeds = seeds if seeds is not None else [config.seed + i for i in range(len(prompts))]
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    cache = DynamicCache(config=model.config)
+    cache = None  # the model makes its own cache type at the prefill (MiniMax refuses a DynamicCache)
     keep_kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     out_ids: list[list[int]] = [[] for _ in prompts]
     out_logits: list[list[torch.Tensor]] = [[] for _ in prompts]
@@ -117,14 +130,15 @@ def generate_batch(
     while True:
         if before_forward is not None:
             before_forward(rows, input_ids.shape[1])
-        logits = model(
+        outputs = model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
             **keep_kwargs,
-        ).logits[:, -1, :]
+        )
+        cache, logits = outputs.past_key_values, outputs.logits[:, -1, :]
         if config.do_sample:
             live_generators = [generators[r] for r in rows.tolist()]
             chosen = _sample(logits, live_generators, config.temperature, config.top_p)
@@ -142,7 +156,7 @@ def generate_batch(
             break
         if len(keep) < rows.shape[0]:
             index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
+            _keep_rows(cache, index)
             rows, mask, chosen, last_position = rows[index], mask[index], chosen[index], last_position[index]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         last_position = last_position + 1

@@ -22,13 +22,17 @@ def mean_token_loss(
     max_length: int = 512,
     batch_size: int = 16,
     progress: bool = False,
+    where: str = "data",
 ) -> tuple[float, int]:
     """Mean next-token cross-entropy over supervised tokens (responses only for prompt/response).
+
+    Args:
+        where: the data file, named in errors.
 
     Returns:
         ``(loss, tokens)``.
     """
-    features = encode_examples(tokenizer, examples, max_length)
+    features = encode_examples(tokenizer, examples, max_length, where=where)
     pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     total, count = 0.0, 0

@@ -167,6 +167,11 @@ def train(
         raise UsageError(
             f"--batch-size {config.batch_size} must be a multiple of processes ({world}) x --grad-accum ({config.grad_accum})"
         )
+    checkpoint = None
+    if resume:  # before the Trainer creates work_dir: a refused --resume leaves nothing behind
+        checkpoint = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+        if checkpoint is None:
+            raise UsageError(f"--resume: no checkpoint in '{work_dir}'")
     router_logits_before = getattr(wrapped.model.config, "output_router_logits", None)
     _enable_aux_loss(wrapped.model, config.aux_loss_coef)
     args = TrainingArguments(
@@ -200,11 +205,6 @@ def train(
         train_dataset=_Dataset(features),
         data_collator=lambda batch: collate(batch, pad_id),
     )
-    checkpoint = None
-    if resume:
-        checkpoint = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
-        if checkpoint is None:
-            raise UsageError(f"--resume: no checkpoint in '{work_dir}'")
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     finally:

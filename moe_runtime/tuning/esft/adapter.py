@@ -77,6 +77,11 @@ class ESFTAdapter:
             AdapterError: naming the adapter, the key and what does not fit.
         """
         where = str(self.path)
+        tuned_on = (self.meta or {}).get("model_type")
+        if tuned_on and tuned_on != info.model_type:  # equal expert weights do not make it the same model
+            raise AdapterError(
+                f"{where}: tuned on model type '{tuned_on}', the base model is '{info.model_type}'"
+            )
         self.selection.validate(info, f"{where}/expert_cfg.json", AdapterError)
         params = dict(model.named_parameters())
         by_module = {layer.experts_name: layer for layer in info.layers}

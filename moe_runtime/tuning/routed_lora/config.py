@@ -207,7 +207,8 @@ def plan_layers(settings: RoutedLoraSettings, info: MoEModelInfo) -> list[LayerP
             count = spec[layer] if spec[layer] is not None else settings.default_experts()
             if settings.kind == ROUTED and settings.effective_top_k() > count:
                 raise UsageError(
-                    f"--lora-top-k {settings.effective_top_k()} exceeds the {count} LoRA experts of layer {layer}"
+                    f"--lora-top-k {settings.effective_top_k()}{' (the default)' if settings.top_k is None else ''} "
+                    f"exceeds the {count} LoRA experts of layer {layer}"
                 )
             plans.append(LayerPlan(layer, count))
     if not plans:
