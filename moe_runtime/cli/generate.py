@@ -15,8 +15,9 @@ def register(sub) -> None:
         "generate",
         help="serve requests over the base model and many adapters in mixed batches",
         description=(
-            "Generate text with per-request ESFT adapters, all requests batched together over one base "
-            "model (each token runs its own adapter's tuned experts). --prompt prints one completion; "
+            "Generate text with per-request adapters (ESFT or routed LoRA), all requests batched together "
+            "over one base model (each token runs its own adapter's tuned or LoRA experts). --prompt prints "
+            "one completion; "
             "--requests reads JSONL lines {'id', 'prompt', 'adapter': NAME or null, 'max_new_tokens'} and "
             "--output writes {'id', 'adapter', 'completion', 'token_ids'} per request, in input order. "
             "Greedy unless --sample. Adapters are checked against the base model first. With --offload disk "
@@ -37,7 +38,7 @@ def register(sub) -> None:
         action="append",
         default=[],
         metavar="NAME=DIR",
-        help="load an ESFT adapter directory under NAME (repeatable)",
+        help="load an adapter directory (ESFT or routed LoRA) under NAME (repeatable)",
     )
     parser.add_argument("--prompt", metavar="TEXT", help="one prompt; its completion is printed")
     parser.add_argument("--use", metavar="NAME", help="adapter for --prompt (default: the base model)")
