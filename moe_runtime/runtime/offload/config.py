@@ -94,7 +94,7 @@ class OffloadConfig:
 
     Attributes:
         tier: ``"disk"`` (experts read from the checkpoint files, fast tier RAM) or ``"cpu"``
-            (pinned host memory, fast tier GPU memory; needs a GPU).
+            (pinned host memory, fast tier GPU memory): refused, not implemented in this version.
         budget: fast-tier budget, see :func:`parse_budget`.
         policy: eviction policy (``lru``, ``lfu``, ``profile``).
         prefetch: prefetchers to run (``router``, ``trajectory``).
