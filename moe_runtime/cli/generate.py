@@ -64,7 +64,8 @@ def register(sub) -> None:
         default="none",
         help="expert offloading: 'disk' reads routed experts on demand from the checkpoint files (or from a "
         "packed copy made once under ~/.cache/moe_runtime when the checkpoint stores experts one by one), "
-        "keeping --expert-budget of them in RAM; 'cpu' (pinned host memory behind a GPU) is not implemented in this version (default none)",
+        "keeping --expert-budget of them in RAM; 'cpu' (pinned host memory behind a GPU) is not "
+        "implemented in this version (default none)",
     )
     parser.add_argument(
         "--expert-budget",
