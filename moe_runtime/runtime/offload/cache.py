@@ -1,8 +1,9 @@
 """The fast tier of one MoE layer: ``slots`` expert slots, an expert -> slot map and its policy.
 
-    needed experts of a step ──> passes of at most `slots` experts (resident ones first)
-        per pass: hits stay, misses take a free slot or evict the policy's victim (never an
-        expert of the same pass), loads go to the loader at priority 0 and are waited on
+    needed experts of a step ──> one pass if they fit the slots, else passes of half the slots
+        (resident ones first); per pass: hits stay, misses take a free slot or evict the policy's
+        victim (never an expert of this pass or the one computing), loads go to the loader at
+        priority 0 (the next pass's while the current one computes) and are waited on
     predicted experts ──> loaded at priority 1 into free or evictable slots (never the current pass)
 
 :class:`SlotMap` is the bookkeeping alone (the trace simulator replays it without weights);
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -82,15 +83,36 @@ class SlotMap:
         self.prefetched: set[int] = set()
 
     def passes(self, needed: Sequence[int]) -> list[list[int]]:
-        """Split a step's needed experts into groups that fit the slots, resident experts first."""
+        """Split a step's needed experts into groups, resident experts first.
+
+        One group when they all fit the slots. Otherwise groups of half the slots, so that the next
+        group's reads (see :meth:`schedule`) run while the current group computes.
+        """
         if len(needed) <= self.slots:
             return [sorted(needed)]
+        size = max(1, self.slots // 2)
         ordered = [e for e in needed if e in self.slot_of] + [e for e in needed if e not in self.slot_of]
-        return [sorted(ordered[i : i + self.slots]) for i in range(0, len(ordered), self.slots)]
+        return [sorted(ordered[i : i + size]) for i in range(0, len(ordered), size)]
 
-    def acquire(self, group: Sequence[int]) -> list[tuple[int, int]]:
-        """Make ``group`` resident; returns the ``(expert, slot)`` loads it needs (the misses)."""
-        loads, protect = [], set(group)
+    def schedule(self, needed: Sequence[int]) -> Iterator[tuple[list[int], list[tuple[int, int]]]]:
+        """The passes of a step, in order: ``(group, loads)`` with ``loads`` the reads to start.
+
+        The first item acquires the first group; each later item acquires the next group while
+        protecting the current one, and is yielded before the current group computes (so the reads
+        overlap the compute). The consumer alternates: start loads, wait for the group, compute.
+        The runtime and the trace simulator both walk this, so their counters agree.
+        """
+        groups = self.passes(needed)
+        yield groups[0], self.acquire(groups[0])
+        for current, nxt in zip(groups, groups[1:]):
+            yield nxt, self.acquire(nxt, protect=current)
+
+    def acquire(self, group: Sequence[int], protect: Sequence[int] = ()) -> list[tuple[int, int]]:
+        """Make ``group`` resident; returns the ``(expert, slot)`` loads it needs (the misses).
+
+        Experts of ``group`` and ``protect`` are never evicted for it.
+        """
+        loads, keep = [], set(group) | set(protect)
         for expert in sorted(group):
             if expert in self.slot_of:
                 self.stats.hits += 1
@@ -99,7 +121,7 @@ class SlotMap:
                     self.prefetched.discard(expert)
             else:
                 self.stats.misses += 1
-                loads.append((expert, self._place(expert, protect)))
+                loads.append((expert, self._place(expert, keep)))
         self.policy.access(self.layer, sorted(group))
         return loads
 
@@ -216,9 +238,8 @@ class LayerCache(SlotMap):
                 self.stats.bytes_read += nbytes
             self.tickets[slot] = (priority, tickets)
 
-    def ensure(self, group: Sequence[int]) -> None:
-        """Make every expert of ``group`` resident, loading misses on demand and waiting for them."""
-        self.load(self.acquire(group), priority=0)
+    def wait(self, group: Sequence[int]) -> None:
+        """Wait for the reads of ``group``'s experts (already acquired)."""
         start = time.perf_counter()
         try:
             for expert in group:

@@ -2,13 +2,14 @@
 
     router -> top_k_index [T, K] (base ids)
            -> arena slot table [A, E]: (owner, expert) -> base expert e, or an adapter slot (resident)
-           -> needed base experts -> cache.ensure (hits stay, misses read at priority 0, waited on)
+           -> needed base experts -> cache.schedule: passes (hits stay, misses read at priority 0, waited on)
            -> prefetchers queue later layers' predicted experts (priority 1), overlapping this compute
            -> combined table: base e -> cache slot, adapter slot -> after the cache slots
            -> reroute_permute + segmented grouped GEMM over [cache slots | adapter chunks]
 
 A batch that needs more distinct experts than the layer has slots runs in several passes (each
-pass a group of at most ``slots`` experts, adapter experts in the first), whose outputs add up.
+pass a group of half the slots, adapter experts in the first), whose outputs add up; the next
+group's reads run while the current group computes.
 Adapter experts stay resident in the multi-adapter arena; only base experts are offloaded.
 """
 
@@ -203,13 +204,18 @@ class OffloadExecutor(OwnerRouting):
             Segment(c.start - num_experts + size, c.up, c.down, c.up_bias, c.down_bias) for c in slots.chunks
         ]
         total_slots = size + slots.held_slots
-        groups = cache.passes(needed)
-        out = None
-        for i, group in enumerate(groups):
-            cache.ensure(group)
-            if i == 0:
+        plan = cache.schedule(needed)
+        group, loads = next(plan)
+        cache.load(loads, priority=0)
+        out, first = None, True
+        while group is not None:
+            upcoming = next(plan, None)
+            if upcoming is not None:  # the next pass's reads overlap this pass's compute
+                cache.load(upcoming[1], priority=0)
+            cache.wait(group)
+            if first:
                 self._prefetch(cache.layer, hidden, base_ids)
-            if len(groups) == 1:  # every routed base expert is resident: the slot map as it stands
+            if first and upcoming is None:  # every routed base expert is resident: the slot map as it stands
                 slot_of = cache.slot_table
             else:
                 slot_of = torch.full((num_experts,), -1, dtype=torch.int32)
@@ -217,7 +223,7 @@ class OffloadExecutor(OwnerRouting):
                 slot_of[ids] = cache.slot_table[ids]
             base = slot_of[table.long().clamp(max=num_experts - 1)]
             if chunks:
-                adapter = table - num_experts + size if i == 0 else torch.full_like(table, -1)
+                adapter = table - num_experts + size if first else torch.full_like(table, -1)
                 combined = torch.where(table < num_experts, base, adapter)
             else:
                 combined = base
@@ -225,4 +231,5 @@ class OffloadExecutor(OwnerRouting):
             partial = segmented_experts(experts, hidden, top_k_weights, routed, [cache.segment, *chunks])
             out = partial if out is None else out + partial
             self.stats.passes += 1
+            group, first = (upcoming[0] if upcoming is not None else None), False
         return self.add_lora(cache.layer, out, hidden, top_k_index, top_k_weights)

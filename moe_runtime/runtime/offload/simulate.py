@@ -119,8 +119,8 @@ def replay_steps(
             ids = ids[(ids >= 0) & (ids < num_experts)]
             needed = sorted({int(e) for e in ids.reshape(-1)})
             slot_map = maps[layer]
-            for p, group in enumerate(slot_map.passes(needed)):
-                loaded += len(slot_map.acquire(group))
+            for p, (_, loads) in enumerate(slot_map.schedule(needed)):
+                loaded += len(loads)
                 stats.passes += 1
                 if p == 0 and predictor is not None:
                     for later, experts in predictor.predict(layer, used=_as_tensor(ids)).items():
