@@ -118,6 +118,24 @@ def test_policies_and_prefetch_keep_outputs(checkpoints, tmp_path):
         assert engine.executor.stats.hit_rate > 0
 
 
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_multi_pass_layers_equal_resident(tmp_path, slots):
+    """Prefills need more experts than the slots: passes of half the slots loading ahead (none with one slot)."""
+    path = save_checkpoint(tmp_path / "ckpt", "mixtral", num_hidden_layers=2, num_experts_per_tok=1)
+    reference = _serve(MultiAdapterEngine.from_pretrained(path), _requests([None]))
+    engine = MultiAdapterEngine.from_pretrained(
+        path,
+        offload=OffloadConfig(budget=f"{slots / 8:.1%}", prefetch=("router",), cache_dir=str(tmp_path / "c")),
+    )
+    assert engine.executor.num_slots == slots
+    tokens, logits = _serve(engine, _requests([None]))
+    assert tokens == reference[0]
+    for a, b in zip(logits, reference[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    stats = engine.executor.stats
+    assert stats.passes > 2 * 6  # 2 layers x 6 forwards: layers ran in several passes
+
+
 def test_model_loaded_without_experts_matches_checkpoint(checkpoints, tmp_path):
     for family in ("mixtral", "gpt_oss"):
         path = checkpoints[family]

@@ -97,15 +97,20 @@ class SlotMap:
     def schedule(self, needed: Sequence[int]) -> Iterator[tuple[list[int], list[tuple[int, int]]]]:
         """The passes of a step, in order: ``(group, loads)`` with ``loads`` the reads to start.
 
-        The first item acquires the first group; each later item acquires the next group while
-        protecting the current one, and is yielded before the current group computes (so the reads
-        overlap the compute). The consumer alternates: start loads, wait for the group, compute.
-        The runtime and the trace simulator both walk this, so their counters agree.
+        The first item acquires the first group. With :attr:`overlaps`, each later item acquires
+        the next group while protecting the current one, and the consumer takes it before the
+        current group computes (so the reads overlap the compute); without (one slot), after. The
+        runtime and the trace simulator both walk this, so their counters agree.
         """
         groups = self.passes(needed)
         yield groups[0], self.acquire(groups[0])
         for current, nxt in zip(groups, groups[1:]):
-            yield nxt, self.acquire(nxt, protect=current)
+            yield nxt, self.acquire(nxt, protect=current if self.overlaps else ())
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether two passes fit the slots at once (the next one loads while one computes)."""
+        return self.slots >= 2
 
     def acquire(self, group: Sequence[int], protect: Sequence[int] = ()) -> list[tuple[int, int]]:
         """Make ``group`` resident; returns the ``(expert, slot)`` loads it needs (the misses).

@@ -209,13 +209,14 @@ class OffloadExecutor(OwnerRouting):
         cache.load(loads, priority=0)
         out, first = None, True
         while group is not None:
-            upcoming = next(plan, None)
+            upcoming = next(plan, None) if cache.overlaps else None
             if upcoming is not None:  # the next pass's reads overlap this pass's compute
                 cache.load(upcoming[1], priority=0)
             cache.wait(group)
             if first:
                 self._prefetch(cache.layer, hidden, base_ids)
-            if first and upcoming is None:  # every routed base expert is resident: the slot map as it stands
+            single = first and len(group) == len(needed)
+            if single:  # every routed base expert is resident: the slot map as it stands
                 slot_of = cache.slot_table
             else:
                 slot_of = torch.full((num_experts,), -1, dtype=torch.int32)
@@ -231,5 +232,9 @@ class OffloadExecutor(OwnerRouting):
             partial = segmented_experts(experts, hidden, top_k_weights, routed, [cache.segment, *chunks])
             out = partial if out is None else out + partial
             self.stats.passes += 1
+            if not cache.overlaps:
+                upcoming = next(plan, None)
+                if upcoming is not None:
+                    cache.load(upcoming[1], priority=0)
             group, first = (upcoming[0] if upcoming is not None else None), False
         return self.add_lora(cache.layer, out, hidden, top_k_index, top_k_weights)
