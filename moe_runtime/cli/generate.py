@@ -64,8 +64,8 @@ def register(sub) -> None:
         default="none",
         help="expert offloading: 'disk' reads routed experts on demand from the checkpoint files (or from a "
         "packed copy made once under ~/.cache/moe_runtime when the checkpoint stores experts one by one), "
-        "keeping --expert-budget of them in RAM; 'cpu' (pinned host memory behind a GPU) is not "
-        "implemented in this version (default none)",
+        "keeping --expert-budget of them in RAM; 'cpu' keeps every expert in host memory and --expert-budget "
+        "of them on the GPU (without a GPU the slots are RAM too: no memory saved) (default none)",
     )
     parser.add_argument(
         "--expert-budget",
@@ -117,7 +117,7 @@ def _check_args(args: argparse.Namespace) -> None:
         args.expert_budget or args.prefetch or args.pin_profile or args.cache_policy != "lru"
     ):
         raise UsageError(
-            "--expert-budget, --cache-policy, --pin-profile and --prefetch go with --offload disk"
+            "--expert-budget, --cache-policy, --pin-profile and --prefetch go with --offload disk or cpu"
         )
     if args.pin_profile and args.cache_policy != "profile":
         raise UsageError("--pin-profile goes with --cache-policy profile")
@@ -173,6 +173,11 @@ def run(args: argparse.Namespace) -> int:
         requests = read_requests(args.requests, adapters=adapters)
     offload = _offload_config(args)
     engine = MultiAdapterEngine.from_pretrained(args.model, offload=offload)
+    if offload is not None and offload.tier == "cpu" and offload.device().type == "cpu":
+        print(
+            "note: --offload cpu without a GPU: the expert slots are host memory too (no memory saved)",
+            file=sys.stderr,
+        )
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     completions = engine.generate(requests, config)

@@ -28,6 +28,7 @@ from .arena import ArenaMemory, ExpertArena
 from .executor import ReroutingExecutor
 from .generation import generate_batch, left_pad
 from .offload import OffloadConfig, OffloadedExperts, load_offloaded_model
+from .offload.host import move_resident
 from .requests import Completion, DecodeConfig, Request
 
 __all__ = ["MultiAdapterEngine", "eos_ids_of", "pad_id_of", "UNPADDED_FAMILIES"]
@@ -100,13 +101,15 @@ class MultiAdapterEngine:
     ) -> MultiAdapterEngine:
         """Load the base model and tokenizer from a local directory or ``demo``.
 
-        With ``offload`` the routed experts stay on disk (never materialized in RAM) and a budget
-        of them is cached per layer; see :mod:`moe_runtime.runtime.offload`.
+        With ``offload`` the routed experts stay on disk (tier ``disk``: never materialized in RAM)
+        or in host memory (tier ``cpu``), and a budget of them is cached per layer on the compute
+        device; see :mod:`moe_runtime.runtime.offload`.
         """
         # offload: begin
         if offload is not None:
             offload.validate()
             net, info, store = load_offloaded_model(model, dtype=dtype, cache_dir=offload.cache_dir)
+            move_resident(net, offload.device())
             return cls(net, load_tokenizer(model), info=info, offload=OffloadedExperts(store, offload))
         # offload: end
         return cls(load_model(model, dtype=dtype), load_tokenizer(model))

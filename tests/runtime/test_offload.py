@@ -43,11 +43,12 @@ def _serve(engine: MultiAdapterEngine, requests: list[Request]):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("budget", ["25%", "50%"])
-def test_offloaded_generate_equals_resident(checkpoints, tmp_path, family, budget):
+@pytest.mark.parametrize("tier", ["disk", "cpu"])
+def test_offloaded_generate_equals_resident(checkpoints, tmp_path, family, budget, tier):
     path = checkpoints[family]
     resident = MultiAdapterEngine.from_pretrained(path)
     offloaded = MultiAdapterEngine.from_pretrained(
-        path, offload=OffloadConfig(budget=budget, cache_dir=str(tmp_path / "cache"))
+        path, offload=OffloadConfig(tier=tier, budget=budget, cache_dir=str(tmp_path / "cache"))
     )
     requests = _requests([None])
     tokens, logits = _serve(resident, requests)
@@ -82,6 +83,9 @@ def test_offloaded_mixed_adapters_equal_resident(checkpoints, tmp_path, family):
                 budget="25%", prefetch=("router", "trajectory"), cache_dir=str(tmp_path / "c")
             ),
         ),
+        MultiAdapterEngine.from_pretrained(
+            path, offload=OffloadConfig(tier="cpu", budget="25%", prefetch=("router",))
+        ),
     ]
     results = []
     for engine in engines:
@@ -89,12 +93,14 @@ def test_offloaded_mixed_adapters_equal_resident(checkpoints, tmp_path, family):
         engine.add_adapter("b", b)
         results.append(_serve(engine, _requests(["a", None, "b"])))
         results.append(engine.prompt_logits(_requests(["a", "b", None])))
-    assert results[2][0] == results[0][0]
-    for x, y in zip(results[2][1], results[0][1]):
-        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
-    for x, y in zip(results[3], results[1]):
-        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
-    assert engines[1].executor.stats.prefetches > 0
+    for served, scored in [(2, 3), (4, 5)]:
+        assert results[served][0] == results[0][0]
+        for x, y in zip(results[served][1], results[0][1]):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+        for x, y in zip(results[scored], results[1]):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    assert engines[1].executor.stats.prefetches > 0 and engines[2].executor.stats.prefetches > 0
+    assert engines[2].executor.stats.misses > 0
 
 
 def test_policies_and_prefetch_keep_outputs(checkpoints, tmp_path):
@@ -170,8 +176,8 @@ def test_budget_errors(checkpoints, tmp_path):
         MultiAdapterEngine.from_pretrained(path, offload=OffloadConfig(budget="12%", cache_dir=str(tmp_path)))
     with pytest.raises(UsageError, match="working set"):
         MultiAdapterEngine.from_pretrained(path, offload=OffloadConfig(budget=1000, cache_dir=str(tmp_path)))
-    with pytest.raises(UsageError, match="GPU|not implemented"):
-        OffloadConfig(tier="cpu").validate()
+    with pytest.raises(UsageError, match="--offload 'gpu'"):
+        OffloadConfig(tier="gpu").validate()
 
 
 class FlakyLoader:
@@ -242,19 +248,20 @@ def test_generate_cli_offload(capsys, checkpoints, tmp_path, monkeypatch):
     requests.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["generate", "--model", path, "--adapter", f"a={adapter}", "--requests", requests]
     outputs = []
-    for i, extra in enumerate(([], ["--offload", "disk", "--expert-budget", "25%", "--prefetch", "router"])):
+    tiers = (["--offload", "disk", "--expert-budget", "25%", "--prefetch", "router"], ["--offload", "cpu"])
+    for i, extra in enumerate(([], *tiers)):
         out = tmp_path / f"out{i}.jsonl"
         code = main([str(a) for a in [*common, "--output", out, "--max-new-tokens", 5, *extra]])
         err = capsys.readouterr().err
         assert code == 0, err
         outputs.append(out.read_text())
-    assert outputs[0] == outputs[1]
-    assert "hit rate" in err
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert "hit rate" in err and "no memory saved" in err  # the cpu tier without a GPU says so
     for bad, message in [
         (["--offload", "disk", "--expert-budget", "lots"], "--expert-budget 'lots'"),
         (["--offload", "disk", "--expert-budget", "5%"], "working set"),
         (["--expert-budget", "25%"], "go with --offload disk"),
-        (["--offload", "cpu"], "no GPU"),
+        (["--offload", "cpu", "--expert-budget", "5%"], "working set"),
         (["--offload", "disk", "--cache-policy", "profile"], "needs --pin-profile"),
     ]:
         out = tmp_path / "bad.jsonl"

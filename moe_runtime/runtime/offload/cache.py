@@ -189,11 +189,12 @@ class LayerCache(SlotMap):
 
     Args:
         layer: the MoE layer (its fused parameters are not materialized).
-        store: where the experts live on disk.
+        store: the slow tier: an ``ExpertStore`` (disk) or a ``HostStore`` (host memory).
         slots: slots in the fast tier.
         policy: eviction policy.
         stats: counters.
-        loader: an ``ExpertLoader``.
+        loader: an ``ExpertLoader`` (disk) or a ``HostCopier`` (host memory).
+        device: where the slots live (the compute device).
     """
 
     def __init__(
@@ -204,19 +205,20 @@ class LayerCache(SlotMap):
         policy: EvictionPolicy,
         stats: OffloadStats,
         loader,
+        device: torch.device | str = "cpu",
     ) -> None:
         super().__init__(layer.index, slots, policy, stats)
         self.moe_layer = layer
         self.store = store
         self.loader = loader
-        self.locations = store.locations[layer.index]
         self.tensors = {
-            name: torch.empty((slots, *shape), dtype=store.dtype)
+            name: torch.empty((slots, *shape), dtype=store.dtype, device=device)
             for name, shape in store.shapes[layer.index].items()
         }
         # slot -> (priority, [(ticket, bytes)]) of its outstanding reads
         self.tickets: dict[int, tuple[int, list[tuple[int, int]]]] = {}
-        self.slot_table = torch.full((layer.num_experts,), -1, dtype=torch.int32)  # expert -> slot, or -1
+        # expert -> slot, or -1 (on the host: the executor indexes it with Python lists)
+        self.slot_table = torch.full((layer.num_experts,), -1, dtype=torch.int32)
         names = layer.layout
         self.segment = Segment(
             start=0,
@@ -236,9 +238,10 @@ class LayerCache(SlotMap):
         """Queue the reads of ``(expert, slot)`` pairs."""
         for expert, slot in loads:
             tickets = []
-            for name, loc in self.locations.items():
-                offset, nbytes = loc.range_of(expert)
-                ticket = self.loader.submit(loc.path, [(offset, nbytes)], self.tensors[name][slot], priority)
+            for name, dest in self.tensors.items():
+                ticket, nbytes = self.store.submit(
+                    self.loader, self.layer, expert, name, dest[slot], priority
+                )
                 tickets.append((ticket, nbytes))
                 self.stats.bytes_read += nbytes
             self.tickets[slot] = (priority, tickets)

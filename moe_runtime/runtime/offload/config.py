@@ -94,14 +94,17 @@ class OffloadConfig:
 
     Attributes:
         tier: ``"disk"`` (experts read from the checkpoint files, fast tier RAM) or ``"cpu"``
-            (pinned host memory, fast tier GPU memory): refused, not implemented in this version.
+            (every expert in host memory, page-locked with a GPU; fast tier the compute device:
+            the GPU when there is one, else the CPU, where the tier saves no memory and serves to
+            run the cache and policies without disk reads). See :mod:`.host`.
         budget: fast-tier budget, see :func:`parse_budget`.
         policy: eviction policy (``lru``, ``lfu``, ``profile``).
         prefetch: prefetchers to run (``router``, ``trajectory``).
         profile_scores: ``{layer: {expert: score}}`` for the ``profile`` policy.
         num_threads: loader reader threads.
         cache_dir: where a packed expert file goes when the checkpoint needs one.
-        compute_threads: torch intra-op threads while serving from the disk tier. ``"auto"``
+        compute_threads: torch intra-op threads while serving from the disk tier (the ``cpu``
+            tier has no reader threads and leaves torch as is). ``"auto"``
             keeps one core free for the loader (at most the available cores minus one, never more
             than torch already uses): OpenMP compute threads spin at every barrier, so a compute
             thread pre-empted by a reader stalls all of them (measured here on 2 cores: 1 compute
@@ -120,7 +123,7 @@ class OffloadConfig:
 
     def resolved_compute_threads(self) -> int | None:
         """The intra-op thread count to serve with, or None to leave torch's setting."""
-        if self.compute_threads is None:
+        if self.compute_threads is None or self.tier != "disk":
             return None
         if self.compute_threads == "auto":
             try:
@@ -130,17 +133,16 @@ class OffloadConfig:
             return max(1, min(torch.get_num_threads(), cores - 1))
         return int(self.compute_threads)
 
+    def device(self) -> torch.device:
+        """The compute device: the fast tier's slots and the resident weights live there."""
+        if self.tier == "cpu" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def validate(self) -> None:
         """Raises UsageError on a bad tier, policy, prefetcher or budget."""
         if self.tier not in TIERS:
             raise UsageError(f"--offload '{self.tier}': choose from none, {', '.join(TIERS)}")
-        if self.tier == "cpu" and not torch.cuda.is_available():
-            raise UsageError(
-                "--offload cpu keeps experts in pinned host memory for a GPU, and no GPU is available "
-                "(use --offload disk)"
-            )
-        if self.tier == "cpu":
-            raise UsageError("--offload cpu is not implemented in this version (use --offload disk)")
         if self.policy not in POLICIES:
             raise UsageError(f"unknown cache policy '{self.policy}' (choose from {', '.join(POLICIES)})")
         for name in self.prefetch:

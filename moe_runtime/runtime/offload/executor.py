@@ -29,6 +29,7 @@ from ..arena import ExpertArena, LayerSlots
 from ..executor import OwnerRouting
 from .cache import LayerCache, OffloadStats
 from .config import OffloadConfig, parse_budget, slots_per_layer
+from .host import HostCopier, HostStore
 from .policies import RouterPrefetcher, TrajectoryPrefetcher, make_policy
 from .store import ExpertStore
 
@@ -60,8 +61,9 @@ class OffloadExecutor(OwnerRouting):
     Args:
         arena: the model's expert arena (adapter experts; the base experts are not materialized).
         store: where the base experts live on disk.
-        config: budget, policy, prefetchers.
-        loader: an ``ExpertLoader`` (default: a new one with ``config.num_threads`` threads).
+        config: tier, budget, policy, prefetchers.
+        loader: an ``ExpertLoader`` (default: a new one with ``config.num_threads`` threads); with
+            the ``cpu`` tier it reads the experts into host memory once.
     """
 
     def __init__(self, arena: ExpertArena, store: ExpertStore, config: OffloadConfig, *, loader=None) -> None:
@@ -72,22 +74,34 @@ class OffloadExecutor(OwnerRouting):
         threads = config.resolved_compute_threads()
         if threads is not None:
             torch.set_num_threads(threads)  # see OffloadConfig.compute_threads
-        self.store = store
         self.config = config
         info = arena.info
         self.num_slots = slots_per_layer(info, parse_budget(config.budget))
+        self.device = config.device()
         self.stats = OffloadStats()
         self.policy = make_policy(config.policy, slots=self.num_slots, scores=config.profile_scores)
-        self.loader = loader if loader is not None else ExpertLoader(config.num_threads)
+        if config.tier == "cpu":  # every expert read once into host memory; slots filled by copies
+            reader = loader if loader is not None else ExpertLoader(config.num_threads)
+            try:
+                store = HostStore(store, info, reader, pin=self.device.type == "cuda")
+            finally:
+                if loader is None:
+                    reader.close()
+            self.loader = HostCopier(self.device)
+        else:
+            self.loader = loader if loader is not None else ExpertLoader(config.num_threads)
+        self.store = store
         self.caches = {
-            layer.index: LayerCache(layer, store, self.num_slots, self.policy, self.stats, self.loader)
+            layer.index: LayerCache(
+                layer, store, self.num_slots, self.policy, self.stats, self.loader, self.device
+            )
             for layer in info.layers
         }
         for index, slots in arena.layers.items():
             slots.base = self.caches[index].segment  # adapter chunks take the slots' shape and dtype
             if slots.table.is_meta:  # made beside the meta expert parameters: no adapter rows yet
                 slots.table = (
-                    torch.arange(slots.num_experts, dtype=torch.int32)[None]
+                    torch.arange(slots.num_experts, dtype=torch.int32, device=self.device)[None]
                     .expand(slots.table.shape[0], -1)
                     .contiguous()
                 )
@@ -222,7 +236,7 @@ class OffloadExecutor(OwnerRouting):
                 slot_of = torch.full((num_experts,), -1, dtype=torch.int32)
                 ids = torch.tensor(group, dtype=torch.int64)
                 slot_of[ids] = cache.slot_table[ids]
-            base = slot_of[table.long().clamp(max=num_experts - 1)]
+            base = slot_of.to(table.device)[table.long().clamp(max=num_experts - 1)]
             if chunks:
                 adapter = table - num_experts + size if first else torch.full_like(table, -1)
                 combined = torch.where(table < num_experts, base, adapter)

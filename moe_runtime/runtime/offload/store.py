@@ -92,6 +92,12 @@ class ExpertStore:
     def expert_bytes(self, layer: int) -> int:
         return sum(loc.nbytes for loc in self.locations[layer].values())
 
+    def submit(self, loader, layer: int, expert: int, name: str, dest: torch.Tensor, priority: int):
+        """Queue the read of one expert's slice of ``name`` into ``dest``; returns ``(ticket, bytes)``."""
+        loc = self.locations[layer][name]
+        offset, nbytes = loc.range_of(expert)
+        return loader.submit(loc.path, [(offset, nbytes)], dest, priority), nbytes
+
 
 # checkpoint scanning -------------------------------------------------------------------------
 
