@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-
 from tqdm.auto import tqdm
 
 from ...models.discovery import MoEModelInfo
