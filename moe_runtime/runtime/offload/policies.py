@@ -225,7 +225,7 @@ class TrajectoryPrefetcher:
 
     def observe(self, layer: int, experts: torch.Tensor) -> None:
         """Record the expert ids (any shape) used at ``layer`` in the current step."""
-        ids = experts.reshape(-1).to(torch.int64)
+        ids = experts.reshape(-1).to("cpu", torch.int64)
         ids = ids[(ids >= 0) & (ids < self.num_experts)]
         self._current[self.pos[layer]] += torch.bincount(ids, minlength=self.num_experts).float()
 
