@@ -142,6 +142,22 @@ def test_multi_pass_layers_equal_resident(tmp_path, slots):
     assert stats.passes > 2 * 6  # 2 layers x 6 forwards: layers ran in several passes
 
 
+def test_generation_config_eos_wins_as_in_transformers(tmp_path):
+    """generation_config.json's eos (not config.json's) ends offloaded requests, as resident ones."""
+    import json
+
+    path = save_checkpoint(tmp_path / "ckpt", "mixtral", num_hidden_layers=2)
+    free = DecodeConfig(max_new_tokens=6, stop_on_eos=False)
+    tokens = MultiAdapterEngine.from_pretrained(path).generate(_requests([None]), free)[0].token_ids
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": tokens[2]}))
+    served = []
+    for offload in (None, OffloadConfig(budget="50%", cache_dir=str(tmp_path / "c"))):
+        engine = MultiAdapterEngine.from_pretrained(path, offload=offload)
+        served.append([c.token_ids for c in engine.generate(_requests([None]), DecodeConfig(max_new_tokens=6))])
+    assert served[0] == served[1]
+    assert served[0][0] == tokens[: tokens.index(tokens[2]) + 1]  # stopped at the new eos
+
+
 def test_model_loaded_without_experts_matches_checkpoint(checkpoints, tmp_path):
     for family in ("mixtral", "gpt_oss"):
         path = checkpoints[family]

@@ -209,7 +209,7 @@ def _load_offloaded(
     Raises:
         UsageError: not a safetensors checkpoint, a weight is missing, or the experts cannot be mapped.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import (
         WeightConverter,
@@ -227,6 +227,8 @@ def _load_offloaded(
     dtype = _resolve_dtype(config, files, dtype)
     with torch.device("meta"):
         net = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if (path / "generation_config.json").is_file():  # as from_pretrained: it wins over config.json (eos)
+        net.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
     info = find_moe_layers(net)
     mapping = get_model_conversion_mapping(net)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
