@@ -166,7 +166,8 @@ class MultiAdapterEngine:
                     "cannot be served per request (serve esft or routed-lora adapters, or merge it into the model)"
                 )
             adapter = read_adapter(adapter)
-        # offload: the check reads the base experts the adapter replaces
+        # offload: the check reads the base experts the adapter replaces (ids checked first)
+        adapter.check_selection(self.info)
         reading = (
             contextlib.nullcontext()
             if self.offload is None

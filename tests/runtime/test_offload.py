@@ -158,6 +158,21 @@ def test_generation_config_eos_wins_as_in_transformers(tmp_path):
     assert served[0][0] == tokens[: tokens.index(tokens[2]) + 1]  # stopped at the new eos
 
 
+def test_adapter_with_bad_expert_ids_is_refused_before_reading(checkpoints, tmp_path):
+    import json
+
+    from moe_runtime.errors import AdapterError
+
+    path = checkpoints["mixtral"]
+    adapter = make_adapter(load_model(path), tmp_path / "a", {0: [1]}, seed=0)
+    cfg = json.loads((adapter / "expert_cfg.json").read_text())
+    cfg["experts"]["0"] = [1, 99]
+    (adapter / "expert_cfg.json").write_text(json.dumps(cfg))
+    engine = MultiAdapterEngine.from_pretrained(path, offload=OffloadConfig(cache_dir=str(tmp_path / "c")))
+    with pytest.raises(AdapterError, match="99"):
+        engine.add_adapter("a", adapter)
+
+
 def test_model_loaded_without_experts_matches_checkpoint(checkpoints, tmp_path):
     for family in ("mixtral", "gpt_oss"):
         path = checkpoints[family]

@@ -68,6 +68,19 @@ class ESFTAdapter:
     def name(self) -> str:
         return self.path.name
 
+    def check_selection(self, info: MoEModelInfo) -> None:
+        """The part of :meth:`check` that needs no weights: model type, layers and expert ids.
+
+        Raises:
+            AdapterError: naming the adapter and what does not fit.
+        """
+        tuned_on = (self.meta or {}).get("model_type")
+        if tuned_on and tuned_on != info.model_type:  # equal expert weights do not make it the same model
+            raise AdapterError(
+                f"{self.path}: tuned on model type '{tuned_on}', the base model is '{info.model_type}'"
+            )
+        self.selection.validate(info, f"{self.path}/expert_cfg.json", AdapterError)
+
     def check(self, model: nn.Module, info: MoEModelInfo) -> None:
         """Match every tensor to the base model: names, shapes, expert ids, base fingerprint.
 
@@ -77,12 +90,7 @@ class ESFTAdapter:
             AdapterError: naming the adapter, the key and what does not fit.
         """
         where = str(self.path)
-        tuned_on = (self.meta or {}).get("model_type")
-        if tuned_on and tuned_on != info.model_type:  # equal expert weights do not make it the same model
-            raise AdapterError(
-                f"{where}: tuned on model type '{tuned_on}', the base model is '{info.model_type}'"
-            )
-        self.selection.validate(info, f"{where}/expert_cfg.json", AdapterError)
+        self.check_selection(info)
         params = dict(model.named_parameters())
         by_module = {layer.experts_name: layer for layer in info.layers}
         shared_prefixes = tuple(f"{name}." for layer in info.layers for name in layer.shared_names)
