@@ -209,6 +209,10 @@ def test_budget_errors(checkpoints, tmp_path):
         MultiAdapterEngine.from_pretrained(path, offload=OffloadConfig(budget=1000, cache_dir=str(tmp_path)))
     with pytest.raises(UsageError, match="--offload 'gpu'"):
         OffloadConfig(tier="gpu").validate()
+    for scores, message in [({0: {99: 1.0}}, "expert 99"), ({57: {0: 1.0}}, "layer 57")]:  # another model's profile
+        config = OffloadConfig(policy="profile", profile_scores=scores, cache_dir=str(tmp_path))
+        with pytest.raises(UsageError, match=message):
+            MultiAdapterEngine.from_pretrained(path, offload=config)
 
 
 class FlakyLoader:

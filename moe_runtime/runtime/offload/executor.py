@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ...errors import UsageError
 from ...models import state_of
 from ...ops.experts_mm import Segment, segmented_experts
 from ...ops.reroute import reroute_permute
@@ -53,6 +54,25 @@ def router_weights(info) -> dict[int, torch.Tensor]:
     return out
 
 
+def _check_scores(scores: dict[int, dict[int, float]] | None, info) -> None:
+    """Profile scores must name this model's MoE layers and experts (a profile of another model does not)."""
+    if not scores:
+        return
+    sizes = {layer.index: layer.num_experts for layer in info.layers}
+    for layer, row in scores.items():
+        if layer not in sizes:
+            raise UsageError(
+                f"routing profile: layer {layer} is not an MoE layer of this model "
+                f"(MoE layers {info.layer_indices}); was it made for another model?"
+            )
+        bad = [e for e in row if not 0 <= e < sizes[layer]]
+        if bad:
+            raise UsageError(
+                f"routing profile: layer {layer} names expert {bad[0]}, this model has {sizes[layer]} "
+                "experts there; was it made for another model?"
+            )
+
+
 class OffloadExecutor(OwnerRouting):
     """Runs every experts module of the arena's model from per-layer expert caches.
 
@@ -79,6 +99,7 @@ class OffloadExecutor(OwnerRouting):
         self.num_slots = slots_per_layer(info, parse_budget(config.budget))
         self.device = config.device()
         self.stats = OffloadStats()
+        _check_scores(config.profile_scores, info)
         self.policy = make_policy(config.policy, slots=self.num_slots, scores=config.profile_scores)
         if config.tier == "cpu":  # every expert read once into host memory; slots filled by copies
             reader = loader if loader is not None else ExpertLoader(config.num_threads)
