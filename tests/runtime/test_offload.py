@@ -153,7 +153,9 @@ def test_generation_config_eos_wins_as_in_transformers(tmp_path):
     served = []
     for offload in (None, OffloadConfig(budget="50%", cache_dir=str(tmp_path / "c"))):
         engine = MultiAdapterEngine.from_pretrained(path, offload=offload)
-        served.append([c.token_ids for c in engine.generate(_requests([None]), DecodeConfig(max_new_tokens=6))])
+        served.append(
+            [c.token_ids for c in engine.generate(_requests([None]), DecodeConfig(max_new_tokens=6))]
+        )
     assert served[0] == served[1]
     assert served[0][0] == tokens[: tokens.index(tokens[2]) + 1]  # stopped at the new eos
 
@@ -209,7 +211,10 @@ def test_budget_errors(checkpoints, tmp_path):
         MultiAdapterEngine.from_pretrained(path, offload=OffloadConfig(budget=1000, cache_dir=str(tmp_path)))
     with pytest.raises(UsageError, match="--offload 'gpu'"):
         OffloadConfig(tier="gpu").validate()
-    for scores, message in [({0: {99: 1.0}}, "expert 99"), ({57: {0: 1.0}}, "layer 57")]:  # another model's profile
+    for scores, message in [
+        ({0: {99: 1.0}}, "expert 99"),
+        ({57: {0: 1.0}}, "layer 57"),
+    ]:  # another model's profile
         config = OffloadConfig(policy="profile", profile_scores=scores, cache_dir=str(tmp_path))
         with pytest.raises(UsageError, match=message):
             MultiAdapterEngine.from_pretrained(path, offload=config)
@@ -356,6 +361,20 @@ def test_corrupt_checkpoint_is_a_usage_error(checkpoints, tmp_path):
         f.truncate(1000)
     with pytest.raises(UsageError, match="cannot load for offloading"):
         load_offloaded_model(bad, cache_dir=tmp_path / "cache")
+
+
+def test_truncated_packed_file_is_made_again(checkpoints, tmp_path):
+    path, cache = checkpoints["qwen2_moe"], tmp_path / "cache"
+    _, info, store = load_offloaded_model(path, cache_dir=cache)
+    last = info.layers[-1]
+    before = store.read_expert(last.index, last.num_experts - 1)  # in the half cut off below
+    size = store.packed_path.stat().st_size
+    with open(store.packed_path, "r+b") as f:
+        f.truncate(size // 2)
+    _, _, again = load_offloaded_model(path, cache_dir=cache)
+    assert again.packed_path == store.packed_path and store.packed_path.stat().st_size == size
+    after = again.read_expert(last.index, last.num_experts - 1)
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])

@@ -364,6 +364,12 @@ def _packed_locations(path: Path, info: MoEModelInfo, shapes, dtype) -> dict | N
     }
     if stored.get("layers") != expected:
         return None
+    end = max(
+        entry["offset"] + entry["record"] * info.by_index(index).num_experts
+        for index, entry in layout.items()
+    )
+    if path.stat().st_size < end:  # cut short since it was written: made again
+        return None
     return _as_locations(path, layout)
 
 
