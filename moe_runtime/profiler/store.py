@@ -157,9 +157,7 @@ def _load_task(directory: Path, meta: ProfileMeta) -> TaskProfile:
     trace = seq_lengths = None
     trace_file = directory / "trace.npz"
     if trace_file.exists():
-        with np.load(trace_file) as data:
-            trace = [data[f"layer_{layer}"] for layer in meta.layers]
-            seq_lengths = data["seq_lengths"]
+        trace, seq_lengths = _load_trace(trace_file, meta)
     return TaskProfile(
         counts=counts,
         gate_sums=gate_sums,
@@ -169,6 +167,42 @@ def _load_task(directory: Path, meta: ProfileMeta) -> TaskProfile:
         seq_lengths=seq_lengths,
         sources=list(raw.get("sources", [])),
     )
+
+
+def _load_trace(path: Path, meta: ProfileMeta) -> tuple[list[np.ndarray], np.ndarray]:
+    """A task's ``trace.npz``: per layer ``[tokens, K]`` expert ids in range, lengths that add up.
+
+    Raises:
+        UsageError: unreadable, or arrays missing or inconsistent (path, array and problem named).
+    """
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            trace = [np.asarray(data[f"layer_{layer}"]) for layer in meta.layers]
+            seq_lengths = np.asarray(data["seq_lengths"])
+    except KeyError as exc:
+        raise UsageError(
+            f"trace '{path}': no array {exc} (expected layer_<i> per MoE layer and seq_lengths)"
+        ) from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise UsageError(
+            f"trace '{path}': unreadable ({str(exc).strip() or exc.__class__.__name__})"
+        ) from None
+    tokens = len(trace[0]) if trace else 0
+    for layer, ids in zip(meta.layers, trace):
+        where = f"trace '{path}': layer_{layer}"
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise UsageError(
+                f"{where}: expected a [tokens, top-k] integer array, got {ids.dtype} {ids.shape}"
+            )
+        if len(ids) != tokens:
+            raise UsageError(f"{where}: {len(ids)} tokens, layer_{meta.layers[0]} has {tokens}")
+        if ids.size and (ids.min() < -1 or ids.max() >= meta.num_experts):  # -1: no expert (some routers)
+            raise UsageError(f"{where}: expert ids outside [0, {meta.num_experts})")
+    if seq_lengths.ndim != 1 or int(seq_lengths.sum()) != tokens or (seq_lengths < 0).any():
+        raise UsageError(f"trace '{path}': seq_lengths do not add up to the {tokens} traced tokens")
+    return trace, seq_lengths
 
 
 def load_profile(directory: str | Path) -> tuple[ProfileMeta, dict[str, TaskProfile]]:

@@ -74,6 +74,44 @@ def test_simulate_cli(capsys, moe_checkpoint, task_files, tmp_path):
         assert main(["simulate", "--trace", str(tmp_path / "prof"), *bad]) == 2
     assert main(["simulate", "--trace", str(tmp_path), "--budget", "50%"]) == 2
     assert "error" in capsys.readouterr().err
+    _check_bad_traces(capsys, tmp_path / "prof")
+
+
+def _check_bad_traces(capsys, profile):
+    """Corrupt or inconsistent trace.npz files: exit 2 with one line naming the file and the problem."""
+    import shutil
+
+    task = next(p for p in sorted(profile.iterdir()) if (p / "trace.npz").exists())
+    with np.load(task / "trace.npz") as data:
+        good = {k: data[k] for k in data.files}
+    first = next(k for k in good if k.startswith("layer_"))
+    cases = {
+        "empty file": b"",
+        "cut short": (task / "trace.npz").read_bytes()[:100],
+        "random bytes": bytes(range(256)) * 4,
+        "no array": {k: v for k, v in good.items() if k != first},
+        "1-D": {**good, first: good[first].reshape(-1)},
+        "shorter layer": {**good, first: good[first][:-1]},
+        "expert ids outside": {**good, first: good[first].astype(np.int64) + 1000},
+        "seq_lengths": {**good, "seq_lengths": good["seq_lengths"] + 1},
+    }
+    for name, content in cases.items():
+        bad = profile.parent / "bad_prof"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(profile, bad)
+        target = bad / task.name / "trace.npz"
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.unlink()
+            np.savez(target, **content)
+        code = main(["simulate", "--trace", str(bad), "--budget", "50%"])
+        err = capsys.readouterr().err
+        assert code == 2, name
+        assert "trace.npz" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (
+            name,
+            err,
+        )
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "lru+trajectory"])

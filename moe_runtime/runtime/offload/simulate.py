@@ -47,6 +47,8 @@ def load_trace(directory: str | Path, tasks: Sequence[str] | None = None):
         if profiles[name].trace is None:
             raise UsageError(f"profile {directory}: task '{name}' has no trace (profile with --trace)")
     trace = [np.concatenate([profiles[n].trace[i] for n in names]) for i in range(len(meta.layers))]
+    if not len(trace[0]):
+        raise UsageError(f"profile {directory}: the trace of {', '.join(names)} holds no tokens")
     counts = sum(profiles[n].counts for n in names)
     scores = {layer: {e: float(c) for e, c in enumerate(row)} for layer, row in zip(meta.layers, counts)}
     return meta.layers, meta.num_experts, meta.top_k, trace, scores
