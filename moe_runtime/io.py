@@ -15,7 +15,14 @@ from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["atomic_dir", "atomic_write_text", "atomic_write_json", "check_output_dir", "write_json_lines"]
+__all__ = [
+    "atomic_dir",
+    "atomic_write_text",
+    "atomic_write_json",
+    "check_output_dir",
+    "check_output_file",
+    "write_json_lines",
+]
 
 
 def _umask() -> int:
@@ -31,6 +38,36 @@ def _make_parent(path: Path) -> None:
         raise UsageError(f"output '{path}': cannot create its directory ({exc.strerror or exc})") from None
 
 
+def _check_writable(path: Path) -> None:
+    """Refuse ``path`` if its directory (or the nearest existing ancestor) does not take new files."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"output '{path}': cannot create its directory ('{parent}' is not a directory)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise UsageError(f"output '{path}': cannot write in '{parent}' ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: str | Path) -> Path:
+    """Refuse an output file path :func:`atomic_write_text` would fail on; call it before long work.
+
+    Nothing is created.
+
+    Raises:
+        UsageError: ``path`` is a directory, or its directory cannot take new files.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"output '{path}' is a directory (expected a file path)")
+    _check_writable(path)
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temp file in the same directory and rename it.
 
@@ -41,7 +78,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     if path.is_dir():
         raise UsageError(f"output '{path}' is a directory (expected a file path)")
     _make_parent(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UsageError(
+            f"output '{path}': cannot write in '{path.parent}' ({exc.strerror or exc})"
+        ) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -77,6 +119,7 @@ def check_output_dir(out: str | Path, *, replace_marker: str | None = None) -> P
         replaceable = replace_marker is not None and (out / replace_marker).exists()
         if any(out.iterdir()) and not replaceable:
             raise UsageError(f"output directory '{out}' exists and is not empty")
+    _check_writable(out)
     return out
 
 
@@ -98,7 +141,10 @@ def atomic_dir(out: str | Path, *, replace_marker: str | None = None) -> Iterato
     """
     out = check_output_dir(out, replace_marker=replace_marker)
     _make_parent(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise UsageError(f"output '{out}': cannot write in '{out.parent}' ({exc.strerror or exc})") from None
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

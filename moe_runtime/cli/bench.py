@@ -123,10 +123,12 @@ def _bench_quality(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import atomic_write_json
+    from ..io import atomic_write_json, check_output_file
 
     if args.repeats <= 0:
         raise UsageError(f"--repeats must be positive, got {args.repeats}")
+    if args.json:
+        check_output_file(args.json)  # refused before the benchmark runs, not after
     if args.name == "profile":
         result = _bench_profile(args)
     elif args.name == "reroute":

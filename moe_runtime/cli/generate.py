@@ -109,6 +109,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("give exactly one of --prompt TEXT or --requests FILE")
     if args.requests is not None and not args.output:
         raise UsageError("--requests needs --output FILE")
+    if args.output:
+        from ..io import check_output_file
+
+        check_output_file(args.output)  # refused before the model loads, not after generation
     if args.prompt is not None and args.output:
         raise UsageError("--output goes with --requests (--prompt prints its completion)")
     if args.use is not None and args.prompt is None:

@@ -53,6 +53,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import check_output_dir
     from ..profiler import merge_profiles
 
     if args.merge:
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--model is required")
     if not args.task:
         raise UsageError("at least one --task NAME=PATH is required")
+    check_output_dir(args.out, replace_marker="meta.json")  # refused before profiling, not after
     for flag in ("max_tokens", "batch_size", "max_length"):
         value = getattr(args, flag)
         if value is not None and value <= 0:

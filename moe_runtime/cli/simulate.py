@@ -45,8 +45,11 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import atomic_write_json
+    from ..io import atomic_write_json, check_output_file
     from ..runtime.offload.simulate import DEFAULT_POLICIES, simulate
+
+    if args.json:
+        check_output_file(args.json)
 
     result = simulate(
         args.trace,

@@ -254,7 +254,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..data import read_examples
-    from ..io import atomic_write_json
+    from ..io import atomic_write_json, check_output_file
     from ..models import load_model, load_tokenizer
     from ..tuning import apply_adapter
     from ..tuning.evaluate import exact_match, mean_token_loss
@@ -262,6 +262,8 @@ def run_eval(args: argparse.Namespace) -> int:
     for flag in ("max_length", "batch_size"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
+    if args.json:
+        check_output_file(args.json)  # refused before the model runs
     examples = read_examples(args.data)
     model = load_model(args.model, dtype="float32")
     tokenizer = load_tokenizer(args.model)

@@ -199,6 +199,30 @@ def test_outputs_that_are_directories_exit_2(capsys, tmp_path, f32_checkpoint, d
     assert_usage_error(code, err, "cannot create its directory")
 
 
+def test_unwritable_outputs_exit_2_before_any_work(capsys, tmp_path, monkeypatch, f32_checkpoint):
+    """A read-only place (EROFS from mkstemp) is refused up front, for every verb that writes a file."""
+    import errno
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    requests = write_jsonl(tmp_path / "req.jsonl", [{"prompt": PROMPTS[0], "max_new_tokens": 1}])
+    missing = tmp_path / "no_model"  # never loaded: the output is refused first
+    for argv in [
+        ("generate", "--model", missing, "--requests", requests, "--output", tmp_path / "ro" / "out.jsonl"),
+        ("bench", "offload", "--offload-size", "smoke", "--json", tmp_path / "b.json"),
+        ("simulate", "--trace", tmp_path, "--budget", "25%", "--json", tmp_path / "s.json"),
+        ("profile", "--model", missing, "--task", f"t={requests}", "--out", tmp_path / "prof"),
+        ("eval", "--model", missing, "--data", requests, "--json", tmp_path / "e.json"),
+        ("tune", "--model", missing, "--data", requests, "--method", "full", "--out", tmp_path / "ad"),
+    ]:
+        code, _, err = run_cli(capsys, *argv)
+        assert_usage_error(code, err, "Read-only file system")
+
+
 # an ESFT adapter of another family whose expert weights happen to be equal (same seed and sizes) ------
 
 
