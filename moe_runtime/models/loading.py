@@ -55,6 +55,7 @@ def load_model(model: str | Path, *, dtype: torch.dtype | str | None = None, **k
     Raises:
         UsageError: the directory does not hold a loadable model.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model)
@@ -62,7 +63,7 @@ def load_model(model: str | Path, *, dtype: torch.dtype | str | None = None, **k
         loaded = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, dtype=dtype or "auto", **kwargs
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise UsageError(f"model '{model}': cannot load ({first})") from None
     return loaded.eval()

@@ -199,6 +199,18 @@ def test_outputs_that_are_directories_exit_2(capsys, tmp_path, f32_checkpoint, d
     assert_usage_error(code, err, "cannot create its directory")
 
 
+def test_truncated_checkpoint_exit_2(capsys, tmp_path, f32_checkpoint):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(f32_checkpoint, bad)
+    weights = next(bad.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for extra in ([], ["--offload", "disk"]):
+        code, _, err = run_cli(capsys, "generate", "--model", bad, "--prompt", "hi", *extra)
+        assert_usage_error(code, err, str(bad))
+
+
 def test_unwritable_outputs_exit_2_before_any_work(capsys, tmp_path, monkeypatch, f32_checkpoint):
     """A read-only place (EROFS from mkstemp) is refused up front, for every verb that writes a file."""
     import errno
