@@ -172,4 +172,7 @@ def _bench_offload(args: argparse.Namespace) -> dict:
     settings = OffloadBenchSettings.smoke() if args.offload_size == "smoke" else OffloadBenchSettings()
     settings.budget = args.expert_budget
     settings.accelerate = not args.no_accelerate
-    return {"bench": "offload", **bench_offload(settings)}
+    result = {"bench": "offload", **bench_offload(settings)}
+    if args.offload_size == "smoke":
+        result["note"] = "smoke size: shows the benchmark runs; its timings and memory figures mean nothing"
+    return result

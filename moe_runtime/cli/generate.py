@@ -118,7 +118,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.use is not None and args.prompt is None:
         raise UsageError("--use goes with --prompt (requests name their adapter)")
     if args.offload == "none" and (
-        args.expert_budget or args.prefetch or args.pin_profile or args.cache_policy != "lru"
+        args.expert_budget is not None or args.prefetch or args.pin_profile or args.cache_policy != "lru"
     ):
         raise UsageError(
             "--expert-budget, --cache-policy, --pin-profile and --prefetch go with --offload disk or cpu"
@@ -144,7 +144,7 @@ def _offload_config(args: argparse.Namespace):
         scores = {layer: {e: float(c) for e, c in enumerate(row)} for layer, row in zip(meta.layers, counts)}
     config = OffloadConfig(
         tier=args.offload,
-        budget=args.expert_budget or "25%",
+        budget="25%" if args.expert_budget is None else args.expert_budget,
         policy=args.cache_policy,
         prefetch=tuple(args.prefetch),
         profile_scores=scores,

@@ -62,12 +62,11 @@ def run(args: argparse.Namespace) -> int:
         f"budget {result['budget']}: {result['slots_per_layer']} of {result['num_experts']} experts per layer, "
         f"{result['tokens']} tokens, {result['tokens_per_step']} per step"
     )
-    width = max(len(name) for name in result["policies"])
+    width = max(len("policy"), *(len(name) for name in result["policies"]))
     print(f"{'policy':<{width}}  hit rate  misses  prefetch acc.")
     for name, row in result["policies"].items():
-        print(
-            f"{name:<{width}}  {row['hit_rate']:8.3f}  {row['misses']:6d}  {row['prefetch_accuracy']:13.3f}"
-        )
+        accuracy = f"{row['prefetch_accuracy']:13.3f}" if "+" in name else f"{'n/a':>13}"
+        print(f"{name:<{width}}  {row['hit_rate']:8.3f}  {row['misses']:6d}  {accuracy}")
     if args.json:
         atomic_write_json(args.json, result)
     return 0

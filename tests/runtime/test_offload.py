@@ -303,6 +303,7 @@ def test_generate_cli_offload(capsys, checkpoints, tmp_path, monkeypatch):
         (["--expert-budget", "25%"], "go with --offload disk"),
         (["--offload", "cpu", "--expert-budget", "5%"], "working set"),
         (["--offload", "disk", "--cache-policy", "profile"], "needs --pin-profile"),
+        (["--offload", "disk", "--expert-budget", ""], "--expert-budget ''"),
     ]:
         out = tmp_path / "bad.jsonl"
         code = main([str(a) for a in [*common, "--output", out, *bad]])
@@ -350,6 +351,12 @@ def test_sharded_checkpoint(checkpoints, tmp_path, family):
         _serve(MultiAdapterEngine.from_pretrained(sharded, offload=config), _requests([None]))[0]
         == resident[0]
     )
+
+
+def test_unusable_cache_dir_names_the_cache(checkpoints, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="offload cache .*MOE_RUNTIME_CACHE"):
+        load_offloaded_model(checkpoints["qwen2_moe"], cache_dir=tmp_path / "file" / "sub")
 
 
 def test_corrupt_checkpoint_is_a_usage_error(checkpoints, tmp_path):

@@ -70,8 +70,24 @@ def test_simulate_cli(capsys, moe_checkpoint, task_files, tmp_path):
     assert set(result["policies"]) >= {"lru", "lfu", "profile", "lru+trajectory"}
     assert all(0 <= row["hit_rate"] <= 1 for row in result["policies"].values())
     assert "lru" in out
-    for bad in (["--budget", "2GB"], ["--budget", "1%"], ["--budget", "50%", "--policy", "mru"]):
+    bad_args = [
+        (["--budget", "2GB"], "--budget 2GB"),
+        (["--budget", "1%"], "--budget"),
+        (["--budget", "150%"], "--budget '150%'"),
+        (["--budget", "abc"], "--budget 'abc'"),
+        (["--budget", "50%", "--policy", "mru"], "--policy 'mru'"),
+        (["--budget", "50%", "--policy", "lru+"], "--policy 'lru+'"),
+    ]
+    for bad, message in bad_args:
+        capsys.readouterr()
         assert main(["simulate", "--trace", str(tmp_path / "prof"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "--expert-budget" not in err, err
+    assert main(["simulate", "--trace", str(tmp_path / "prof"), "--budget", "50%", "--policy", "lru"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rate = lines[2].split()[1]
+    assert lines[1].index("hit rate") + len("hit rate") == lines[2].index(rate) + len(rate)  # columns aligned
+    assert lines[2].split()[-1] == "n/a"  # no prefetcher, no prefetch accuracy
     assert main(["simulate", "--trace", str(tmp_path), "--budget", "50%"]) == 2
     assert "error" in capsys.readouterr().err
     _check_bad_traces(capsys, tmp_path / "prof")

@@ -30,8 +30,10 @@ class Budget:
         return f"{self.share * 100:g}%" if self.share is not None else f"{self.bytes} bytes"
 
 
-def parse_budget(value: str | float | int | Budget) -> Budget:
+def parse_budget(value: str | float | int | Budget, flag: str = "--expert-budget") -> Budget:
     """``"25%"`` / ``0.25`` -> a share; ``"2GB"``, ``"512MiB"``, ``1000000`` (int) -> bytes.
+
+    ``flag`` names the option in error messages.
 
     Raises:
         UsageError: malformed, or a share outside (0, 100%].
@@ -42,7 +44,7 @@ def parse_budget(value: str | float | int | Budget) -> Budget:
         share = value
     elif isinstance(value, int):
         if value <= 0:
-            raise UsageError(f"--expert-budget {value}: must be positive")
+            raise UsageError(f"{flag} {value}: must be positive")
         return Budget(bytes=value)
     else:
         text = str(value).strip().lower().replace(" ", "")
@@ -50,19 +52,17 @@ def parse_budget(value: str | float | int | Budget) -> Budget:
             try:
                 share = float(text[:-1]) / 100
             except ValueError:
-                raise UsageError(
-                    f"--expert-budget '{value}': expected a share like 25% or a size like 2GB"
-                ) from None
+                raise UsageError(f"{flag} '{value}': expected a share like 25% or a size like 2GB") from None
         else:
             match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]i?b|b)?", text)
             if not match:
-                raise UsageError(f"--expert-budget '{value}': expected a share like 25% or a size like 2GB")
+                raise UsageError(f"{flag} '{value}': expected a share like 25% or a size like 2GB")
             size = int(float(match[1]) * _UNITS[match[2] or ""])
             if size <= 0:
-                raise UsageError(f"--expert-budget '{value}': must be positive")
+                raise UsageError(f"{flag} '{value}': must be at least one byte (or a share like 25%)")
             return Budget(bytes=size)
     if not (0 < share <= 1):
-        raise UsageError(f"--expert-budget '{value}': a share must lie in (0%, 100%]")
+        raise UsageError(f"{flag} '{value}': a share must lie in (0%, 100%]")
     return Budget(share=share)
 
 

@@ -55,8 +55,8 @@ def load_trace(directory: str | Path, tasks: Sequence[str] | None = None):
 
 
 def _parse_policy(spec: str) -> tuple[str, bool]:
-    name, _, extra = spec.partition("+")
-    if name not in POLICIES or extra not in ("", "trajectory"):
+    name, plus, extra = spec.partition("+")
+    if name not in POLICIES or (plus and extra != "trajectory"):
         raise UsageError(
             f"--policy '{spec}': expected one of {', '.join(POLICIES)}, optionally with '+trajectory'"
         )
@@ -152,7 +152,7 @@ def simulate(
     Raises:
         UsageError: bad budget (bytes are not accepted: a trace has no weights), policy or trace.
     """
-    parsed = parse_budget(budget)
+    parsed = parse_budget(budget, "--budget")
     if parsed.share is None:
         raise UsageError(
             f"--budget {budget}: give a share of the experts (e.g. 25%); a trace has no weight sizes"

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,6 +306,7 @@ def _load_offloaded(
         packed_path = cache / _checkpoint_key(files, dtype) / "experts.bin"
         packed = _packed_locations(packed_path, info, shapes, dtype)
         if packed is None:
+            _check_cache_dir(packed_path.parent)
             packed = _write_packed(
                 packed_path, net, info, shapes, dtype, to_pack, locations, mapping, converters
             )
@@ -405,6 +407,20 @@ def _layer_tensors(
             if name.startswith(f"{layer.experts_name}."):
                 out[name[len(layer.experts_name) + 1 :]] = value
     return out
+
+
+def _check_cache_dir(directory: Path) -> None:
+    """The packed file's directory must be creatable and writable (a cache problem, not the model's)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, suffix=".probe")
+    except OSError as exc:
+        raise UsageError(
+            f"offload cache '{directory}': cannot write the packed expert file there ({exc.strerror or exc}); "
+            "set MOE_RUNTIME_CACHE (or OffloadConfig.cache_dir) to a writable directory"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _write_packed(path: Path, net, info, shapes, dtype, to_pack, direct, mapping, converters) -> dict:
