@@ -12,6 +12,7 @@ import traceback
 
 from ..errors import UsageError
 from . import bench, demo, generate, profile, select, simulate, tune
+from ._common import close_distributed
 
 __all__ = ["main", "build_parser"]
 
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print("moe-runtime: internal error (see the traceback above)", file=sys.stderr)
         return 1
+    finally:
+        if "torch" in sys.modules:  # never import torch just for this
+            close_distributed()
 
 
 if __name__ == "__main__":  # pragma: no cover

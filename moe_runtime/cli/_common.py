@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-__all__ = ["add_verb", "not_yet_available", "init_distributed", "is_rank_zero"]
+__all__ = ["add_verb", "close_distributed", "not_yet_available", "init_distributed", "is_rank_zero"]
 
 
 def add_verb(
@@ -44,6 +44,15 @@ def init_distributed() -> tuple[int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend=backend)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def close_distributed() -> None:
+    """Leave the process group, if one was joined (its threads must stop before the interpreter does:
+    left to exit-time destructors, a gloo thread could abort the process after the work was done)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def is_rank_zero() -> bool:
