@@ -21,8 +21,9 @@ def register(sub) -> None:
             "--requests reads JSONL lines {'id', 'prompt', 'adapter': NAME or null, 'max_new_tokens'} and "
             "--output writes {'id', 'adapter', 'completion', 'token_ids'} per request, in input order. "
             "Greedy unless --sample. Adapters are checked against the base model first. With --offload disk "
-            "the routed experts stay in the checkpoint files and only --expert-budget of them are cached in RAM "
-            "(same tokens as without offloading); cache statistics go to stderr."
+            "the routed experts stay in the checkpoint files and only --expert-budget of them are cached in RAM; "
+            "with --offload cpu they are all in host memory and --expert-budget of them on the GPU (same tokens "
+            "as without offloading either way); cache statistics go to stderr."
         ),
         examples=[
             "moe-runtime generate --model demo --adapter arith=ad/arith --prompt '12 + 35 =' --use arith",
@@ -177,11 +178,6 @@ def run(args: argparse.Namespace) -> int:
         requests = read_requests(args.requests, adapters=adapters)
     offload = _offload_config(args)
     engine = MultiAdapterEngine.from_pretrained(args.model, offload=offload)
-    if offload is not None and offload.tier == "cpu" and offload.device().type == "cpu":
-        print(
-            "note: --offload cpu without a GPU: the expert slots are host memory too (no memory saved)",
-            file=sys.stderr,
-        )
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     completions = engine.generate(requests, config)
@@ -201,4 +197,7 @@ def run(args: argparse.Namespace) -> int:
             f"{stats.bytes_read / 1e6:.1f} MB read, {stats.stall_s:.2f} s stalled",
             file=sys.stderr,
         )
+        if offload.tier == "cpu" and offload.device().type == "cpu":
+            print("note: --offload cpu without a GPU: the expert slots are host memory too (no memory saved)",
+                  file=sys.stderr)  # fmt: skip
     return 0

@@ -210,9 +210,13 @@ def _resolve(model_type: str, overrides: dict) -> dict:
         for field in fields:
             if field in defaults and field not in explicit:
                 values[field] = value
-    if "vocab_size" in overrides and "vocab_size_per_layer_input" in values:
-        if "vocab_size_per_layer_input" not in overrides:  # per-layer embeddings index the same token ids
-            values["vocab_size_per_layer_input"] = overrides["vocab_size"]
+    # per-layer input embeddings (gemma4) index the same token ids as the main embedding
+    if (
+        "vocab_size" in overrides
+        and "vocab_size_per_layer_input" in values
+        and "vocab_size_per_layer_input" not in overrides
+    ):
+        values["vocab_size_per_layer_input"] = overrides["vocab_size"]
     n = values["num_hidden_layers"]
     return {k: v(n) if callable(v) else v for k, v in values.items()}
 

@@ -90,6 +90,7 @@ class MultiAdapterEngine:
         self.executor.attach()
         self._pending: list[tuple[Request, list[int]]] = []  # with the prompt's token ids
         self._base_fingerprint: str | None = None  # computed at the first routed-LoRA load
+        self._closed = False
 
     @classmethod
     def from_pretrained(
@@ -115,19 +116,33 @@ class MultiAdapterEngine:
         return cls(load_model(model, dtype=dtype), load_tokenizer(model))
 
     def close(self) -> None:
-        """Detach the executor and restore the model's stock experts implementation."""
+        """Detach the executor and restore the model's stock experts implementation.
+
+        The engine serves nothing afterwards (a usage error says so); closing again does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
         if self.offload is not None:  # offload: detach and stop the loader threads
             self.executor.close()
         else:
             self.executor.detach()
         uninstall(self.model, self.info)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError("this engine is closed (make a new one)")
+
     @contextlib.contextmanager
     def stock(self) -> Iterator[nn.Module]:
         """Temporarily run the bare base model with its stock experts implementation (baselines)."""
         if self.offload is not None:  # offload
-            raise UsageError("the stock model is not available with offloaded experts (they are on disk)")
-        self.close()
+            raise UsageError(
+                f"the stock model is not available with offloaded experts (they are on the {self.offload.config.tier} tier)"
+            )
+        self._check_open()
+        self.executor.detach()
+        uninstall(self.model, self.info)
         try:
             yield self.model
         finally:
@@ -152,6 +167,7 @@ class MultiAdapterEngine:
             AdapterError: the name is taken, or the adapter is missing, corrupt, does not fit this
                 base model, or tunes weights other than routed experts.
         """
+        self._check_open()
         if name in self.arena.names:
             raise AdapterError(f"adapter '{name}' is already loaded")
         if self._add_routed_lora(name, adapter):
@@ -239,6 +255,7 @@ class MultiAdapterEngine:
             AdapterError: a request names an adapter that is not loaded.
             UsageError: a bad prompt or token limit.
         """
+        self._check_open()
         batch = [requests] if isinstance(requests, Request) else list(requests)
         encoded = []
         for request in batch:
@@ -273,6 +290,7 @@ class MultiAdapterEngine:
 
     def run(self, config: DecodeConfig | None = None) -> list[Completion]:
         """Serve every pending request in mixed batches; completions in submission order."""
+        self._check_open()
         config = config or DecodeConfig()
         config.validate()
         pending, self._pending = self._pending, []
@@ -284,6 +302,7 @@ class MultiAdapterEngine:
 
     def generate(self, requests: Iterable[Request], config: DecodeConfig | None = None) -> list[Completion]:
         """Submit ``requests`` and serve them (with anything already pending, which comes first)."""
+        self._check_open()
         self.submit(requests)
         return self.run(config)
 
@@ -337,6 +356,7 @@ class MultiAdapterEngine:
         Returns:
             Per request ``[prompt length, V]``.
         """
+        self._check_open()
         owners = [self.arena.owner(r.adapter) for r in requests]
         prompts = [self._encode(r) for r in requests]
         device = next(self.model.parameters()).device

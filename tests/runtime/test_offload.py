@@ -12,7 +12,7 @@ from serving_helpers import make_adapter
 from moe_runtime.errors import UsageError
 from moe_runtime.models import find_moe_layers, load_model
 from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
-from moe_runtime.runtime.offload import OffloadConfig, load_offloaded_model, parse_budget
+from moe_runtime.runtime.offload import Budget, OffloadConfig, load_offloaded_model, parse_budget
 
 # (family, overrides): qwen2_moe / mixtral / deepseek_v3 save per-expert keys (packed file), gpt_oss fused ones.
 FAMILIES = {
@@ -205,6 +205,11 @@ def test_budget_errors(checkpoints, tmp_path):
         with pytest.raises(UsageError):
             parse_budget(bad)
     assert parse_budget("2GB").bytes == 2 * 10**9 and parse_budget("25%").share == 0.25
+    assert parse_budget("2TB").bytes == 2 * 10**12 and parse_budget(Budget(share=0.5)).share == 0.5
+    for bad in (Budget(), Budget(share=0.0), Budget(bytes=-3), Budget(share=0.5, bytes=9), True):
+        with pytest.raises(UsageError):
+            parse_budget(bad)
+    assert OffloadConfig(prefetch="router").prefetch == ("router",)
     with pytest.raises(UsageError, match="working set"):
         MultiAdapterEngine.from_pretrained(path, offload=OffloadConfig(budget="12%", cache_dir=str(tmp_path)))
     with pytest.raises(UsageError, match="working set"):
@@ -310,6 +315,13 @@ def test_generate_cli_offload(capsys, checkpoints, tmp_path, monkeypatch):
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+    # refused after the model loaded (an adapter of another model): still one line on the cpu tier
+    other = make_adapter(load_model(checkpoints["qwen2_moe"]), tmp_path / "other", {0: [1]}, seed=0)
+    for tier in ("disk", "cpu"):
+        argv = ["generate", "--model", path, "--adapter", f"o={other}", "--prompt", "x", "--offload", tier]
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 def test_short_read_names_the_file(checkpoints, tmp_path):
@@ -351,6 +363,18 @@ def test_sharded_checkpoint(checkpoints, tmp_path, family):
         _serve(MultiAdapterEngine.from_pretrained(sharded, offload=config), _requests([None]))[0]
         == resident[0]
     )
+
+
+@pytest.mark.parametrize("tier", [None, "disk", "cpu"])
+def test_closed_engine_refuses_work(checkpoints, tmp_path, tier):
+    offload = None if tier is None else OffloadConfig(tier=tier, cache_dir=str(tmp_path))
+    engine = MultiAdapterEngine.from_pretrained(checkpoints["mixtral"], offload=offload)
+    engine.close()
+    engine.close()  # again: nothing
+    with pytest.raises(UsageError, match="closed"):
+        engine.generate(_requests([None]))
+    with pytest.raises(UsageError, match="closed"):
+        engine.prompt_logits(_requests([None]))
 
 
 def test_unusable_cache_dir_names_the_cache(checkpoints, tmp_path):

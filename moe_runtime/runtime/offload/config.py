@@ -16,7 +16,8 @@ from .policies import POLICIES, PREFETCHERS
 __all__ = ["OffloadConfig", "Budget", "parse_budget", "slots_per_layer"]
 
 TIERS = ("disk", "cpu")
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,11 @@ def parse_budget(value: str | float | int | Budget, flag: str = "--expert-budget
         UsageError: malformed, or a share outside (0, 100%].
     """
     if isinstance(value, Budget):
-        return value
+        if (value.share is None) == (value.bytes is None):
+            raise UsageError(f"{flag}: a Budget takes exactly one of share or bytes, got {value!r}")
+        value = float(value.share) if value.share is not None else int(value.bytes)
+    if isinstance(value, bool):
+        raise UsageError(f"{flag} {value}: expected a share like 25% or a size like 2GB")
     if isinstance(value, float):
         share = value
     elif isinstance(value, int):
@@ -54,7 +59,7 @@ def parse_budget(value: str | float | int | Budget, flag: str = "--expert-budget
             except ValueError:
                 raise UsageError(f"{flag} '{value}': expected a share like 25% or a size like 2GB") from None
         else:
-            match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]i?b|b)?", text)
+            match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]i?b|b)?", text)
             if not match:
                 raise UsageError(f"{flag} '{value}': expected a share like 25% or a size like 2GB")
             size = int(float(match[1]) * _UNITS[match[2] or ""])
@@ -120,6 +125,11 @@ class OffloadConfig:
     num_threads: int = 2
     cache_dir: str | None = None
     compute_threads: int | str | None = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prefetch, str):  # one prefetcher named alone
+            self.prefetch = (self.prefetch,)
+        self.prefetch = tuple(self.prefetch)
 
     def resolved_compute_threads(self) -> int | None:
         """The intra-op thread count to serve with, or None to leave torch's setting."""

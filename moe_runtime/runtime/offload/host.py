@@ -45,7 +45,9 @@ class HostStore:
         self.dtype = disk.dtype
         self.shapes = disk.shapes
         self.tensors: dict[int, dict[str, torch.Tensor]] = {}
-        layers = tqdm(list(disk.locations), desc="experts to host memory", unit="layer", leave=False)
+        layers = tqdm(
+            list(disk.locations), desc="experts to host memory", unit="layer", leave=False, disable=None
+        )  # disable=None: no bar when stderr is not a terminal
         for layer in layers:
             tickets = []
             params = {}
