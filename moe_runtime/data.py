@@ -69,7 +69,8 @@ def read_examples(path: str | Path, *, allow_empty: bool = False) -> list[Exampl
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        lines = raw.decode("utf-8-sig").splitlines()  # a leading byte-order mark is not data
+        # a leading byte-order mark is not data; not splitlines: U+2028 / U+0085 are text inside JSON strings
+        lines = raw.decode("utf-8-sig").split("\n")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     examples = []

@@ -148,6 +148,10 @@ def atomic_dir(out: str | Path, *, replace_marker: str | None = None) -> Iterato
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        mode = 0o666 & ~_umask()
+        for file in tmp.rglob("*"):  # safetensors writes 0600 files; outputs get ordinary permissions
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, mode)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "d")

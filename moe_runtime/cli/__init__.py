@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
+            print("moe-runtime: error: no command given (see the list above)", file=sys.stderr)
             return 2
         _quiet_libraries()
         return int(args.func(args) or 0)

@@ -152,6 +152,10 @@ def run_tune(args: argparse.Namespace) -> int:
         aux_loss_coef=args.aux_loss_coef,
     )
     config.validate()
+    if args.method == "lora":
+        from ..tuning.lora import LoraSettings
+
+        LoraSettings(args.lora_rank, args.lora_alpha).validate()
     if args.method == "esft" and not args.experts:
         raise UsageError("--method esft needs --experts FILE (an expert_cfg.json from 'moe-runtime select')")
     routed = None

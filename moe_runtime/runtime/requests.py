@@ -130,12 +130,12 @@ def read_requests(path: str | Path, *, adapters: Collection[str] | None = None) 
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # not splitlines: U+2028 is text in JSON
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: unreadable ({exc})") from None
-    requests = []
+    requests, implicit, explicit = [], [], set()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -150,7 +150,16 @@ def read_requests(path: str | Path, *, adapters: Collection[str] | None = None) 
             raise UsageError(f"{where}: adapter '{request.adapter}' is not loaded (loaded: {loaded})")
         if request.id is None:
             request.id = number
+            implicit.append(number)
+        elif isinstance(request.id, (str, int, float)):  # any JSON value may be an id
+            explicit.add(request.id)
         requests.append(request)
     if not requests:
         raise UsageError(f"{path}: no requests")
+    clash = next((number for number in implicit if number in explicit), None)
+    if clash is not None:
+        raise UsageError(
+            f"{path}:{clash}: a request without an id gets its line number, {clash}, which another request "
+            "uses as its id (give every request an id)"
+        )
     return requests

@@ -9,6 +9,7 @@ averaged across processes), plus the router's load-balancing loss where the fami
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,8 +55,12 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "max_length"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise UsageError(f"--lr must be a positive finite number, got {self.lr}")
+        for name in ("weight_decay", "aux_loss_coef"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < math.inf:
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
         if self.warmup_steps < 0 or self.save_steps < 0:
             raise UsageError("--warmup-steps and --save-steps must not be negative")
 
@@ -198,6 +203,7 @@ def train(
         ddp_find_unused_parameters=world > 1,
         average_tokens_across_devices=True,
         max_grad_norm=1.0,
+        logging_nan_inf_filter=False,  # a diverged run must show its NaN loss (and is refused below)
     )
     trainer = Trainer(
         model=wrapped,
@@ -212,6 +218,13 @@ def train(
             wrapped.model.config.output_router_logits = router_logits_before
         if not config.save_steps and not resume and work_dir.is_dir() and not any(work_dir.iterdir()):
             work_dir.rmdir()
+    diverged = [n for n, p in wrapped.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if diverged or not math.isfinite(result.training_loss):
+        where = f"{diverged[0]} holds non-finite values" if diverged else "the loss is not finite"
+        raise UsageError(
+            f"training diverged after {trainer.state.global_step} steps ({where}); nothing was written "
+            "(lower --lr or the loss coefficients)"
+        )
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {
         "train_loss": float(result.training_loss),

@@ -451,3 +451,73 @@ def test_eval_names_the_data_file_of_an_example_without_tokens(capsys, tmp_path,
     data = write_jsonl(tmp_path / "empty_text.jsonl", [{"text": "the quick"}, {"text": ""}])
     code, _, err = run_cli(capsys, "eval", "--model", f32_checkpoint, "--data", data)
     assert_usage_error(code, err, f"{data}: example 2 has no tokens to learn")
+
+
+def test_bad_training_numbers_exit_2(capsys, tmp_path, f32_checkpoint, data):
+    common = ["tune", "--model", f32_checkpoint, "--data", data, "--steps", "1", "--out", tmp_path / "ad"]
+    for extra, expect in [
+        (["--method", "full", "--lr", "inf"], "--lr"),
+        (["--method", "full", "--aux-loss-coef", "nan"], "--aux-loss-coef"),
+        (["--method", "full", "--aux-loss-coef", "-1"], "--aux-loss-coef"),
+        (["--method", "full", "--weight-decay", "-1"], "--weight-decay"),
+        (["--method", "lora", "--lora-rank", "0"], "--lora-rank"),
+        (["--method", "lora", "--lora-alpha", "-1"], "--lora-alpha"),
+    ]:
+        code, _, err = run_cli(capsys, *common, *extra)
+        assert_usage_error(code, err, expect)
+        assert not (tmp_path / "ad").exists()
+
+
+def test_diverged_training_writes_nothing(capsys, tmp_path, f32_checkpoint, data):
+    argv = ["tune", "--model", f32_checkpoint, "--data", data, "--method", "full", "--steps", "3"]
+    code, _, err = run_cli(capsys, *argv, "--lr", "1e30", "--batch-size", "4", "--out", tmp_path / "ad")
+    last = err.strip().splitlines()[-1]  # after the training progress bar
+    assert code == 2 and "diverged" in last and "Traceback" not in err, err
+    assert not (tmp_path / "ad").exists()
+
+
+def test_line_separators_inside_json_strings(capsys, tmp_path, f32_checkpoint):
+    """U+2028 / U+2029 / U+0085 are text inside a JSON string, not line breaks."""
+    from moe_runtime.data import read_examples
+    from moe_runtime.runtime import read_requests
+
+    text = "the quick\u2028brown\u2029fox\u0085jumps"
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert len(read_examples(path)) == 1
+    path.write_text(json.dumps({"prompt": text}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert [r.prompt for r in read_requests(path)] == [text]
+
+
+def test_implicit_request_id_clash(capsys, tmp_path, f32_checkpoint):
+    requests = tmp_path / "r.jsonl"
+    requests.write_text('{"prompt": "hi"}\n{"id": 1, "prompt": "ho"}\n')
+    argv = ["generate", "--model", f32_checkpoint, "--requests", requests, "--output", tmp_path / "o.jsonl"]
+    code, _, err = run_cli(capsys, *argv)
+    assert_usage_error(code, err, "line number, 1")
+
+
+def test_integer_adapter_tensors_refused(capsys, tmp_path, f32_checkpoint, data):
+    from safetensors.torch import load_file, save_file
+
+    adapter = make_adapter(load_model(f32_checkpoint), tmp_path / "a", {0: [1]}, seed=0)
+    weights = next(adapter.glob("*.safetensors"))
+    save_file({k: v.to(torch.int32) for k, v in load_file(weights).items()}, str(weights))
+    code, _, err = run_cli(capsys, "eval", "--model", f32_checkpoint, "--adapter", adapter, "--data", data)
+    assert_usage_error(code, err, "floating-point")
+
+
+def test_outputs_have_ordinary_permissions_and_no_verb_is_an_error(capsys, tmp_path):
+    import os
+
+    from moe_runtime.io import atomic_dir
+
+    with atomic_dir(tmp_path / "out") as tmp:
+        path = tmp / "w.safetensors"
+        path.write_bytes(b"x")
+        os.chmod(path, 0o600)  # as safetensors' save_file leaves its files
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "out" / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+    code, out, err = run_cli(capsys)
+    assert code == 2 and "usage" in out and err.strip().startswith("moe-runtime: error: no command")

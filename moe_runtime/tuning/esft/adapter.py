@@ -213,9 +213,11 @@ def read_adapter(path: str | Path) -> ESFTAdapter:
             raise AdapterError(
                 f"{file}: corrupt safetensors file ({str(exc).splitlines()[0] if str(exc) else exc})"
             ) from None
-        for key in loaded:
+        for key, tensor in loaded.items():
             if key in tensors:
                 raise AdapterError(f"{file}: {key} also appears in another weights file")
+            if not tensor.is_floating_point():
+                raise AdapterError(f"{file}: {key}: dtype {tensor.dtype}, expected floating-point weights")
         tensors.update(loaded)
     return ESFTAdapter(path=path, selection=selection, tensors=tensors, meta=read_meta(path))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ...errors import AdapterError
+from ...errors import AdapterError, UsageError
 from ...models import MoEModelInfo, model_fingerprint
 from ..data import Features
 from ..meta import check_base, save_adapter_dir
@@ -23,6 +23,15 @@ class LoraSettings:
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.0
+
+    def validate(self) -> None:
+        """Raises UsageError on a rank below 1, a non-positive alpha or a dropout outside [0, 1)."""
+        if self.rank <= 0:
+            raise UsageError(f"--lora-rank must be positive, got {self.rank}")
+        if not 0 < self.alpha < float("inf"):
+            raise UsageError(f"--lora-alpha must be a positive finite number, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"LoRA dropout must lie in [0, 1), got {self.dropout}")
 
 
 def _attention_linears(model: nn.Module) -> list[str]:

@@ -197,4 +197,7 @@ def read_routed_lora(path: str | Path) -> RoutedLoraAdapter:
         raise AdapterError(
             f"{file}: corrupt safetensors file ({str(exc).splitlines()[0] if str(exc) else exc})"
         ) from None
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterError(f"{file}: {key}: dtype {tensor.dtype}, expected floating-point weights")
     return RoutedLoraAdapter(path=path, meta=meta, tensors=tensors)

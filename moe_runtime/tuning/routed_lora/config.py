@@ -20,6 +20,7 @@ Ranges keep only the MoE layers inside them; a single index must be an MoE layer
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ...errors import UsageError
@@ -78,10 +79,10 @@ class RoutedLoraSettings:
             raise UsageError(f"--variant '{self.variant}': choose from {', '.join(VARIANTS)}")
         if self.rank <= 0:
             raise UsageError(f"--lora-rank must be positive, got {self.rank}")
-        if not self.alpha > 0:
-            raise UsageError(f"--lora-alpha must be positive, got {self.alpha}")
-        if self.aux_loss_coef < 0:
-            raise UsageError(f"--lora-aux-loss-coef must not be negative, got {self.aux_loss_coef}")
+        if not 0 < self.alpha < math.inf:
+            raise UsageError(f"--lora-alpha must be a positive finite number, got {self.alpha}")
+        if not 0 <= self.aux_loss_coef < math.inf:
+            raise UsageError(f"--lora-aux-loss-coef must be a finite number >= 0, got {self.aux_loss_coef}")
         if self.num_experts is not None:
             if self.kind == EXPERT:
                 raise UsageError(
