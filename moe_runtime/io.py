@@ -38,6 +38,10 @@ def _make_parent(path: Path) -> None:
         raise UsageError(f"output '{path}': cannot create its directory ({exc.strerror or exc})") from None
 
 
+def _write_error(path: Path, directory: Path, exc: OSError) -> UsageError:
+    return UsageError(f"output '{path}': cannot write in '{directory}' ({exc.strerror or exc})")
+
+
 def _check_writable(path: Path) -> None:
     """Refuse ``path`` if its directory (or the nearest existing ancestor) does not take new files."""
     parent = path.parent
@@ -48,7 +52,7 @@ def _check_writable(path: Path) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
     except OSError as exc:
-        raise UsageError(f"output '{path}': cannot write in '{parent}' ({exc.strerror or exc})") from None
+        raise _write_error(path, parent, exc) from None
     os.close(fd)
     os.unlink(probe)
 
@@ -81,9 +85,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise UsageError(
-            f"output '{path}': cannot write in '{path.parent}' ({exc.strerror or exc})"
-        ) from None
+        raise _write_error(path, path.parent, exc) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -144,7 +146,7 @@ def atomic_dir(out: str | Path, *, replace_marker: str | None = None) -> Iterato
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as exc:
-        raise UsageError(f"output '{out}': cannot write in '{out.parent}' ({exc.strerror or exc})") from None
+        raise _write_error(out, out.parent, exc) from None
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

@@ -302,7 +302,6 @@ class MultiAdapterEngine:
 
     def generate(self, requests: Iterable[Request], config: DecodeConfig | None = None) -> list[Completion]:
         """Submit ``requests`` and serve them (with anything already pending, which comes first)."""
-        self._check_open()
         self.submit(requests)
         return self.run(config)
 

@@ -240,13 +240,18 @@ class OffloadExecutor(OwnerRouting):
         ]
         total_slots = size + slots.held_slots
         plan = cache.schedule(needed)
-        group, loads = next(plan)
-        cache.load(loads, priority=0)
-        out, first = None, True
+
+        def start() -> list[int] | None:
+            """The next pass's experts, their reads queued (None after the last pass)."""
+            item = next(plan, None)
+            if item is None:
+                return None
+            cache.load(item[1], priority=0)
+            return item[0]
+
+        group, out, first = start(), None, True
         while group is not None:
-            upcoming = next(plan, None) if cache.overlaps else None
-            if upcoming is not None:  # the next pass's reads overlap this pass's compute
-                cache.load(upcoming[1], priority=0)
+            upcoming = start() if cache.overlaps else None  # its reads overlap this pass's compute
             cache.wait(group)
             if first:
                 self._prefetch(cache.layer, hidden, base_ids)
@@ -267,9 +272,5 @@ class OffloadExecutor(OwnerRouting):
             partial = segmented_experts(experts, hidden, top_k_weights, routed, [cache.segment, *chunks])
             out = partial if out is None else out + partial
             self.stats.passes += 1
-            if not cache.overlaps:
-                upcoming = next(plan, None)
-                if upcoming is not None:
-                    cache.load(upcoming[1], priority=0)
-            group, first = (upcoming[0] if upcoming is not None else None), False
+            group, first = (upcoming if cache.overlaps else start()), False
         return self.add_lora(cache.layer, out, hidden, top_k_index, top_k_weights)

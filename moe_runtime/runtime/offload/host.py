@@ -38,8 +38,6 @@ class HostStore:
         pin: page-lock the host tensors (for asynchronous copies to a GPU).
     """
 
-    kind = "host"
-
     def __init__(self, disk: ExpertStore, info: MoEModelInfo, loader, *, pin: bool = False) -> None:
         self.disk = disk
         self.dtype = disk.dtype
@@ -49,16 +47,16 @@ class HostStore:
             list(disk.locations), desc="experts to host memory", unit="layer", leave=False, disable=None
         )  # disable=None: no bar when stderr is not a terminal
         for layer in layers:
-            tickets = []
-            params = {}
-            for name, loc in disk.locations[layer].items():
-                count = info.by_index(layer).num_experts
-                params[name] = torch.empty(
-                    (count, *disk.shapes[layer][name]), dtype=disk.dtype, pin_memory=pin
-                )
-                for expert in range(count):
-                    offset, nbytes = loc.range_of(expert)
-                    tickets.append(loader.submit(loc.path, [(offset, nbytes)], params[name][expert], 0))
+            count = info.by_index(layer).num_experts
+            params = {
+                name: torch.empty((count, *shape), dtype=disk.dtype, pin_memory=pin)
+                for name, shape in disk.shapes[layer].items()
+            }
+            tickets = [
+                disk.submit(loader, layer, expert, name, tensor[expert], 0)[0]
+                for name, tensor in params.items()
+                for expert in range(count)
+            ]
             for ticket in tickets:
                 loader.wait(ticket)
             self.tensors[layer] = params
@@ -89,7 +87,6 @@ class HostCopier:
         self._stream = torch.cuda.Stream(device=self.device) if self._cuda else None
         self._events: dict[int, torch.cuda.Event] = {}
         self._tickets = itertools.count(1)
-        self._copied = 0
 
     def submit(self, source: torch.Tensor, dest: torch.Tensor, priority: int = 0) -> int:
         """Copy ``source`` into ``dest`` (asynchronously on a GPU); returns a ticket.
@@ -106,7 +103,6 @@ class HostCopier:
             self._events[ticket] = event
         else:
             dest.copy_(source)
-        self._copied += source.numel() * source.element_size()
         return ticket
 
     def wait(self, ticket: int, timeout_s: float | None = None) -> None:
@@ -120,13 +116,6 @@ class HostCopier:
 
     def cancel(self, ticket: int) -> bool:
         return False  # a queued stream copy cannot be withdrawn; the next copy into the slot follows it
-
-    def done(self, ticket: int) -> bool:
-        event = self._events.get(ticket)
-        return event is None or event.query()
-
-    def stats(self) -> dict:
-        return {"bytes_copied": self._copied, "pending": len(self._events)}
 
     def close(self) -> None:
         if self._cuda:
