@@ -22,6 +22,7 @@ __all__ = [
     "check_output_dir",
     "check_output_file",
     "write_json_lines",
+    "write_probe_error",
 ]
 
 
@@ -42,6 +43,17 @@ def _write_error(path: Path, directory: Path, exc: OSError) -> UsageError:
     return UsageError(f"output '{path}': cannot write in '{directory}' ({exc.strerror or exc})")
 
 
+def write_probe_error(directory: Path) -> OSError | None:
+    """Create and remove a file in ``directory``; the error if that fails (None: it takes new files)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".moe_runtime.", suffix=".probe", dir=directory)
+    except OSError as exc:
+        return exc
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
 def _check_writable(path: Path) -> None:
     """Refuse ``path`` if its directory (or the nearest existing ancestor) does not take new files."""
     parent = path.parent
@@ -49,12 +61,9 @@ def _check_writable(path: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise UsageError(f"output '{path}': cannot create its directory ('{parent}' is not a directory)")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
-    except OSError as exc:
-        raise _write_error(path, parent, exc) from None
-    os.close(fd)
-    os.unlink(probe)
+    error = write_probe_error(parent)
+    if error is not None:
+        raise _write_error(path, parent, error)
 
 
 def check_output_file(path: str | Path) -> Path:

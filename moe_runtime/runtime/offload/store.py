@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -411,16 +410,19 @@ def _layer_tensors(
 
 def _check_cache_dir(directory: Path) -> None:
     """The packed file's directory must be creatable and writable (a cache problem, not the model's)."""
+    from ...io import write_probe_error
+
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=directory, suffix=".probe")
     except OSError as exc:
+        error = exc
+    else:
+        error = write_probe_error(directory)
+    if error is not None:
         raise UsageError(
-            f"offload cache '{directory}': cannot write the packed expert file there ({exc.strerror or exc}); "
+            f"offload cache '{directory}': cannot write the packed expert file there ({error.strerror or error}); "
             "set MOE_RUNTIME_CACHE (or OffloadConfig.cache_dir) to a writable directory"
-        ) from None
-    os.close(fd)
-    os.unlink(probe)
+        )
 
 
 def _write_packed(path: Path, net, info, shapes, dtype, to_pack, direct, mapping, converters) -> dict:
