@@ -9,6 +9,7 @@ averaged across processes), plus the router's load-balancing loss where the fami
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -216,8 +217,10 @@ def train(
     finally:
         if router_logits_before is not None:  # generation with router logits on breaks in some families
             wrapped.model.config.output_router_logits = router_logits_before
-        if not config.save_steps and not resume and work_dir.is_dir() and not any(work_dir.iterdir()):
-            work_dir.rmdir()
+        if not config.save_steps and not resume:
+            # rmdir removes it only if empty; under torchrun every rank tries, so another may be first
+            with contextlib.suppress(OSError):
+                work_dir.rmdir()
     diverged = [n for n, p in wrapped.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if diverged or not math.isfinite(result.training_loss):
         where = f"{diverged[0]} holds non-finite values" if diverged else "the loss is not finite"
