@@ -214,12 +214,12 @@ def train(
     )
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.accelerator.wait_for_everyone()  # no rank still looks into work_dir when it goes
     finally:
         if router_logits_before is not None:  # generation with router logits on breaks in some families
             wrapped.model.config.output_router_logits = router_logits_before
-        if not config.save_steps and not resume:
-            # rmdir removes it only if empty; under torchrun every rank tries, so another may be first
-            with contextlib.suppress(OSError):
+        if not config.save_steps and not resume and trainer.is_world_process_zero():
+            with contextlib.suppress(OSError):  # rmdir removes it only if empty
                 work_dir.rmdir()
     diverged = [n for n, p in wrapped.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if diverged or not math.isfinite(result.training_loss):
