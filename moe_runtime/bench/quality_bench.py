@@ -1,16 +1,24 @@
 """``bench esft-quality``: the ESFT paper's claim at small scale, on the embedded model.
 
-Per held-out task: profile its training data, select experts (gate p=0.1, token p=0.2), then train
-``full``, ``lora``, ``esft_gate``, ``esft_token`` and ``routed_lora`` (perft-r, 4 LoRA experts of
-rank 8 per layer, top-2) with the same data, steps, batch and seed, and
-measure the task score (exact match of greedy answers on the test split, and test loss) and
-forgetting (loss increase on the general held-out set).
+Per held-out task and seed: profile the task's training data, select experts (gate p=0.1, token
+p=0.2), then train every method in ``METHODS`` with the same data, steps, batch and seed:
+
+- ``full``: every weight; ``lora``: LoRA on attention and experts;
+- ``esft_gate`` / ``esft_token``: the selected experts only (ESFT);
+- ``routed_lora``: perft-r, 4 LoRA experts of rank 8 per layer, top-2, beside the frozen MoE;
+- ``esft_lora``: LoRA inside the token-selected experts only.
+
+Measured per run: the task score (exact match of greedy answers on the test split) and test loss,
+and forgetting twice: the loss increase on the general held-out set, and the exact-match drop on the
+other domains' continuation tasks (tasks of a different pretraining domain than the tuned one).
+Means and spreads are over seeds of the task-averaged figures.
 """
 
 from __future__ import annotations
 
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +36,7 @@ from ..tuning.lora import tune_lora
 from ..tuning.routed_lora import RoutedLoraSettings, tune_routed_lora
 from ..tuning.trainer import TrainConfig
 
-__all__ = ["QualitySettings", "bench_esft_quality", "METHODS"]
-
-METHODS = ("full", "lora", "esft_gate", "esft_token", "routed_lora")
+__all__ = ["METHODS", "QualitySettings", "bench_esft_quality"]
 
 
 @dataclass
@@ -39,18 +45,24 @@ class QualitySettings:
 
     steps: int = 300
     batch_size: int = 16
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
     lr: dict[str, float] = field(
         default_factory=lambda: {
             "full": 3e-4,
             "lora": 1e-3,
-            "esft_gate": 1e-3,
-            "esft_token": 1e-3,
+            "esft_gate": 3e-3,
+            "esft_token": 3e-3,
             "routed_lora": 1e-3,
+            "esft_lora": 3e-3,
         }
     )
     profile_tokens: int = 16384
     eval_examples: int = 100
+    other_examples: int = 50
+
+
+Trainer = Callable[..., dict]
+"""``(model, info, features, config, summary, common) -> result`` of one method's training."""
 
 
 def _selection(summary: dict, score: str) -> ExpertSelection:
@@ -58,29 +70,83 @@ def _selection(summary: dict, score: str) -> ExpertSelection:
     return ExpertSelection(experts={int(layer): sorted(ids) for layer, ids in chosen.items() if ids})
 
 
+def _esft(score: str) -> Trainer:
+    def run(model, info, features, config, summary, common):
+        selection = _selection(summary, score)
+        result = tune_esft(model, info, selection, features, config, **common)
+        return {**result, "experts": selection.num_experts}
+
+    return run
+
+
+def _full(model, info, features, config, summary, common):
+    return tune_full(model, info, features, config, **common)
+
+
+def _lora(model, info, features, config, summary, common):
+    return tune_lora(model, info, features, config, **common)
+
+
+def _routed(variant: str) -> Trainer:
+    def run(model, info, features, config, summary, common):
+        experts = _selection(summary, "token") if variant == "esft-lora" else None
+        settings = RoutedLoraSettings(variant=variant, experts=experts)
+        return tune_routed_lora(model, info, features, config, settings=settings, **common)
+
+    return run
+
+
+TRAINERS: dict[str, Trainer] = {
+    "full": _full,
+    "lora": _lora,
+    "esft_gate": _esft("gate"),
+    "esft_token": _esft("token"),
+    "routed_lora": _routed("perft-r"),
+    "esft_lora": _routed("esft-lora"),
+}
+METHODS = tuple(TRAINERS)
+MERGED_IN_PLACE = {"full"}
+"""Methods whose trained model is evaluated as is; the others through their saved adapter."""
+
+
 def bench_esft_quality(
-    model_arg: str, tasks: dict[str, tuple[Path, Path]], general: Path, settings: QualitySettings
+    model_arg: str,
+    tasks: dict[str, tuple[Path, Path]],
+    general: Path,
+    settings: QualitySettings,
+    *,
+    other_tasks: dict[str, dict[str, Path]] | None = None,
 ) -> dict:
-    """Train and evaluate every method on every task.
+    """Train and evaluate every method on every task, for every seed.
 
     Args:
         model_arg: ``demo`` or a checkpoint directory.
         tasks: task name -> (train JSONL, test JSONL) with prompt/response examples.
-        general: held-out text for forgetting.
+        general: held-out text for forgetting (loss).
         settings: the shared recipe.
+        other_tasks: per tuned task, the other domains' task name -> test JSONL, whose exact-match drop
+            is the second forgetting figure (none: that figure is left out).
 
     Returns:
-        Per method: ``task_score`` (mean exact match), ``task_loss``, ``general_loss_increase``,
-        ``trainable_params``, ``adapter_bytes`` (means over tasks), plus per-task rows and the base scores.
+        Per method: ``task_score``, ``task_loss``, ``general_loss_increase``, ``other_task_drop``,
+        ``trainable_params``, ``adapter_bytes`` (means over seeds of task means), ``*_spread``
+        (``[min, max]`` over seeds), plus per-run rows and the base scores.
     """
+    other_tasks = other_tasks or {}
     tokenizer = load_tokenizer(model_arg)
     general_examples = read_examples(general)
+    others = {
+        name: read_examples(path)[: settings.other_examples]
+        for per_task in other_tasks.values()
+        for name, path in per_task.items()
+    }
     base = load_model(model_arg, dtype="float32")
     base_general = mean_token_loss(base, tokenizer, general_examples)[0]
-    rows: dict[str, dict[str, dict]] = {m: {} for m in METHODS}
-    base_rows: dict[str, dict] = {}
+    base_other = {name: exact_match(base, tokenizer, examples)[0] for name, examples in others.items()}
     pad = pad_token_id(tokenizer)
-    bar = tqdm(total=len(tasks) * len(METHODS), desc="esft-quality", unit="run")
+    runs: list[dict] = []
+    base_rows: dict[str, dict] = {}
+    bar = tqdm(total=len(tasks) * len(METHODS) * len(settings.seeds), desc="esft-quality", unit="run")
     with tempfile.TemporaryDirectory() as tmp:
         for task, (train_path, test_path) in tasks.items():
             train = read_examples(train_path)
@@ -97,69 +163,96 @@ def bench_esft_quality(
             )
             summary = esft_summary(profiles[task], meta)
             features = encode_examples(tokenizer, train, 256, where=str(train_path))
-            for method in METHODS:
-                model = load_model(model_arg, dtype="float32")
-                info = find_moe_layers(model)
-                config = TrainConfig(
-                    steps=settings.steps,
-                    lr=settings.lr[method],
-                    batch_size=settings.batch_size,
-                    seed=settings.seed,
-                )
-                out = Path(tmp) / f"{task}_{method}"
-                common = dict(out=out, pad_id=pad, work_dir=Path(tmp) / "work", progress=False)
-                if method.startswith("esft"):
-                    selection = _selection(summary, method.removeprefix("esft_"))
-                    result = tune_esft(model, info, selection, features, config, **common)
-                    result["experts"] = selection.num_experts
-                    model = _with_adapter(model_arg, out)  # the saved adapter, merged into a fresh base
-                elif method == "full":
-                    result = tune_full(model, info, features, config, **common)
-                elif method == "routed_lora":
-                    routed = RoutedLoraSettings()  # perft-r defaults
-                    result = tune_routed_lora(model, info, features, config, settings=routed, **common)
-                    model = _with_adapter(model_arg, out)
-                else:
-                    result = tune_lora(model, info, features, config, **common)
-                    model = _with_adapter(model_arg, out)
-                model.eval()
-                score = exact_match(model, tokenizer, test)[0]
-                rows[method][task] = {
-                    "task_score": score,
-                    "task_loss": mean_token_loss(model, tokenizer, test)[0],
-                    "general_loss": (g := mean_token_loss(model, tokenizer, general_examples)[0]),
-                    "general_loss_increase": g - base_general,
-                    "trainable_params": result["trainable_params"],
-                    "adapter_bytes": result["adapter_bytes"],
-                    "train_loss": result.get("train_loss"),
-                    **({"experts": result["experts"]} if "experts" in result else {}),
-                }
-                bar.update()
+            for seed in settings.seeds:
+                for method, trainer in TRAINERS.items():
+                    model = load_model(model_arg, dtype="float32")
+                    config = TrainConfig(
+                        steps=settings.steps,
+                        lr=settings.lr[method],
+                        batch_size=settings.batch_size,
+                        seed=seed,
+                    )
+                    out = Path(tmp) / f"{task}_{method}_{seed}"
+                    common = dict(out=out, pad_id=pad, work_dir=Path(tmp) / "work", progress=False)
+                    result = trainer(model, find_moe_layers(model), features, config, summary, common)
+                    if method not in MERGED_IN_PLACE:
+                        model = _with_adapter(model_arg, out)  # the saved adapter on a fresh base
+                    model.eval()
+                    general_loss = mean_token_loss(model, tokenizer, general_examples)[0]
+                    drops = [
+                        base_other[name] - exact_match(model, tokenizer, others[name])[0]
+                        for name in other_tasks.get(task, {})
+                    ]
+                    runs.append(
+                        {
+                            "task": task,
+                            "method": method,
+                            "seed": seed,
+                            "task_score": exact_match(model, tokenizer, test)[0],
+                            "task_loss": mean_token_loss(model, tokenizer, test)[0],
+                            "general_loss_increase": general_loss - base_general,
+                            "other_task_drop": statistics.mean(drops) if drops else None,
+                            "trainable_params": result["trainable_params"],
+                            "adapter_bytes": result["adapter_bytes"],
+                            "train_loss": result.get("train_loss"),
+                            **({"experts": result["experts"]} if "experts" in result else {}),
+                        }
+                    )
+                    bar.update()
     bar.close()
-    out = {
-        "settings": {**settings.__dict__},
-        "base": {"general_loss": base_general, "tasks": base_rows},
-        "per_task": rows,
+    return _summarize(runs, settings, base_general, base_rows, base_other)
+
+
+_FIGURES = (
+    "task_score",
+    "task_loss",
+    "general_loss_increase",
+    "other_task_drop",
+    "trainable_params",
+    "adapter_bytes",
+)
+
+
+def _summarize(runs: list[dict], settings: QualitySettings, base_general, base_rows, base_other) -> dict:
+    """Means over seeds of the task-averaged figures, their spreads, and ratios against ``full`` per seed."""
+    out: dict = {
+        "settings": {**settings.__dict__, "seeds": list(settings.seeds)},
+        "base": {"general_loss": base_general, "tasks": base_rows, "other_tasks": base_other},
+        "runs": runs,
     }
+    per_seed: dict[str, dict[int, dict]] = {}
     for method in METHODS:
-        per = rows[method].values()
-        out[method] = {
-            key: statistics.mean(row[key] for row in per)
-            for key in (
-                "task_score",
-                "task_loss",
-                "general_loss_increase",
-                "trainable_params",
-                "adapter_bytes",
-            )
-        }
-    full = out["full"]
-    for method in ("esft_gate", "esft_token", "routed_lora"):
-        out[method]["score_vs_full"] = (
-            out[method]["task_score"] / full["task_score"] if full["task_score"] else None
-        )
-        inc = full["general_loss_increase"]
-        out[method]["forgetting_vs_full"] = out[method]["general_loss_increase"] / inc if inc > 0 else None
+        per_seed[method] = {}
+        for seed in settings.seeds:
+            rows = [r for r in runs if r["method"] == method and r["seed"] == seed]
+            per_seed[method][seed] = {
+                key: statistics.mean(r[key] for r in rows) if all(r[key] is not None for r in rows) else None
+                for key in _FIGURES
+            }
+        entry: dict = {}
+        for key in _FIGURES:
+            values = [per_seed[method][s][key] for s in settings.seeds]
+            if any(v is None for v in values):
+                continue
+            entry[key] = statistics.mean(values)
+            if key not in ("trainable_params", "adapter_bytes"):
+                entry[f"{key}_spread"] = [min(values), max(values)]
+        out[method] = entry
+    for method in METHODS:
+        if method == "full":
+            continue
+        scores, forgetting = [], []
+        for seed in settings.seeds:
+            full, mine = per_seed["full"][seed], per_seed[method][seed]
+            scores.append(mine["task_score"] / full["task_score"] if full["task_score"] else None)
+            inc = full["general_loss_increase"]
+            forgetting.append(mine["general_loss_increase"] / inc if inc > 0 else None)
+        if None not in scores:
+            out[method]["score_vs_full"] = statistics.mean(scores)
+            out[method]["score_vs_full_min"] = min(scores)
+        if None not in forgetting:
+            out[method]["forgetting_vs_full"] = statistics.mean(forgetting)
+            out[method]["forgetting_vs_full_max"] = max(forgetting)
     return out
 
 
@@ -168,3 +261,46 @@ def _with_adapter(model_arg: str, out: Path):
     from ..tuning import apply_adapter
 
     return apply_adapter(load_model(model_arg, dtype="float32"), out)
+
+
+def format_table(result: dict) -> str:
+    """The terminal table: one row per method, means over seeds with their [min, max] spreads."""
+
+    def pct(entry: dict, key: str) -> str:
+        lo, hi = entry[f"{key}_spread"]
+        return f"{entry[key]:6.1%} [{lo:.0%}-{hi:.0%}]"
+
+    def num(entry: dict, key: str) -> str:
+        if key not in entry:
+            return "n/a"
+        lo, hi = entry[f"{key}_spread"]
+        return f"{entry[key]:+.3f} [{lo:+.3f},{hi:+.3f}]"
+
+    header = (
+        f"{'method':<12} {'task score':<17} {'vs full (min)':<14} {'general loss +':<25} "
+        f"{'other-task EM drop':<25} {'forgetting vs full (max)':<25} {'trainable':>11} {'adapter':>10}"
+    )
+    lines = [header]
+    for method in METHODS:
+        entry = result[method]
+        ratio = (
+            f"{entry['score_vs_full']:.2f} ({entry['score_vs_full_min']:.2f})"
+            if "score_vs_full" in entry
+            else ""
+        )
+        forget = (
+            f"{entry['forgetting_vs_full']:.2f} ({entry['forgetting_vs_full_max']:.2f})"
+            if "forgetting_vs_full" in entry
+            else ""
+        )
+        lines.append(
+            f"{method:<12} {pct(entry, 'task_score'):<17} {ratio:<14} {num(entry, 'general_loss_increase'):<25} "
+            f"{num(entry, 'other_task_drop'):<25} {forget:<25} {entry['trainable_params']:>11,.0f} "
+            f"{entry['adapter_bytes'] / 1e6:>8.2f}MB"
+        )
+    base = result["base"]
+    scores = ", ".join(f"{t} {row['task_score']:.0%}" for t, row in base["tasks"].items())
+    lines.append(f"base model: task score {scores}; general loss {base['general_loss']:.3f}")
+    seeds = result["settings"]["seeds"]
+    lines.append(f"means over seeds {seeds} of the per-task means; [min, max] over seeds")
+    return "\n".join(lines)

@@ -21,7 +21,7 @@ _VERBS = (demo, profile, select, tune, generate, simulate, bench)
 EPILOG = """examples:
   moe-runtime demo
   moe-runtime demo-model --out ./demo-model
-  moe-runtime profile --model demo --task arith=arith.jsonl --task code=code.jsonl --out prof/
+  moe-runtime profile --model demo --task arith=arith.jsonl --task code=code.jsonl --out prof/ --trace
   moe-runtime select --profile prof/ --task arith --score token --out arith_cfg.json
   moe-runtime generate --model demo --offload disk --expert-budget 25% --prompt '12 + 35 ='
   moe-runtime simulate --trace prof/ --budget 25%

@@ -29,14 +29,23 @@ def register(sub) -> None:
     parser.add_argument("name", choices=BENCHES, help="which benchmark")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     parser.add_argument("--model", default="demo", help="model for benches that take one (default: demo)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats, the median reported (default 5)"
+    )
     parser.add_argument(
         "--steps", type=int, default=None, help="training steps (tune: 20, esft-quality: 300)"
     )
     parser.add_argument(
-        "--tasks", default="kv,sort", help="esft-quality: demo tasks to tune on (default kv,sort)"
+        "--tasks",
+        default="compare,maximum,field",
+        help="esft-quality: demo tasks to tune on (default compare,maximum,field: the tasks with headroom)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="esft-quality: training seed")
+    parser.add_argument(
+        "--seeds", default="0,1,2", metavar="S,S,...", help="esft-quality: training seeds (default 0,1,2)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="esft-quality: one training seed (instead of --seeds)"
+    )
     parser.add_argument(
         "--offload-size",
         choices=("full", "smoke"),
@@ -106,7 +115,7 @@ def _bench_quality(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
     from ..bench.quality_bench import QualitySettings, bench_esft_quality
-    from ..demo.tasks import TASKS
+    from ..demo.tasks import CONTINUATION_TASKS, TASK_DOMAINS, TASKS
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASKS]
@@ -114,11 +123,19 @@ def _bench_quality(args: argparse.Namespace) -> dict:
         raise UsageError(
             f"--tasks: unknown task '{unknown[0] if unknown else ''}' (choose from {', '.join(TASKS)})"
         )
-    settings = QualitySettings(steps=args.steps or 300, seed=args.seed)
+    try:
+        seeds = (args.seed,) if args.seed is not None else tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise UsageError(f"--seeds '{args.seeds}': give integers separated by commas, e.g. 0,1,2") from None
+    settings = QualitySettings(steps=args.steps or 300, seeds=seeds)
     with tempfile.TemporaryDirectory() as tmp:
         files = _demo_tasks(Path(tmp) / "tasks")
         tasks = {t: (files[f"{t}_train"], files[f"{t}_test"]) for t in names}
-        result = bench_esft_quality(args.model, tasks, files["general"], settings)
+        other_tasks = {
+            t: {o: files[f"{o}_test"] for o in CONTINUATION_TASKS if TASK_DOMAINS[o] != TASK_DOMAINS[t]}
+            for t in names
+        }
+        result = bench_esft_quality(args.model, tasks, files["general"], settings, other_tasks=other_tasks)
     return {"bench": "esft-quality", "model": args.model, "tasks": names, **result}
 
 
@@ -143,7 +160,12 @@ def run(args: argparse.Namespace) -> int:
         result = _bench_offload(args)
     else:
         raise UsageError(f"bench {args.name} is not yet available in this version")
-    print(_table(result))
+    if args.name == "esft-quality":
+        from ..bench.quality_bench import format_table
+
+        print(format_table(result))
+    else:
+        print(_table(result))
     if args.json:
         atomic_write_json(args.json, result)
     return 0

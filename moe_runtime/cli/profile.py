@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import UsageError
 from ._common import add_verb, init_distributed, is_rank_zero
@@ -50,6 +51,13 @@ def register(sub) -> None:
         "--merge", nargs="+", metavar="DIR", help="merge existing profiles of the same model instead"
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--color-scale",
+        choices=("shared", "per-task"),
+        default="shared",
+        help="heatmap colour scale: one for every task, so colours compare across tasks (default), "
+        "or each task's own maximum",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         if args.model or args.task:
             raise UsageError("--merge takes profile directories only (no --model/--task)")
         print(merge_profiles(args.merge, args.out))
+        _print_written(Path(args.out))
         return 0
     if not args.model:
         raise UsageError("--model is required")
@@ -90,6 +99,13 @@ def run(args: argparse.Namespace) -> int:
     meta, profiles = profile_model(model, tokenizer, tasks, config)
     meta.model = str(args.model)
     if is_rank_zero():
-        print(write_profile(args.out, meta, profiles, plots=not args.no_plots))
-        print(f"\nwrote {args.out}")
+        print(write_profile(args.out, meta, profiles, plots=not args.no_plots, color_scale=args.color_scale))
+        _print_written(Path(args.out))
     return 0
+
+
+def _print_written(out: Path) -> None:
+    """Name the profile directory and every plot in it, so the user knows what to open."""
+    print(f"\nwrote {out}")
+    for png in sorted(out.rglob("*.png")):
+        print(f"  plot: {png}")

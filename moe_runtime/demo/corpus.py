@@ -172,7 +172,8 @@ def _kv_unit(rng: random.Random) -> Unit:
     return text, text
 
 
-def _code_unit(rng: random.Random) -> Unit:
+def code_unit(rng: random.Random) -> Unit:
+    """One small Python-like function in one of four forms (sum, filter, map, min)."""
     func = f"{rng.choice(_FUNC)}_{rng.choice(_IDENT)}"
     arg = rng.choice(_IDENT)
     v, acc = rng.sample(_VAR, 2)
@@ -253,7 +254,7 @@ def _sort_unit(rng: random.Random) -> Unit:
 _UNITS: dict[str, Callable[[random.Random], Unit]] = {
     "arith": _arith_unit,
     "kv": _kv_unit,
-    "code": _code_unit,
+    "code": code_unit,
     "prose": _prose_unit,
     "cipher": _cipher_unit,
     "sort": _sort_unit,

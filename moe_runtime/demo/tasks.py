@@ -3,7 +3,7 @@
 Everything here is drawn from the held-out partition of `corpus` (see `corpus.is_held_out`), so no
 example appears in the pretraining corpus. Written by `write_tasks`:
 
-- `<task>_train.jsonl`, `<task>_test.jsonl` for the tuning tasks `arith`, `kv`, `cipher`, `sort`:
+- `<task>_train.jsonl`, `<task>_test.jsonl` for every tuning task in `TASKS`:
   `{"prompt": ..., "response": ...}` with an exact-match answer. Score a greedy completion by cutting
   it at the first newline (or end of text) and comparing with `response`. Train and test are disjoint.
 - `<domain>.jsonl` for every domain: held-out `{"text": ...}` documents, for profiling routing.
@@ -20,16 +20,54 @@ from moe_runtime.demo.corpus import (
     DOMAINS,
     arith_addition,
     cipher_phrase,
+    code_unit,
     domain_rng,
     generate_document,
     is_held_out,
     kv_lookup,
+    kv_record,
     sort_list,
 )
 
-__all__ = ["TASKS", "domain_texts", "general_texts", "task_examples", "write_tasks"]
+__all__ = [
+    "CONTINUATION_TASKS",
+    "DEMO_TASKS",
+    "HEADROOM_TASKS",
+    "TASKS",
+    "TASK_DOMAINS",
+    "TASK_RECIPE",
+    "domain_texts",
+    "general_texts",
+    "task_examples",
+    "write_tasks",
+]
 
-TASKS: tuple[str, ...] = ("arith", "kv", "cipher", "sort")
+CONTINUATION_TASKS: tuple[str, ...] = ("arith", "kv", "cipher", "sort")
+"""Tasks in the pretraining format itself (the model continues a familiar pattern)."""
+
+HEADROOM_TASKS: tuple[str, ...] = ("compare", "maximum", "field", "kind")
+"""Narrow skills in a format never seen in pretraining, built on one domain's content: the base model
+scores near 0% on them and a brief ESFT run on that domain's experts learns them (docs/demo_model.md)."""
+
+TASKS: tuple[str, ...] = CONTINUATION_TASKS + HEADROOM_TASKS
+
+DEMO_TASKS: tuple[str, ...] = ("compare", "field")
+"""The two tasks `moe-runtime demo` tunes adapters for."""
+
+TASK_DOMAINS: dict[str, str] = {
+    "arith": "arith",
+    "kv": "kv",
+    "cipher": "cipher",
+    "sort": "sort",
+    "compare": "arith",
+    "maximum": "sort",
+    "field": "kv",
+    "kind": "code",
+}
+"""The pretraining domain whose content each task is made of."""
+
+TASK_RECIPE: dict = {"lr": 3e-3, "batch_size": 16}
+"""ESFT hyper-parameters the demo uses for the headroom tasks."""
 
 Example = tuple[str, str, str]
 """(partition key, prompt, response)."""
@@ -57,7 +95,51 @@ def _sort(rng) -> Example:
     return key, f"sort: {key} ->", " " + " ".join(map(str, sorted(xs)))
 
 
-_MAKERS: dict[str, Callable] = {"arith": _arith, "kv": _kv, "cipher": _cipher, "sort": _sort}
+def _compare(rng) -> Example:
+    """Which of two numbers is larger: `cmp 37 480 =` -> ` <` (arith content, a new format)."""
+    a, b = rng.sample(range(10, 1000), 2)
+    return f"{a}?{b}", f"cmp {a} {b} =", " <" if a < b else " >"
+
+
+def _maximum(rng) -> Example:
+    """The largest number of a list: `max: 42 7 19 ->` -> ` 42` (sort content, a new format)."""
+    xs = sort_list(rng)
+    key = " ".join(map(str, xs))
+    return key, f"max: {key} ->", f" {max(xs)}"
+
+
+def _field(rng) -> Example:
+    """Which field of a record holds a value: `...\nfield of oslo:` -> ` city` (kv content, a new format)."""
+    record = kv_record(rng, rng.randrange(1000, 10000))
+    line = " ".join(f"{k}={v}" for k, v in record.items())
+    name = rng.choice(("name", "city", "age", "job"))
+    return f"{line}:{name}", f"{line}\nfield of {record[name]}:", f" {name}"
+
+
+def _kind(rng) -> Example:
+    """What a function computes: `def ...\n# kind:` -> ` sum`, ` filter`, ` map` or ` min` (code content)."""
+    key, text = code_unit(rng)
+    if "len(" in text:
+        kind = "min"
+    elif ".append(" in text:
+        kind = "filter"
+    elif "= 0" in text:
+        kind = "sum"
+    else:
+        kind = "map"
+    return key, f"{text}\n# kind:", f" {kind}"
+
+
+_MAKERS: dict[str, Callable] = {
+    "arith": _arith,
+    "kv": _kv,
+    "cipher": _cipher,
+    "sort": _sort,
+    "compare": _compare,
+    "maximum": _maximum,
+    "field": _field,
+    "kind": _kind,
+}
 
 
 def task_examples(
@@ -81,7 +163,7 @@ def task_examples(
     for split, n in (("test", n_test), ("train", n_train)):
         while len(out[split]) < n:
             key, prompt, response = make(rng)
-            if key in seen or not is_held_out(f"{task}:{key}"):
+            if key in seen or not is_held_out(f"{TASK_DOMAINS[task]}:{key}"):
                 continue
             seen.add(key)
             out[split].append({"prompt": prompt, "response": response})

@@ -26,13 +26,24 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_heatmap(
-    scores: np.ndarray, layers: list[int], selected: set[tuple[int, int]], title: str, path: Path
+    scores: np.ndarray,
+    layers: list[int],
+    selected: set[tuple[int, int]],
+    title: str,
+    path: Path,
+    *,
+    vmax: float | None = None,
 ) -> Path:
-    """Token-score heatmap ``[L, E]``; ESFT-selected cells are outlined."""
+    """Token-score heatmap ``scores: [L, E]``; ESFT-selected cells are outlined.
+
+    Args:
+        vmax: top of the colour scale; pass one value for every task's heatmap so that equal colours
+            mean equal shares across tasks (None: this heatmap's own maximum).
+    """
     plt = _pyplot()
     n_layers, n_experts = scores.shape
     fig, ax = plt.subplots(figsize=(min(18, 2.5 + 0.22 * n_experts), 1.2 + 0.35 * n_layers))
-    image = ax.imshow(scores, aspect="auto", cmap="viridis", interpolation="nearest")
+    image = ax.imshow(scores, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=vmax)
     for row, layer in enumerate(layers):
         for expert in range(n_experts):
             if (layer, expert) in selected:
@@ -60,7 +71,8 @@ def plot_overlap(names: list[str], jaccard: list[list[float]], jsd: list[list[fl
         (axes[0], np.asarray(jaccard), "Jaccard of selected experts", "Blues"),
         (axes[1], np.asarray(jsd), "Jensen-Shannon divergence (bits)", "Oranges"),
     ):
-        ax.imshow(matrix, vmin=0, vmax=1, cmap=cmap)
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap=cmap)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
         for i in range(n):
             for j in range(n):
                 ax.text(

@@ -205,24 +205,41 @@ def profile_sequences(
     return meta, results
 
 
+COLOR_SCALES = ("shared", "per-task")
+
+
 def write_profile(
-    out: str | Path, meta: ProfileMeta, tasks: dict[str, TaskProfile], *, plots: bool = True
+    out: str | Path,
+    meta: ProfileMeta,
+    tasks: dict[str, TaskProfile],
+    *,
+    plots: bool = True,
+    color_scale: str = "shared",
 ) -> str:
-    """Write a complete profile directory atomically; returns the terminal report."""
+    """Write a complete profile directory atomically; returns the terminal report.
+
+    Args:
+        color_scale: ``shared`` gives every task's heatmap one colour scale (equal colours, equal
+            shares), ``per-task`` scales each heatmap to its own maximum.
+    """
+    if color_scale not in COLOR_SCALES:
+        raise ValueError(f"color_scale must be one of {COLOR_SCALES}, got {color_scale!r}")
     view = overview(meta, tasks)
     report = format_report(meta, view)
+    scores = {name: profile.token_scores(meta.top_k) for name, profile in tasks.items()} if plots else {}
+    vmax = max((float(s.max()) for s in scores.values()), default=None) if color_scale == "shared" else None
     with atomic_dir(out, replace_marker="meta.json") as tmp:
         for name, profile in tasks.items():
             save_task(tmp / name, profile, meta)
             if plots:
-                scores = profile.token_scores(meta.top_k)
-                chosen = selected_pairs(scores, meta.layers, view["top_p"])
+                chosen = selected_pairs(scores[name], meta.layers, view["top_p"])
                 plot_heatmap(
-                    scores,
+                    scores[name],
                     meta.layers,
                     chosen,
                     f"{name}: routing share per layer (red: ESFT p={view['top_p']:g})",
                     tmp / name / "heatmap.png",
+                    vmax=vmax,
                 )
         if plots and len(tasks) > 1:
             plot_overlap(view["task_names"], view["jaccard"], view["js_divergence"], tmp / "overlap.png")

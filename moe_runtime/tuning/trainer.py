@@ -10,6 +10,7 @@ averaged across processes), plus the router's load-balancing loss where the fami
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -132,6 +133,44 @@ def _enable_aux_loss(model: nn.Module, coef: float | None) -> None:
             module.router_aux_loss_coef = coef
 
 
+def _callbacks(steps: int, progress: bool, log_file: Path | None) -> list:
+    """Our Trainer callbacks: a progress bar with the loss (instead of printed log dicts) and a log file."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class LossBar(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=steps, desc="train", unit="step", initial=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar.close()
+
+    class LogFile(TrainerCallback):
+        """Every Trainer log row (loss, learning rate, grad norm, ...) as one JSON line."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with log_file.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    callbacks = [LossBar()] if progress else []
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text("")
+        callbacks.append(LogFile())
+    return callbacks
+
+
 class _Dataset(torch.utils.data.Dataset):
     def __init__(self, features: list[Features]) -> None:
         self.features = features
@@ -152,6 +191,7 @@ def train(
     work_dir: Path,
     resume: bool = False,
     progress: bool = True,
+    log_file: Path | None = None,
 ) -> dict:
     """Run the HF Trainer over ``features``; returns the log history's summary.
 
@@ -163,8 +203,9 @@ def train(
         work_dir: where Trainer checkpoints go (kept only if ``save_steps`` > 0).
         resume: continue from the newest checkpoint in ``work_dir``.
         progress: show the progress bar with loss.
+        log_file: write the Trainer's log rows there (JSON lines) instead of nowhere.
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     world = world_size()
@@ -196,7 +237,7 @@ def train(
         save_steps=config.save_steps or 500,
         save_only_model=False,
         report_to=[],
-        disable_tqdm=not progress,
+        disable_tqdm=True,  # our own bar (see _callbacks), not printed log dicts
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
@@ -212,6 +253,10 @@ def train(
         train_dataset=_Dataset(features),
         data_collator=lambda batch: collate(batch, pad_id),
     )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    for callback in _callbacks(config.steps, progress, log_file):
+        trainer.add_callback(callback)
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.accelerator.wait_for_everyone()  # no rank still looks into work_dir when it goes

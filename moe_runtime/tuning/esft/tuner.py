@@ -73,8 +73,11 @@ def tune_esft(
     resume: bool = False,
     write: bool = True,
     progress: bool = True,
+    log_file: Path | None = None,
 ) -> dict:
     """Train an ESFT adapter and write it (rank 0) in the official layout.
+
+    ``log_file`` receives the Trainer's log rows as JSON lines.
 
     Returns:
         Training summary with ``trainable_params`` and ``adapter_bytes``.
@@ -85,7 +88,14 @@ def tune_esft(
     base_fp = model_fingerprint(model)
     wrapped = TrainableModel(model, arena)
     summary = train(
-        wrapped, features, config, pad_id=pad_id, work_dir=work_dir, resume=resume, progress=progress
+        wrapped,
+        features,
+        config,
+        pad_id=pad_id,
+        work_dir=work_dir,
+        resume=resume,
+        progress=progress,
+        log_file=log_file,
     )
     summary["trainable_params"] = wrapped.trainable_parameters()
     tuned = tuned_experts(arena, info)
