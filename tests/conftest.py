@@ -2,8 +2,10 @@
 
 Device: a test that takes the argument ``device`` runs once per device that ``--device`` selects:
 ``auto`` (the default) runs ``cpu`` and ``cuda``, the CUDA case skipped with a reason where no CUDA
-device is usable; ``--device cpu`` or ``--device cuda`` runs that one only, and ``--device cuda``
-without a usable CUDA device is a usage error (a GPU check never passes by skipping everything).
+device is usable; ``--device cpu`` runs the cpu cases (and every other test); ``--device cuda`` runs
+the cuda cases and deselects the tests without a device, and without a usable CUDA device it is a
+usage error (a GPU check never passes by skipping everything). The other tests assume no GPU: on a
+GPU machine run them with ``CUDA_VISIBLE_DEVICES=`` (the ``cpu`` offload tier picks a GPU by itself).
 A test module that needs a device for its module-scoped fixtures takes ``device`` in them.
 """
 
@@ -55,6 +57,17 @@ def pytest_generate_tests(metafunc) -> None:
             marks.append(pytest.mark.skip(reason="no usable CUDA device (run with --device cuda on a GPU)"))
         params.append(pytest.param(name, id=name, marks=marks))
     metafunc.parametrize("device", params, scope="session")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``--device cuda`` runs the device-parametrized tests only (the GPU check); the others are CPU tests."""
+    if config.getoption("--device") != "cuda":
+        return
+    kept = [item for item in items if "device" in getattr(item, "fixturenames", ())]
+    deselected = [item for item in items if "device" not in getattr(item, "fixturenames", ())]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
 
 
 WORDS = (
