@@ -451,7 +451,13 @@ def test_cpu_tier_on_device_equals_resident(checkpoints, tmp_path, family, devic
     the resident model's tokens on that device, and its logits within float64 rounding."""
     path = checkpoints[family]
     resident = MultiAdapterEngine(load_model(path).to(device), load_tokenizer(path))
-    config = OffloadConfig(tier="cpu", budget="25%", compute_device=device, cache_dir=str(tmp_path / "cache"))
+    config = OffloadConfig(
+        tier="cpu",
+        budget="25%",
+        prefetch=("router", "trajectory"),
+        compute_device=device,
+        cache_dir=str(tmp_path / "cache"),
+    )
     offloaded = MultiAdapterEngine.from_pretrained(path, offload=config)
     executor = offloaded.executor
     assert executor.device.type == device
