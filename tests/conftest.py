@@ -38,6 +38,7 @@ def cuda_usable() -> bool:
 
 
 def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "device: takes the device argument (added by conftest; -m device)")
     if config.getoption("--device") == "cuda" and not cuda_usable():
         raise pytest.UsageError(
             f"--device cuda: no usable CUDA device (torch {torch.__version__}, CUDA {torch.version.cuda})"
@@ -60,7 +61,11 @@ def pytest_generate_tests(metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """``--device cuda`` runs the device-parametrized tests only (the GPU check); the others are CPU tests."""
+    """Marks the device-parametrized tests ``device`` (``-m device`` selects them); ``--device cuda``
+    runs only those (the GPU check): the others are CPU tests."""
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
     if config.getoption("--device") != "cuda":
         return
     kept = [item for item in items if "device" in getattr(item, "fixturenames", ())]
