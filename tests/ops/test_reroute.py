@@ -102,10 +102,10 @@ def test_op_matches_reference(shape, device):
 
 
 @requires_extension
-@settings(max_examples=10, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), tokens=st.integers(20_000, 70_000))
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), tokens=st.integers(10_000, 70_000))
 def test_op_matches_reference_large(seed, tokens, device):
-    """Batches past one block of threads (grid-stride loops, many atomics per slot)."""
+    """Large batches: hundreds of thread blocks, thousands of atomic counts per slot, a long stable sort."""
     inputs = make_inputs(seed, tokens, 4, 5, 64, 150)
     assert_same(reroute_permute(*on(device, inputs)), reroute_permute_reference(*inputs))
 
