@@ -1,7 +1,7 @@
 # Developer shortcuts. `make install` once, then the rest run inside the active environment.
 PY ?= python
 
-.PHONY: install test test-fast lint format bench cuda-check demo families
+.PHONY: install test test-fast lint format bench cuda-check gpu-wheels gpu-check demo families
 
 install:
 	$(PY) -m pip install torch==2.13.0 'setuptools>=77' wheel
@@ -30,6 +30,13 @@ bench:
 
 cuda-check:
 	bash .ci/cuda_compile_check.sh
+
+# the GPU check (docs/gpu.md): fetch the wheels here, run the check on a GPU machine
+gpu-wheels:
+	bash scripts/gpu_wheels.sh
+
+gpu-check:
+	OUT=$${OUT:-/tmp/moe-gpu-check} bash scripts/gpu_check.sh --device $${DEVICE:-cuda}
 
 demo:
 	moe-runtime demo

@@ -13,6 +13,12 @@
     hit_rate_lru     per-layer LRU replayed on the routing trace of the offload run (same cache
                      bookkeeping as the runtime), beside the other policies
 
+With ``tier="cpu"`` (every expert in host memory, page-locked on a GPU) the offload run serves from
+host memory and ``device`` (``cuda``) is the fast tier: the resident run holds the whole model on the
+GPU, accelerate gets the same GPU budget (``max_memory``) with the rest offloaded to the CPU, and the
+bandwidth runs measure host-to-device copies (pinned) instead of disk reads; ``peak_gpu_bytes``
+reports each run's peak GPU allocation.
+
 Each run is a separate process (clean peak RSS, nothing cached in Python); the page cache is
 dropped before each for the files read (``posix_fadvise DONTNEED``, no privilege needed; else
 ``/proc/sys/vm/drop_caches`` when permitted). Requests are decoded one at a time
@@ -57,6 +63,8 @@ class OffloadBenchSettings:
     prefetch: tuple[str, ...] = ("router",)
     seed: int = 0
     accelerate: bool = True
+    tier: str = "disk"
+    device: str = "cpu"
 
     @classmethod
     def smoke(cls) -> OffloadBenchSettings:
@@ -145,7 +153,28 @@ def _rss() -> int:
 def _offload_config(settings: OffloadBenchSettings, cache_dir: str, policy: str, prefetch):
     from ..runtime.offload import OffloadConfig
 
-    return OffloadConfig(budget=settings.budget, policy=policy, prefetch=tuple(prefetch), cache_dir=cache_dir)
+    return OffloadConfig(
+        tier=settings.tier,
+        budget=settings.budget,
+        policy=policy,
+        prefetch=tuple(prefetch),
+        cache_dir=cache_dir,
+        compute_device=settings.device if settings.tier == "cpu" else None,
+    )
+
+
+def _reset_gpu_peak(settings: OffloadBenchSettings) -> None:
+    import torch
+
+    if settings.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gpu_bytes(settings: OffloadBenchSettings) -> int | None:
+    """Peak GPU allocation since :func:`_reset_gpu_peak` (None on the CPU)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() if settings.device.startswith("cuda") else None
 
 
 def _generate(engine, settings: OffloadBenchSettings) -> tuple[list[list[int]], float]:
@@ -154,7 +183,7 @@ def _generate(engine, settings: OffloadBenchSettings) -> tuple[list[list[int]], 
     config = DecodeConfig(max_new_tokens=settings.new_tokens, max_batch_size=1, stop_on_eos=False)
     requests = [Request(prompt=p, id=i) for i, p in enumerate(_prompts(settings))]
     start = time.perf_counter()
-    completions = engine.generate(requests, config)
+    completions = engine.generate(requests, config)  # token ids reach the host: the GPU work is done
     return [c.token_ids for c in completions], time.perf_counter() - start
 
 
@@ -174,7 +203,8 @@ def _child_prepare(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) -
 
 
 def _child_bandwidth(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) -> dict:
-    """Read every expert once, in random order, through the runtime's loader."""
+    """Read every expert once, in random order, through the runtime's loader (``cpu`` tier: copy it
+    from host memory into a fast-tier slot, as the tier does)."""
     import torch
 
     from ..ops.loader import ExpertLoader
@@ -183,6 +213,8 @@ def _child_bandwidth(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str)
     _, info, store = load_offloaded_model(ckpt, cache_dir=cache_dir)
     jobs = [(layer.index, e) for layer in info.layers for e in range(layer.num_experts)]
     random.Random(settings.seed).shuffle(jobs)
+    if settings.tier == "cpu":
+        return _copy_bandwidth(info, store, jobs, torch.device(settings.device))
     buffers = {
         name: torch.empty(shape, dtype=store.dtype) for name, shape in store.shapes[jobs[0][0]].items()
     }
@@ -200,17 +232,40 @@ def _child_bandwidth(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str)
     return {"bytes": total, "seconds": seconds, "bandwidth_bytes_per_s": total / seconds}
 
 
+def _copy_bandwidth(info, store, jobs: list[tuple[int, int]], device) -> dict:
+    """Host-memory (pinned with a GPU) to fast-tier copies of every expert, as the ``cpu`` tier does."""
+    import torch
+
+    pin = device.type == "cuda"
+    shapes = store.shapes[jobs[0][0]]
+    count = max(layer.num_experts for layer in info.layers)
+    host = {n: torch.randn((count, *shape)).to(store.dtype) for n, shape in shapes.items()}
+    host = {n: t.pin_memory() if pin else t for n, t in host.items()}
+    slots = {n: torch.empty(shape, dtype=store.dtype, device=device) for n, shape in shapes.items()}
+    total, start = 0, time.perf_counter()
+    for _, expert in jobs:
+        for name, dest in slots.items():
+            dest.copy_(host[name][expert], non_blocking=pin)
+            total += dest.numel() * dest.element_size()
+    if pin:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"bytes": total, "seconds": seconds, "bandwidth_bytes_per_s": total / seconds}
+
+
 def _child_resident(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) -> dict:
     import torch
 
     from ..models import load_model
     from ..runtime import MultiAdapterEngine
 
-    engine = MultiAdapterEngine(load_model(ckpt))
+    _reset_gpu_peak(settings)
+    engine = MultiAdapterEngine(load_model(ckpt).to(settings.device))
     tokens, seconds = _generate(engine, settings)
     return {
         "tokens": tokens,
         "seconds": seconds,
+        "peak_gpu_bytes": _peak_gpu_bytes(settings),
         "peak_rss_bytes": peak_rss_bytes(),
         "rss_after_bytes": _rss(),
         "compute_threads": torch.get_num_threads(),
@@ -224,10 +279,14 @@ def _child_offload(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) -
     from ..models import state_of
     from ..runtime import MultiAdapterEngine
     from ..runtime.offload import OffloadedExperts, load_offloaded_model
+    from ..runtime.offload.host import move_resident
     from ..runtime.offload.simulate import replay_steps
 
+    _reset_gpu_peak(settings)
     net, info, store = load_offloaded_model(ckpt, cache_dir=cache_dir)
     config = _offload_config(settings, cache_dir, settings.policy, settings.prefetch)
+    config.validate()
+    move_resident(net, config.device())
     engine = MultiAdapterEngine(net, info=info, offload=OffloadedExperts(store, config))
     steps: list[list[np.ndarray]] = []
     first = info.layers[0].index
@@ -251,6 +310,7 @@ def _child_offload(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) -
     return {
         "tokens": tokens,
         "seconds": seconds,
+        "peak_gpu_bytes": _peak_gpu_bytes(settings),
         "peak_rss_bytes": peak_rss_bytes(),
         "rss_after_bytes": _rss(),
         "stats": stats.to_json(),
@@ -271,16 +331,24 @@ def _child_accelerate(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str
     prepared = json.loads(os.environ["MOE_BENCH_PREPARED"])
     share = float(settings.budget.rstrip("%")) / 100
     ram = int(prepared["non_expert_bytes"] + share * prepared["expert_bytes"])
+    gpu = settings.device.startswith("cuda")
+    # on a GPU the budget is GPU memory and the rest goes to host memory (accelerate's CPU offload)
+    max_memory = (
+        {0: ram, "cpu": 2 * (prepared["non_expert_bytes"] + prepared["expert_bytes"])}
+        if gpu
+        else {"cpu": ram}
+    )
+    _reset_gpu_peak(settings)
     with tempfile.TemporaryDirectory(dir=cache_dir) as folder:
         model = AutoModelForCausalLM.from_pretrained(
-            ckpt, dtype=torch.float32, device_map="auto", max_memory={"cpu": ram}, offload_folder=folder
+            ckpt, dtype=torch.float32, device_map="auto", max_memory=max_memory, offload_folder=folder
         )
         devices = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()})
         drop_page_cache([Path(ckpt), Path(folder)])
         tokens, start = [], time.perf_counter()
         with torch.no_grad():
             for prompt in _prompts(settings):
-                ids = torch.tensor([prompt])
+                ids = torch.tensor([prompt], device=settings.device)
                 out = model.generate(
                     ids,
                     max_new_tokens=settings.new_tokens,
@@ -293,6 +361,7 @@ def _child_accelerate(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str
         "tokens": tokens,
         "seconds": seconds,
         "peak_rss_bytes": peak_rss_bytes(),
+        "peak_gpu_bytes": _peak_gpu_bytes(settings),
         "ram_budget": ram,
         "devices": devices,
     }
@@ -334,7 +403,10 @@ def bench_offload(
     expert_files = [Path(p) for p in prepared["expert_files"]]
     cold = drop_page_cache([ckpt, *expert_files])
     bandwidth = _run_child("bandwidth", ckpt, settings, cache)
-    warm_bandwidth = _run_child("bandwidth", ckpt, settings, cache)  # the same reads, from the page cache
+    if settings.tier == "disk":  # the same reads, from the page cache
+        warm_bandwidth = _run_child("bandwidth", ckpt, settings, cache)
+    else:  # copies from host memory: no page cache involved
+        warm_bandwidth = bandwidth
     drop_page_cache([ckpt, *expert_files])
     resident = _run_child("resident", ckpt, settings, cache)
     drop_page_cache([ckpt, *expert_files])
@@ -357,6 +429,8 @@ def bench_offload(
     tps_resident = sum(len(t) for t in resident["tokens"]) / resident["seconds"]
     result = {
         "budget": settings.budget,
+        "tier": settings.tier,
+        "device": settings.device,
         "tokens_per_s": tps,
         "tokens_per_s_resident": tps_resident,
         "tokens_per_s_accelerate": None,
@@ -376,6 +450,10 @@ def bench_offload(
         "simulated_hit_rates": offload["simulated_hit_rates"],
         "tokens_match_resident": offload["tokens"] == resident["tokens"],
         "tokens": tokens,
+        # the slow tier's path: disk reads (disk tier) or host-to-fast-tier copies (cpu tier)
+        "bandwidth_measures": "disk reads"
+        if settings.tier == "disk"
+        else f"host-to-{settings.device} copies",
         "disk_bandwidth_bytes_per_s": bandwidth["bandwidth_bytes_per_s"],
         "page_cache_bandwidth_bytes_per_s": warm_bandwidth["bandwidth_bytes_per_s"],
         "compute_threads": {"offload": offload["compute_threads"], "resident": resident["compute_threads"]},
@@ -383,6 +461,7 @@ def bench_offload(
         "expert_store": prepared["store"],
         "model_bytes": {"experts": prepared["expert_bytes"], "non_expert": prepared["non_expert_bytes"]},
         "peak_rss_bytes": {"offload": offload["peak_rss_bytes"], "resident": resident["peak_rss_bytes"]},
+        "peak_gpu_bytes": {"offload": offload["peak_gpu_bytes"], "resident": resident["peak_gpu_bytes"]},
         "rss_after_run_bytes": {
             "offload": offload["rss_after_bytes"],
             "resident": resident["rss_after_bytes"],
@@ -397,6 +476,7 @@ def bench_offload(
         result["tokens_per_s_accelerate"] = tps_acc
         result["speedup_vs_accelerate"] = tps / tps_acc
         result["peak_rss_bytes"]["accelerate"] = accelerate["peak_rss_bytes"]
+        result["peak_gpu_bytes"]["accelerate"] = accelerate["peak_gpu_bytes"]
         result["accelerate_devices"] = accelerate["devices"]
         result["tokens_match_accelerate"] = accelerate["tokens"] == resident["tokens"]
     return result

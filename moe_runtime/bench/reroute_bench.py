@@ -12,7 +12,9 @@
     (c) merged  N separately merged models: memory only, from bytes
 
 All three runs use the same generation loop and generate the same number of tokens (EOS ignored).
-Runs are interleaved (the order rotates every repeat) and medians reported.
+Runs are interleaved (the order rotates every repeat) and medians reported. With ``device="cuda"`` the
+model, the arena and the swap baseline's tuned slices live on the GPU, and every timed run ends with
+a device synchronization.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import MoEModelInfo, load_model, model_fingerprint, split_expert
+from ..models import MoEModelInfo, find_moe_layers, load_model, model_fingerprint, split_expert
 from ..models.weights import fuse_slices
 from ..runtime import DecodeConfig, MultiAdapterEngine, Request, generate_batch
 from ..tuning.esft import (
@@ -106,6 +108,11 @@ def _prompts(model_name: str | Path, lengths: list[int], vocab: int, seed: int) 
     return out
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _swap_plan(engine: MultiAdapterEngine, dirs: dict[str, Path]) -> dict[str, list[tuple]]:
     """Per adapter: (fused parameter, expert id, tuned slice) for every slice its merge overwrites."""
     plan = {}
@@ -117,7 +124,7 @@ def _swap_plan(engine: MultiAdapterEngine, dirs: dict[str, Path]) -> dict[str, l
             layer = engine.info.by_index(layer_index)
             for param_name, value in fuse_slices(layer.layout, classic).items():
                 param = getattr(layer.experts, param_name)
-                writes.append((param, expert, value.to(param.dtype).contiguous()))
+                writes.append((param, expert, value.to(param.device, param.dtype).contiguous()))
         plan[name] = writes
     return plan
 
@@ -131,14 +138,22 @@ def bench_reroute(
     new_tokens: tuple[int, int] = (16, 32),
     repeats: int = 5,
     seed: int = 0,
+    device: str = "cpu",
+    dtype: str | None = None,
 ) -> dict:
     """Latency of a mixed batch vs the base model alone and vs adapter swapping; memory vs ideal.
+
+    ``device``: where the model runs (``cpu`` or ``cuda``); the adapters are written from CPU weights.
+    ``dtype``: the model's dtype (None: the checkpoint's; ``bfloat16`` takes the grouped-GEMM kernel on
+    a Hopper GPU, float32 the per-expert fallback of ``torch._grouped_mm``).
 
     Returns:
         JSON-able results: ``adapters``, ``latency_ratio_vs_base``, ``speedup_vs_swap``,
         ``memory_ratio_vs_ideal``, raw times (medians and every run) and bytes.
     """
-    model = load_model(model_name)
+    compute = torch.device(device)
+    cpu_model = load_model(model_name, dtype=dtype)  # adapters are written from CPU weights
+    model = cpu_model if compute.type == "cpu" else load_model(model_name, dtype=dtype).to(compute)
     engine = MultiAdapterEngine(model)
     info = engine.info
     vocab = model.config.get_text_config().vocab_size
@@ -153,7 +168,7 @@ def bench_reroute(
     config = DecodeConfig(stop_on_eos=False, max_batch_size=len(requests))
 
     with tempfile.TemporaryDirectory(prefix="moe-reroute-bench-") as tmp:
-        dirs = write_random_adapters(model, info, Path(tmp), adapters, seed=seed)
+        dirs = write_random_adapters(cpu_model, find_moe_layers(cpu_model), Path(tmp), adapters, seed=seed)
         start = time.perf_counter()
         for name, path in dirs.items():
             engine.add_adapter(name, path)
@@ -210,8 +225,10 @@ def bench_reroute(
     for repeat in range(repeats):
         names = list(fns)
         for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            _synchronize(compute)
             start = time.perf_counter()
             fns[name]()
+            _synchronize(compute)
             runs[name].append(time.perf_counter() - start)
     t = {name: statistics.median(times) for name, times in runs.items()}
 
@@ -226,6 +243,8 @@ def bench_reroute(
         "generated_tokens": tokens,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(compute) if compute.type == "cuda" else "cpu",
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "load_average": [load_before, os.getloadavg()[0]],  # 1-min, before/after: other work skews times
         "latency_ratio_vs_base": t["mixed"] / t["base"],
         "latency_ratio_vs_base_runtime": t["mixed"] / t["base_runtime"],

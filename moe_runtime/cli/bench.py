@@ -23,6 +23,8 @@ def register(sub) -> None:
             "moe-runtime bench profile --json bench_profile.json",
             "moe-runtime bench offload --json bench_offload.json",
             "moe-runtime bench offload --offload-size smoke --no-accelerate",
+            "moe-runtime bench reroute --device cuda --dtype bfloat16 --json reroute_gpu.json",
+            "moe-runtime bench offload --tier cpu --device cuda --json offload_gpu.json",
         ],
         func=run,
     )
@@ -57,6 +59,25 @@ def register(sub) -> None:
     )
     parser.add_argument(
         "--no-accelerate", action="store_true", help="offload: skip the transformers + accelerate baseline"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="reroute, offload: where the model computes (default cpu); offload on cuda needs --tier cpu",
+    )
+    parser.add_argument(
+        "--tier",
+        choices=("disk", "cpu"),
+        default="disk",
+        help="offload: the slow tier, 'disk' (checkpoint files, fast tier RAM) or 'cpu' (host memory, fast "
+        "tier --device) (default disk)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="reroute: the model's dtype (default auto: the checkpoint's)",
     )
 
 
@@ -144,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats <= 0:
         raise UsageError(f"--repeats must be positive, got {args.repeats}")
+    _check_device(args)
     if args.json:
         check_output_file(args.json)  # refused before the benchmark runs, not after
     if args.name == "profile":
@@ -151,7 +173,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.name == "reroute":
         from ..bench.reroute_bench import bench_reroute
 
-        result = {"bench": "reroute", "model": args.model, **bench_reroute(args.model, repeats=args.repeats)}
+        dtype = None if args.dtype == "auto" else args.dtype
+        result = bench_reroute(args.model, repeats=args.repeats, device=args.device, dtype=dtype)
+        result = {"bench": "reroute", "model": args.model, **result}
     elif args.name == "tune":
         result = _bench_tune(args)
     elif args.name == "esft-quality":
@@ -169,6 +193,27 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(args.json, result)
     return 0
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """``--device``, ``--tier`` and ``--dtype`` go with the benches that take them, and cuda must exist."""
+    if args.device != "cpu" and args.name not in ("reroute", "offload"):
+        raise UsageError(
+            f"--device {args.device}: bench {args.name} runs on the cpu (reroute and offload take --device)"
+        )
+    if args.tier != "disk" and args.name != "offload":
+        raise UsageError(f"--tier {args.tier} goes with bench offload")
+    if args.dtype != "auto" and args.name != "reroute":
+        raise UsageError(f"--dtype {args.dtype} goes with bench reroute")
+    if args.name == "offload" and args.device == "cuda" and args.tier != "cpu":
+        raise UsageError(
+            "--device cuda: bench offload computes on the GPU with --tier cpu only (disk: fast tier RAM)"
+        )
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device cuda: CUDA is not available (torch {torch.__version__})")
 
 
 def _bench_profile(args: argparse.Namespace) -> dict:
@@ -194,6 +239,7 @@ def _bench_offload(args: argparse.Namespace) -> dict:
     settings = OffloadBenchSettings.smoke() if args.offload_size == "smoke" else OffloadBenchSettings()
     settings.budget = args.expert_budget
     settings.accelerate = not args.no_accelerate
+    settings.tier, settings.device = args.tier, args.device
     result = {"bench": "offload", **bench_offload(settings)}
     if args.offload_size == "smoke":
         result["note"] = "smoke size: shows the benchmark runs; its timings and memory figures mean nothing"

@@ -71,7 +71,8 @@ def register(sub) -> None:
     parser.add_argument(
         "--expert-budget",
         metavar="X",
-        help="fast-tier share ('25%%', default) or bytes ('2GB') of routed experts",
+        help="fast-tier share ('25%%', default) or bytes ('2GB') of routed experts, or a share of the fast "
+        "tier's free memory ('80%%free': GPU memory with --offload cpu on a GPU)",
     )
     parser.add_argument(
         "--cache-policy",

@@ -1,4 +1,8 @@
-"""reroute_permute: the compiled op against its pure-PyTorch reference and a plain-Python spec."""
+"""reroute_permute: the compiled op against its pure-PyTorch reference and a plain-Python spec.
+
+Tests taking ``device`` run the op on that device (CPU kernel, or the CUDA kernel) and compare with
+the reference on the CPU: every output is integer, so they must be equal exactly.
+"""
 
 from __future__ import annotations
 
@@ -58,9 +62,14 @@ def spec(top_k_index, token_owner, slot_table, num_slots) -> Rerouted:
     )
 
 
+def on(device: str, inputs: tuple) -> tuple:
+    """``inputs`` with every tensor moved to ``device``."""
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
 def assert_same(actual: Rerouted, expected: Rerouted) -> None:
     for name, a, b in zip(Rerouted._fields, actual, expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def shapes(max_tokens: int) -> st.SearchStrategy[tuple[int, int, int, int, int, int]]:
@@ -84,10 +93,21 @@ def test_reference_matches_spec(shape):
 
 @requires_extension
 @settings(max_examples=150, deadline=None)
-@given(shapes(max_tokens=300))
-def test_op_matches_reference(shape):
+@given(shape=shapes(max_tokens=300))
+def test_op_matches_reference(shape, device):
     inputs = make_inputs(*shape)
-    assert_same(reroute_permute(*inputs), reroute_permute_reference(*inputs))
+    result = reroute_permute(*on(device, inputs))
+    assert all(t.device.type == device for t in result)
+    assert_same(result, reroute_permute_reference(*inputs))
+
+
+@requires_extension
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), tokens=st.integers(10_000, 70_000))
+def test_op_matches_reference_large(seed, tokens, device):
+    """Large batches: hundreds of thread blocks, thousands of atomic counts per slot, a long stable sort."""
+    inputs = make_inputs(seed, tokens, 4, 5, 64, 150)
+    assert_same(reroute_permute(*on(device, inputs)), reroute_permute_reference(*inputs))
 
 
 @requires_extension
@@ -113,10 +133,10 @@ EDGE_CASES = {
 
 @requires_extension
 @pytest.mark.parametrize("case", sorted(EDGE_CASES))
-def test_edge_cases(case):
+def test_edge_cases(case, device):
     top_k_index, token_owner, num_slots = EDGE_CASES[case]
     slot_table = torch.tensor([[2, 1, -1, 0, 2, -1]], dtype=torch.int32)
-    result = reroute_permute(top_k_index, token_owner, slot_table, num_slots)
+    result = reroute_permute(*on(device, (top_k_index, token_owner, slot_table, num_slots)))
     assert_same(result, spec(top_k_index, token_owner, slot_table, num_slots))
     entries = top_k_index.numel()
     if case == "one_slot_for_all":
@@ -127,17 +147,28 @@ def test_edge_cases(case):
 
 
 @requires_extension
-def test_empty_table_and_noncontiguous_inputs():
-    top_k_index = torch.tensor([[0, 3, 1], [2, 2, 0]]).t()  # [3, 2], not contiguous
-    token_owner = torch.tensor([1, 0, 0, 1, 2, 0])[::2]
-    slot_table = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 1, -1, 0]], dtype=torch.int32)
+def test_empty_table_and_noncontiguous_inputs(device):
+    top_k_index = torch.tensor([[0, 3, 1], [2, 2, 0]], device=device).t()  # [3, 2], not contiguous
+    token_owner = torch.tensor([1, 0, 0, 1, 2, 0], device=device)[::2]
+    slot_table = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 1, -1, 0]], dtype=torch.int32, device=device)
+    assert not top_k_index.is_contiguous() and not token_owner.is_contiguous()
+    expected = spec(*on("cpu", (top_k_index, token_owner, slot_table, 4)))
+    assert_same(reroute_permute(top_k_index, token_owner, slot_table, 4), expected)
+    empty_table = torch.zeros(1, 0, dtype=torch.int32, device=device)
+    owner = torch.zeros(3, dtype=torch.int64, device=device)
     assert_same(
-        reroute_permute(top_k_index, token_owner, slot_table, 4),
-        spec(top_k_index, token_owner, slot_table, 4),
+        reroute_permute(top_k_index, owner, empty_table, 2),
+        spec(*on("cpu", (top_k_index, owner, empty_table, 2))),
     )
-    empty_table = torch.zeros(1, 0, dtype=torch.int32)
-    owner = torch.zeros(3, dtype=torch.int64)
-    assert_same(reroute_permute(top_k_index, owner, empty_table, 2), spec(top_k_index, owner, empty_table, 2))
+
+
+@requires_extension
+def test_inputs_on_two_devices_raise(device):
+    if device == "cpu":
+        pytest.skip("needs a second device type (cuda)")
+    top_k_index, token_owner, slot_table, num_slots = make_inputs(0, 4, 2, 1, 4, 3)
+    with pytest.raises(RuntimeError, match="one device"):
+        reroute_permute(top_k_index.to(device), token_owner, slot_table.to(device), num_slots)
 
 
 @requires_extension
@@ -198,17 +229,18 @@ def test_reference_rejects_bad_owner():
 
 
 @requires_extension
-def test_offsets_drive_grouped_mm():
-    """A grouped GEMM through perm/offsets equals one matmul per routed entry."""
+def test_offsets_drive_grouped_mm(device):
+    """A grouped GEMM through perm/offsets equals one matmul per routed entry (float32 on the CPU)."""
     tokens, top_k, hidden_size, out_size, num_slots = 13, 3, 8, 4, 8
     top_k_index, token_owner, slot_table, _ = make_inputs(3, tokens, top_k, 3, 6, num_slots)
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(tokens, hidden_size, generator=gen)
     weights = torch.randn(num_slots, hidden_size, out_size, generator=gen)
 
-    grouped, rerouted = group_by_slot(hidden, top_k_index, token_owner, slot_table, num_slots)
-    out = torch._grouped_mm(grouped, weights, offs=rerouted.offsets)
-    per_entry = out[rerouted.inv_perm]  # back to flat (token, k) order
+    grouped, rerouted = group_by_slot(*on(device, (hidden, top_k_index, token_owner, slot_table, num_slots)))
+    out = torch._grouped_mm(grouped, weights.to(device), offs=rerouted.offsets)
+    per_entry = out[rerouted.inv_perm].cpu()  # back to flat (token, k) order
+    rerouted = Rerouted(*(t.cpu() for t in rerouted))
     valid = rerouted.slot_ids < num_slots
     assert 0 < int(valid.sum()) < tokens * top_k  # both routed and dropped entries occur
 
@@ -220,19 +252,22 @@ def test_offsets_drive_grouped_mm():
 
 @requires_extension
 @pytest.mark.parametrize("shape", [(0, 2, 1, 3, 4), (5, 2, 2, 6, 4), (17, 4, 3, 9, 1)])
-def test_opcheck(shape):
-    """Schema, fake kernel (shapes without data) and AOT dispatch with dynamic shapes."""
+def test_opcheck(shape, device):
+    """Schema, fake kernel (shapes without data) and AOT dispatch with dynamic shapes, per device kernel."""
     tokens, top_k, owners, experts, num_slots = shape
-    inputs = make_inputs(11, tokens, top_k, owners, experts, num_slots)
+    inputs = on(device, make_inputs(11, tokens, top_k, owners, experts, num_slots))
     torch.library.opcheck(torch.ops.moe_runtime.reroute_permute.default, inputs)
 
 
 @requires_extension
-def test_compiles_without_graph_breaks():
-    compiled = torch.compile(reroute_permute, fullgraph=True, backend="eager", dynamic=True)
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiles_without_graph_breaks(device, backend):
+    """One graph with dynamic shapes; aot_eager traces through the fake kernel."""
+    torch._dynamo.reset()
+    compiled = torch.compile(reroute_permute, fullgraph=True, backend=backend, dynamic=True)
     for tokens in (6, 11):
         inputs = make_inputs(5, tokens, 2, 2, 7, 5)
-        assert_same(compiled(*inputs), reroute_permute_reference(*inputs))
+        assert_same(compiled(*on(device, inputs)), reroute_permute_reference(*inputs))
 
 
 def test_missing_extension_raises_with_build_hint(monkeypatch):

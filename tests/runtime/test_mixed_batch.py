@@ -1,7 +1,8 @@
 """A mixed batch (base + several adapters, different prompt lengths and limits) served together equals
 each request run alone by plain transformers on its adapter merged into a copy of the base model.
 
-Tolerance for logits (float32): atol 1e-4, rtol 1e-4; generated tokens must be identical.
+Tolerance for logits (float32): atol 1e-4, rtol 1e-4; generated tokens must be identical. Both sides
+run on the test's device (the reference is plain transformers on that device).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ PLAN = [(5, None, 6), (9, "x", 4), (3, "y", 8), (12, "z", 5), (7, "x", 7), (1, "
 
 
 class Served:
-    def __init__(self, family: str, root) -> None:
+    def __init__(self, family: str, root, device: str) -> None:
         self.family = family
-        self.build = lambda: build_random_model(family, seed=0)
-        self.model = self.build()
-        info = find_moe_layers(self.model)
+        self.device = device
+        self.build = lambda: build_random_model(family, seed=0).to(device)
+        cpu_model = build_random_model(family, seed=0)  # adapters are written from CPU weights
+        info = find_moe_layers(cpu_model)
         layers, num_experts = info.layer_indices, info.layers[0].num_experts
         expert_sets = {
             "x": {layers[0]: [0, 3]},
@@ -37,9 +39,10 @@ class Served:
             },
         }
         self.dirs = {
-            name: make_adapter(self.model, root / name, experts, seed=i, scale=1.0, info=info)
+            name: make_adapter(cpu_model, root / name, experts, seed=i, scale=1.0, info=info)
             for i, (name, experts) in enumerate(expert_sets.items())
         }
+        self.model = self.build()
         self.engine = MultiAdapterEngine(self.model)
         for name, path in self.dirs.items():
             self.engine.add_adapter(name, path)
@@ -66,7 +69,7 @@ class Served:
 
     def _generate(self, request: Request, **kwargs):
         out = self.merged(request.adapter).generate(
-            torch.tensor([request.prompt]),
+            torch.tensor([request.prompt], device=self.device),
             max_new_tokens=request.max_new_tokens,
             do_sample=False,
             output_logits=True,
@@ -78,8 +81,8 @@ class Served:
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def served(request, tmp_path_factory) -> Served:
-    return Served(request.param, tmp_path_factory.mktemp(request.param))
+def served(request, tmp_path_factory, device) -> Served:
+    return Served(request.param, tmp_path_factory.mktemp(request.param), device)
 
 
 @pytest.mark.parametrize("max_chunks", [1, None])
@@ -91,6 +94,7 @@ def test_mixed_batch_equals_merged_models(served, max_chunks):
             engine.add_adapter(name, path)
         assert engine.memory().chunks > len(engine.info.layers)
     completions = engine.generate(served.requests, DecodeConfig(output_logits=True))
+    assert all(c.logits.device.type == served.device for c in completions)
     differs_from_base = 0
     for request, completion in zip(served.requests, completions):
         tokens, logits = served.reference(request)
@@ -107,7 +111,8 @@ def test_prompt_logits_equal_merged_forward(served):
     logits = served.engine.prompt_logits(served.requests)
     for request, got in zip(served.requests, logits):
         with torch.no_grad():
-            expected = served.merged(request.adapter)(torch.tensor([request.prompt])).logits[0]
+            ids = torch.tensor([request.prompt], device=served.device)
+            expected = served.merged(request.adapter)(ids).logits[0]
         torch.testing.assert_close(got, expected, **TOL)
 
 

@@ -10,7 +10,7 @@ from conftest import save_checkpoint
 from serving_helpers import make_adapter
 
 from moe_runtime.errors import UsageError
-from moe_runtime.models import find_moe_layers, load_model
+from moe_runtime.models import find_moe_layers, load_model, load_tokenizer
 from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
 from moe_runtime.runtime.offload import Budget, OffloadConfig, load_offloaded_model, parse_budget
 
@@ -443,3 +443,54 @@ def test_offloaded_routed_lora_and_esft_equal_resident(checkpoints, tmp_path, fa
     for x, y in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
     assert all(layer.experts.down_proj.is_meta for layer in engines[1].info.layers)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_cpu_tier_on_device_equals_resident(checkpoints, tmp_path, family, device):
+    """The ``cpu`` tier computing on ``device`` (a GPU: pinned host store, copy stream, events) gives
+    the resident model's tokens on that device, and its logits within float64 rounding."""
+    path = checkpoints[family]
+    resident = MultiAdapterEngine(load_model(path).to(device), load_tokenizer(path))
+    config = OffloadConfig(
+        tier="cpu",
+        budget="25%",
+        prefetch=("router", "trajectory"),
+        compute_device=device,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    offloaded = MultiAdapterEngine.from_pretrained(path, offload=config)
+    executor = offloaded.executor
+    assert executor.device.type == device
+    assert all(t.device.type == device for c in executor.caches.values() for t in c.tensors.values())
+    host = [t for layer in executor.store.tensors.values() for t in layer.values()]
+    assert all(t.device.type == "cpu" and t.is_pinned() == (device == "cuda") for t in host)
+    requests = _requests([None])
+    tokens, logits = _serve(resident, requests)
+    got_tokens, got_logits = _serve(offloaded, requests)
+    assert got_tokens == tokens
+    for a, b in zip(got_logits, logits):
+        assert a.device.type == device
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert executor.stats.misses > 0 and executor.stats.passes > 0
+    offloaded.close()
+
+
+def test_host_copier_orders_copies_between_streams(device):
+    """A copy starts after the compute work queued before it and the compute stream reads it only after
+    it lands (on a GPU: a side stream waiting on the compute stream, an event the compute stream waits on)."""
+    from moe_runtime.runtime.offload.host import HostCopier
+
+    cuda = device == "cuda"
+    copier = HostCopier(device)
+    source = torch.arange(1 << 22, dtype=torch.float32)
+    source = source.pin_memory() if cuda else source
+    dest = torch.zeros(source.shape, device=device)
+    for _ in range(3):
+        if cuda:
+            torch.cuda._sleep(20_000_000)  # keeps the compute stream busy while the copy is queued
+        dest.fill_(-1.0)  # queued before the copy: must not overwrite it
+        ticket = copier.submit(source, dest)
+        copier.wait(ticket)
+        assert torch.equal((dest * 1).cpu(), source)  # read on the compute stream after the wait
+        source += 1  # the host side changes only after the copy was read
+    copier.close()

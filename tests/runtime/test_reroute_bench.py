@@ -21,11 +21,18 @@ def checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("bench"), "qwen2_moe", dtype=torch.float32)
 
 
-def test_bench_reroute_small(checkpoint):
+def test_bench_reroute_small(checkpoint, device):
     result = bench_reroute(
-        checkpoint, adapters=3, requests_per_adapter=2, prompt_lengths=(3, 8), new_tokens=(2, 4), repeats=1
+        checkpoint,
+        adapters=3,
+        requests_per_adapter=2,
+        prompt_lengths=(3, 8),
+        new_tokens=(2, 4),
+        repeats=1,
+        device=device,
     )
     assert result["adapters"] == 3 and result["requests"] == 8
+    assert (result["device"] == "cpu") == (device == "cpu") and result["dtype"] == "float32"
     assert result["mixed_s"] > 0 and result["base_s"] > 0 and result["swap_s"] > 0
     # the arena holds the tuned experts and nothing else but the (tiny) slot tables
     assert result["arena_bytes"] - result["tuned_expert_bytes"] < 1024
@@ -43,3 +50,25 @@ def test_bench_reroute_cli(capsys, tmp_path, checkpoint):
         assert key in result
     assert result["adapters"] >= 20
     assert "latency_ratio_vs_base" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["profile", "--device", "cuda"], "bench profile runs on the cpu"),
+        (["offload", "--device", "cuda"], "with --tier cpu only"),
+        (["reroute", "--tier", "cpu"], "--tier cpu goes with bench offload"),
+        (["tune", "--dtype", "bfloat16"], "--dtype bfloat16 goes with bench reroute"),
+    ],
+)
+def test_bench_device_options_refused(capsys, argv, message):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_cuda_without_cuda_is_refused(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "reroute", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and len(err.strip().splitlines()) == 1, err

@@ -1,10 +1,12 @@
-"""Offloading settings and the expert budget (a share of routed experts or a byte size)."""
+"""Offloading settings and the expert budget (a share of routed experts, a byte size, or a share of the
+fast tier's free memory), resolved to expert slots per layer against the fast tier's device."""
 
 from __future__ import annotations
 
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -13,7 +15,7 @@ from ...errors import UsageError
 from ...models import MoEModelInfo
 from .policies import POLICIES, PREFETCHERS
 
-__all__ = ["OffloadConfig", "Budget", "parse_budget", "slots_per_layer"]
+__all__ = ["OffloadConfig", "Budget", "fast_tier_slots", "free_memory", "parse_budget", "slots_per_layer"]
 
 TIERS = ("disk", "cpu")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -22,17 +24,22 @@ _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 
 @dataclass(frozen=True)
 class Budget:
-    """Fast-tier budget: ``share`` of every layer's routed experts, or ``bytes`` over all layers."""
+    """Fast-tier budget: ``share`` of every layer's routed experts, ``bytes`` over all layers, or
+    ``free_share`` of the fast tier's free memory when the model is loaded (exactly one is set)."""
 
     share: float | None = None
     bytes: int | None = None
+    free_share: float | None = None
 
     def __str__(self) -> str:
+        if self.free_share is not None:
+            return f"{self.free_share * 100:g}%free"
         return f"{self.share * 100:g}%" if self.share is not None else f"{self.bytes} bytes"
 
 
 def parse_budget(value: str | float | int | Budget, flag: str = "--expert-budget") -> Budget:
-    """``"25%"`` / ``0.25`` -> a share; ``"2GB"``, ``"512MiB"``, ``1000000`` (int) -> bytes.
+    """``"25%"`` / ``0.25`` -> a share; ``"2GB"``, ``"512MiB"``, ``1000000`` (int) -> bytes;
+    ``"80%free"`` -> a share of the fast tier's free memory (see :func:`fast_tier_slots`).
 
     ``flag`` names the option in error messages.
 
@@ -40,9 +47,14 @@ def parse_budget(value: str | float | int | Budget, flag: str = "--expert-budget
         UsageError: malformed, or a share outside (0, 100%].
     """
     if isinstance(value, Budget):
-        if (value.share is None) == (value.bytes is None):
-            raise UsageError(f"{flag}: a Budget takes exactly one of share or bytes, got {value!r}")
-        value = float(value.share) if value.share is not None else int(value.bytes)
+        if sum(v is not None for v in (value.share, value.bytes, value.free_share)) != 1:
+            raise UsageError(
+                f"{flag}: a Budget takes exactly one of share, bytes or free_share, got {value!r}"
+            )
+        if value.free_share is not None:
+            value = f"{float(value.free_share) * 100!r}%free"
+        else:
+            value = float(value.share) if value.share is not None else int(value.bytes)
     if isinstance(value, bool):
         raise UsageError(f"{flag} {value}: expected a share like 25% or a size like 2GB")
     if isinstance(value, float):
@@ -53,6 +65,14 @@ def parse_budget(value: str | float | int | Budget, flag: str = "--expert-budget
         return Budget(bytes=value)
     else:
         text = str(value).strip().lower().replace(" ", "")
+        if text.endswith("%free"):
+            try:
+                free_share = float(text[: -len("%free")]) / 100
+            except ValueError:
+                raise UsageError(f"{flag} '{value}': expected a share of free memory like 80%free") from None
+            if not (0 < free_share <= 1):
+                raise UsageError(f"{flag} '{value}': a share of free memory must lie in (0%, 100%]")
+            return Budget(free_share=free_share)
         if text.endswith("%"):
             try:
                 share = float(text[:-1]) / 100
@@ -74,9 +94,13 @@ def parse_budget(value: str | float | int | Budget, flag: str = "--expert-budget
 def slots_per_layer(info: MoEModelInfo, budget: Budget) -> int:
     """Expert slots every MoE layer gets (the same number in each layer).
 
+    A ``free_share`` budget needs the fast tier's free memory: use :func:`fast_tier_slots`.
+
     Raises:
         UsageError: the budget holds fewer experts per layer than one token needs (top-k).
     """
+    if budget.free_share is not None:
+        raise ValueError("a share of free memory is resolved by fast_tier_slots, which knows the device")
     num_experts = min(layer.num_experts for layer in info.layers)
     if budget.share is not None:
         slots = max(1, math.floor(budget.share * num_experts + 1e-9))
@@ -91,6 +115,59 @@ def slots_per_layer(info: MoEModelInfo, budget: Budget) -> int:
             f"or {top_k * sum(layer.expert_bytes for layer in info.layers)} bytes"
         )
     return int(slots)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the fast tier can still take on ``device``.
+
+    A GPU: the driver's free memory (``torch.cuda.mem_get_info``: device-wide, so other processes'
+    use counts) plus what this process's caching allocator holds unused. The CPU: available RAM.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def fast_tier_slots(
+    info: MoEModelInfo,
+    budget: Budget,
+    device: torch.device,
+    free: Callable[[torch.device], int] | None = None,
+) -> int:
+    """Expert slots per layer for ``budget`` on the fast tier's ``device`` (``free``: :func:`free_memory`).
+
+    A share of free memory (``80%free``) becomes that many bytes of ``free(device)``. On a GPU every
+    budget must fit the free memory: slots that do not fit are refused here, with the numbers, rather
+    than as an out-of-memory error in the middle of loading.
+
+    Raises:
+        UsageError: as :func:`slots_per_layer`, or the slots do not fit the GPU's free memory.
+    """
+    free = free or free_memory
+    per_slot = sum(layer.expert_bytes for layer in info.layers)
+    if budget.free_share is not None:
+        available = free(device)
+        size = int(budget.free_share * available)
+        top_k = max(layer.top_k for layer in info.layers)
+        if size // per_slot < top_k:
+            raise UsageError(
+                f"--expert-budget {budget}: {size} bytes of the {available} free on {device} hold "
+                f"{size // per_slot} expert(s) per layer, fewer than one token's working set (top-k = {top_k})"
+            )
+        return slots_per_layer(info, Budget(bytes=size))
+    slots = slots_per_layer(info, budget)
+    if device.type == "cuda":
+        available = free(device)
+        if slots * per_slot > available:
+            raise UsageError(
+                f"--expert-budget {budget}: {slots} expert(s) per layer need {slots * per_slot} bytes on "
+                f"{device}, which has {available} free; give a smaller budget (or a share of free memory, "
+                "e.g. 80%free)"
+            )
+    return slots
 
 
 @dataclass
@@ -108,6 +185,9 @@ class OffloadConfig:
         profile_scores: ``{layer: {expert: score}}`` for the ``profile`` policy.
         num_threads: loader reader threads.
         cache_dir: where a packed expert file goes when the checkpoint needs one.
+        compute_device: the ``cpu`` tier's compute device (``"cpu"``, ``"cuda"``, ``"cuda:1"``); None
+            (the default) takes the current GPU when there is one, else the CPU. The ``disk`` tier
+            computes on the CPU.
         compute_threads: torch intra-op threads while serving from the disk tier (the ``cpu``
             tier has no reader threads and leaves torch as is). ``"auto"``
             keeps one core free for the loader (at most the available cores minus one, never more
@@ -125,6 +205,7 @@ class OffloadConfig:
     num_threads: int = 2
     cache_dir: str | None = None
     compute_threads: int | str | None = "auto"
+    compute_device: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.prefetch, str):  # one prefetcher named alone
@@ -145,6 +226,13 @@ class OffloadConfig:
 
     def device(self) -> torch.device:
         """The compute device: the fast tier's slots and the resident weights live there."""
+        if self.compute_device is not None:
+            device = torch.device(self.compute_device)
+            return (
+                torch.device("cuda", torch.cuda.current_device())
+                if device == torch.device("cuda")
+                else device
+            )
         if self.tier == "cpu" and torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
@@ -159,6 +247,18 @@ class OffloadConfig:
             if name not in PREFETCHERS:
                 raise UsageError(f"unknown prefetcher '{name}' (choose from {', '.join(PREFETCHERS)})")
         parse_budget(self.budget)
+        if self.compute_device is not None:
+            try:
+                device = torch.device(self.compute_device)
+            except RuntimeError:
+                raise UsageError(f"offload: unknown compute device '{self.compute_device}'") from None
+            if device.type not in ("cpu", "cuda") or (device.type == "cuda" and self.tier != "cpu"):
+                raise UsageError(
+                    f"offload: compute device '{self.compute_device}' with tier '{self.tier}': the disk tier "
+                    "computes on the cpu, the cpu tier on the cpu or a cuda device"
+                )
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise UsageError(f"offload: compute device '{self.compute_device}': CUDA is not available")
         if self.num_threads <= 0:
             raise UsageError("offload: num_threads must be positive")
         if self.compute_threads not in (None, "auto") and (

@@ -29,7 +29,7 @@ from ...ops.reroute import reroute_permute
 from ..arena import ExpertArena, LayerSlots
 from ..executor import OwnerRouting
 from .cache import LayerCache, OffloadStats
-from .config import OffloadConfig, parse_budget, slots_per_layer
+from .config import OffloadConfig, fast_tier_slots, parse_budget
 from .host import HostCopier, HostStore
 from .policies import RouterPrefetcher, TrajectoryPrefetcher, make_policy
 from .store import ExpertStore
@@ -96,8 +96,8 @@ class OffloadExecutor(OwnerRouting):
             torch.set_num_threads(threads)  # see OffloadConfig.compute_threads
         self.config = config
         info = arena.info
-        self.num_slots = slots_per_layer(info, parse_budget(config.budget))
         self.device = config.device()
+        self.num_slots = fast_tier_slots(info, parse_budget(config.budget), self.device)
         self.stats = OffloadStats()
         _check_scores(config.profile_scores, info)
         self.policy = make_policy(config.policy, slots=self.num_slots, scores=config.profile_scores)
