@@ -8,6 +8,7 @@ import re
 import pytest
 
 from moe_runtime.cli import main
+from moe_runtime.demo.tasks import DEMO_TASKS
 
 
 @pytest.mark.slow
@@ -16,14 +17,22 @@ def test_demo_runs_end_to_end(capsys, tmp_path):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "mean pairwise Jaccard" in out and "exact match" in out
+    assert "{'loss'" not in out  # a progress bar, not the Trainer's printed log dicts
     # the offloaded serving step reproduces the resident completions exactly
     served = re.search(r"(\d+)/(\d+) completions identical to the resident run", out)
     assert served and served.group(1) == served.group(2), out[-2000:]
     assert (tmp_path / "w" / "profile" / "overlap.png").exists()
-    for task in ("kv", "sort"):
+    summary = tmp_path / "w" / "summary.png"
+    assert summary.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(summary) in out
+    for task in DEMO_TASKS:
         cfg = json.loads((tmp_path / "w" / f"{task}_experts.json").read_text())
         assert sum(map(len, cfg["experts"].values())) > 0
         assert (tmp_path / "w" / "adapters" / task / "adapter.safetensors").exists()
+        log = [
+            json.loads(line) for line in (tmp_path / "w" / "logs" / f"{task}.jsonl").read_text().splitlines()
+        ]
+        assert [row["step"] for row in log if "loss" in row] == [1, 2, 3]
+        assert re.search(rf"{task} exact match\s+\d+%\s+\d+%", out), out[-3000:]
 
 
 def test_demo_bad_flags_exit_2(capsys, tmp_path):
