@@ -1,6 +1,6 @@
 """Task data: JSONL files with one example per line, validated with file and line in every error.
 
-Accepted example shapes (../shared/CLI.md, DESIGN §5):
+Accepted example shapes:
     {"text": "..."}
     {"prompt": "...", "response": "..."}
     {"messages": [{"role": "...", "content": "..."}, ...]}

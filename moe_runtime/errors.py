@@ -6,7 +6,7 @@ Anything else escaping a command is an internal error (exit 1).
 
 from __future__ import annotations
 
-__all__ = ["UsageError", "NotMoEError", "DataError", "AdapterError"]
+__all__ = ["UsageError", "NotMoEError", "DataError", "AdapterError", "AdapterWarning"]
 
 
 class UsageError(Exception):
@@ -23,3 +23,7 @@ class DataError(UsageError):
 
 class AdapterError(UsageError):
     """An adapter directory that is missing, corrupt or does not fit the base model."""
+
+
+class AdapterWarning(UserWarning):
+    """An adapter is accepted but could only be checked in part (the CLI prints it as one line)."""

@@ -1,8 +1,8 @@
 """``bench esft-quality``: the ESFT paper's claim at small scale, on the embedded model.
 
 Per held-out task: profile its training data, select experts (gate p=0.1, token p=0.2), then train
-``full``, ``lora``, ``esft_gate``, ``esft_token`` and ``routed_lora`` (perft-r, 4 LoRA experts of
-rank 8 per layer, top-2) with the same data, steps, batch and seed, and
+``full``, ``lora``, ``esft_gate``, ``esft_token``, ``routed_lora`` (perft-r, 4 LoRA experts of
+rank 8 per layer, top-2), ``mola`` and ``dynmole`` (routed-LoRA variants, defaults) with the same data, steps, batch and seed, and
 measure the task score (exact match of greedy answers on the test split, and test loss) and
 forgetting (loss increase on the general held-out set).
 """
@@ -25,12 +25,14 @@ from ..tuning.esft import ExpertSelection, tune_esft
 from ..tuning.evaluate import exact_match, mean_token_loss
 from ..tuning.full import tune_full
 from ..tuning.lora import tune_lora
+from ..tuning.registry import TuneJob
 from ..tuning.routed_lora import RoutedLoraSettings, tune_routed_lora
 from ..tuning.trainer import TrainConfig
 
 __all__ = ["QualitySettings", "bench_esft_quality", "METHODS"]
 
-METHODS = ("full", "lora", "esft_gate", "esft_token", "routed_lora")
+METHODS = ("full", "lora", "esft_gate", "esft_token", "routed_lora", "mola", "dynmole")
+ROUTED_VARIANTS = {"routed_lora": "perft-r", "mola": "mola", "dynmole": "dynmole"}
 
 
 @dataclass
@@ -47,6 +49,8 @@ class QualitySettings:
             "esft_gate": 1e-3,
             "esft_token": 1e-3,
             "routed_lora": 1e-3,
+            "mola": 1e-3,
+            "dynmole": 1e-3,
         }
     )
     profile_tokens: int = 16384
@@ -107,20 +111,21 @@ def bench_esft_quality(
                     seed=settings.seed,
                 )
                 out = Path(tmp) / f"{task}_{method}"
-                common = dict(out=out, pad_id=pad, work_dir=Path(tmp) / "work", progress=False)
+                job = TuneJob(model, info, features, config, out=out, pad_id=pad, work_dir=Path(tmp) / "work")
+                job.progress = False
                 if method.startswith("esft"):
                     selection = _selection(summary, method.removeprefix("esft_"))
-                    result = tune_esft(model, info, selection, features, config, **common)
+                    result = tune_esft(job, selection)
                     result["experts"] = selection.num_experts
                     model = _with_adapter(model_arg, out)  # the saved adapter, merged into a fresh base
                 elif method == "full":
-                    result = tune_full(model, info, features, config, **common)
-                elif method == "routed_lora":
-                    routed = RoutedLoraSettings()  # perft-r defaults
-                    result = tune_routed_lora(model, info, features, config, settings=routed, **common)
+                    result = tune_full(job)
+                elif method in ROUTED_VARIANTS:
+                    routed = RoutedLoraSettings(variant=ROUTED_VARIANTS[method])  # the variant's defaults
+                    result = tune_routed_lora(job, routed)
                     model = _with_adapter(model_arg, out)
                 else:
-                    result = tune_lora(model, info, features, config, **common)
+                    result = tune_lora(job)
                     model = _with_adapter(model_arg, out)
                 model.eval()
                 score = exact_match(model, tokenizer, test)[0]
@@ -154,7 +159,7 @@ def bench_esft_quality(
             )
         }
     full = out["full"]
-    for method in ("esft_gate", "esft_token", "routed_lora"):
+    for method in ("esft_gate", "esft_token", *ROUTED_VARIANTS):
         out[method]["score_vs_full"] = (
             out[method]["task_score"] / full["task_score"] if full["task_score"] else None
         )

@@ -71,7 +71,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..models import find_moe_layers, load_model, load_tokenizer, pad_token_id
     from ..profiler import ProfileConfig, expert_config, profile_model, select_experts, write_profile
     from ..profiler.store import esft_summary
-    from ..tuning import TrainConfig, apply_adapter
+    from ..tuning import TrainConfig, TuneJob, apply_adapter
     from ..tuning.data import encode_examples
     from ..tuning.esft import ExpertSelection, tune_esft
     from ..tuning.evaluate import exact_match
@@ -132,17 +132,9 @@ def run_demo(args: argparse.Namespace) -> int:
         config = TrainConfig(steps=args.tune_steps, lr=1e-3, batch_size=16, seed=0)
         features = encode_examples(tokenizer, train[name], 256)
         out = workdir / "adapters" / name
-        result = tune_esft(
-            tuned_model,
-            find_moe_layers(tuned_model),
-            selections[name],
-            features,
-            config,
-            out=out,
-            pad_id=pad,
-            work_dir=workdir / "adapters" / f".{name}.work",
-            progress=True,
-        )
+        job = TuneJob(tuned_model, find_moe_layers(tuned_model), features, config, out=out, pad_id=pad)
+        job.work_dir = workdir / "adapters" / f".{name}.work"
+        result = tune_esft(job, selections[name])
         after = exact_match(apply_adapter(load_model("demo", dtype="float32"), out), tokenizer, test)[0]
         print(
             f"{name}: trained {result['trainable_params']:,} parameters, adapter {result['adapter_bytes'] / 1e6:.2f} MB; "
@@ -189,7 +181,7 @@ def run_demo(args: argparse.Namespace) -> int:
     done_offloaded = offloaded.generate(requests, DecodeConfig(max_new_tokens=16))
     elapsed_offloaded = time.perf_counter() - start
     same = sum(a.token_ids == b.token_ids for a, b in zip(done, done_offloaded))
-    stats, executor = offloaded.executor.stats, offloaded.executor
+    stats, executor = offloaded.offload.stats, offloaded.offload
     print(
         f"{tokens} tokens in {elapsed_offloaded:.2f}s ({tokens / elapsed_offloaded:.0f} tokens/s); "
         f"{same}/{len(requests)} completions identical to the resident run; hit rate {stats.hit_rate:.1%} "

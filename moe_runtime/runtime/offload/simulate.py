@@ -19,7 +19,7 @@ import numpy as np
 
 from ...errors import UsageError
 from .cache import OffloadStats, SlotMap
-from .config import parse_budget
+from .config import Budget, BudgetError, parse_budget
 from .policies import POLICIES, TrajectoryPrefetcher, make_policy
 
 __all__ = ["DEFAULT_POLICIES", "load_trace", "replay", "replay_steps", "simulate"]
@@ -141,7 +141,7 @@ def _as_tensor(ids: np.ndarray):
 
 def simulate(
     directory: str | Path,
-    budget: str | float,
+    budget: Budget | str | float,
     *,
     policies: Sequence[str] = DEFAULT_POLICIES,
     tasks: Sequence[str] | None = None,
@@ -152,20 +152,20 @@ def simulate(
     Raises:
         UsageError: bad budget (bytes are not accepted: a trace has no weights), policy or trace.
     """
-    parsed = parse_budget(budget, "--budget")
+    parsed = parse_budget(budget)
     if parsed.share is None:
         raise UsageError(
-            f"--budget {budget}: give a share of the experts (e.g. 25%); a trace has no weight sizes"
+            f"budget {parsed}: give a share of the experts (e.g. 25%); a trace has no weight sizes"
         )
     if tokens_per_step <= 0:
-        raise UsageError(f"--tokens-per-step must be positive, got {tokens_per_step}")
+        raise UsageError(f"tokens_per_step must be positive, got {tokens_per_step}")
     for spec in policies:
         _parse_policy(spec)
     layers, num_experts, top_k, trace, scores = load_trace(directory, tasks)
     slots = max(1, math.floor(parsed.share * num_experts + 1e-9))
     if slots < top_k:
-        raise UsageError(
-            f"--budget {budget}: {slots} expert(s) per layer, fewer than one token's working set (top-k = {top_k})"
+        raise BudgetError(
+            f"{parsed}: {slots} expert(s) per layer, fewer than one token's working set (top-k = {top_k})"
         )
     results = {}
     for spec in policies:
