@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import UsageError
+from ..errors import ConfigError, UsageError
 from ..runtime.offload.config import BudgetError
 from ._common import add_verb, budget_flag
 
@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except BudgetError as exc:
         raise UsageError(f"--budget {exc.detail}") from None
+    except ConfigError as exc:  # a --policy or --task value
+        raise exc.with_flag(f"--{exc.field}") from None
     print(
         f"budget {result['budget']}: {result['slots_per_layer']} of {result['num_experts']} experts per layer, "
         f"{result['tokens']} tokens, {result['tokens_per_step']} per step"

@@ -171,7 +171,7 @@ def run_tune(args: argparse.Namespace) -> int:
     try:
         return _run_tune(method, args)
     except ConfigError as exc:
-        raise UsageError(f"{_flag_of(method, exc.field)}: {exc.message}") from None
+        raise exc.with_flag(_flag_of(method, exc.field)) from None
 
 
 def _run_tune(method, args: argparse.Namespace) -> int:

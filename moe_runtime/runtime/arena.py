@@ -283,6 +283,13 @@ class ExpertArena:
             loaded = ", ".join(self._owners) or "none"
             raise AdapterError(f"adapter '{name}' is not loaded (loaded: {loaded})") from None
 
+    def check_new_name(self, name: str) -> None:
+        """Refuse a name that is empty or already loaded (the one place names are checked)."""
+        if not name:
+            raise AdapterError("adapter name must not be empty")
+        if name in self._owners:
+            raise AdapterError(f"adapter '{name}' is already loaded")
+
     def add(self, name: str, adapter: TunedExperts) -> int:
         """Load a checked adapter's tuned experts into free or new slots.
 
@@ -297,10 +304,7 @@ class ExpertArena:
             AdapterError: the name is taken, or the adapter changes weights other than routed
                 experts (shared experts, attention, ...), which cannot differ per request in one batch.
         """
-        if not name:
-            raise AdapterError("adapter name must not be empty")
-        if name in self._owners:
-            raise AdapterError(f"adapter '{name}' is already loaded")
+        self.check_new_name(name)
         if adapter.others:
             key = sorted(adapter.others)[0]
             raise AdapterError(
@@ -345,10 +349,7 @@ class ExpertArena:
         Raises:
             AdapterError: the name is empty or taken.
         """
-        if not name:
-            raise AdapterError("adapter name must not be empty")
-        if name in self._owners:
-            raise AdapterError(f"adapter '{name}' is already loaded")
+        self.check_new_name(name)
         owner = heapq.heappop(self._free_owners) if self._free_owners else self._num_rows
         self._num_rows = max(self._num_rows, owner + 1)
         for slots in self.layers.values():

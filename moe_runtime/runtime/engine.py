@@ -1,4 +1,4 @@
-"""Multi-adapter serving in one process: one base model, many ESFT adapters, mixed batches.
+"""Multi-adapter serving in one process: one base model, many adapters (ESFT, routed LoRA), mixed batches.
 
     engine = MultiAdapterEngine.from_pretrained("demo")
     engine.add_adapter("arith", "adapters/arith")        # tuned experts -> arena slots
@@ -6,8 +6,10 @@
     engine.generate([Request("12 + 35 =", adapter="arith"), Request("def f(", adapter=None)])
     engine.remove_adapter("arith")                       # slots and owner row freed for reuse
 
-Requests of different adapters run together: the engine tells the rerouting executor the owner of
-every row before each forward, and the generation loop drops finished rows from the batch.
+Requests of different adapters run together: the engine tells the slot-routed executor the owner of
+every row before each forward, and the generation loop drops finished rows from the batch. Adapters
+are read and handed over by their tuning method (``tuning.registry``); the base experts are the
+model's own or an offload tier's (``runtime.executor.BaseExperts``).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def pad_id_of(model: nn.Module, tokenizer=None) -> int:
 
 
 class MultiAdapterEngine:
-    """A base model serving many ESFT adapters at once.
+    """A base model serving many adapters at once.
 
     Args:
         model: a transformers causal LM with fused experts (its weights are never modified).
@@ -87,7 +89,9 @@ class MultiAdapterEngine:
         self.arena = ExpertArena(self.info, max_chunks=max_chunks, base_segment=self.base.segment)
         self.executor = SlotRoutedExecutor(self.arena, self.base)
         self.executor.attach()
-        self._pending: list[tuple[Request, list[int]]] = []  # with the prompt's token ids
+        # with the prompt's token ids and the owner id (checked once, at submit; an adapter named by
+        # a pending request cannot be removed, so the id stays valid)
+        self._pending: list[tuple[Request, list[int], int]] = []
         self._base_fingerprint: str | None = None  # computed at the first adapter load
         self._closed = False
 
@@ -175,8 +179,7 @@ class MultiAdapterEngine:
                 base model, or changes weights every request shares (lora, full).
         """
         self._check_open()
-        if name in self.arena.names:
-            raise AdapterError(f"adapter '{name}' is already loaded")
+        self.arena.check_new_name(name)  # before any file is read
         if isinstance(adapter, (str, Path)):
             method, adapter = read_adapter_dir(adapter)
         else:
@@ -189,7 +192,7 @@ class MultiAdapterEngine:
             )
         method.serve(self, name, adapter, allow_base_mismatch)
 
-    # the serving target of the methods' hooks (see ServingTarget) -------------------------------
+    # the methods' serving hooks call back these (tuning.registry.ServingTarget) ------------------
 
     def base_fingerprint(self) -> str:
         """The base model's fingerprint (computed once; offloaded experts are read from their tier)."""
@@ -217,7 +220,7 @@ class MultiAdapterEngine:
         Raises:
             AdapterError: it is not loaded, or a pending request names it.
         """
-        waiting = [r.id for r, _ in self._pending if r.adapter == name]
+        waiting = [r.id for r, _, _ in self._pending if r.adapter == name]
         if waiting:
             raise AdapterError(
                 f"adapter '{name}' is named by {len(waiting)} pending request(s) (first id {waiting[0]!r}); "
@@ -257,10 +260,10 @@ class MultiAdapterEngine:
         batch = [requests] if isinstance(requests, Request) else list(requests)
         encoded = []
         for request in batch:
-            self.arena.owner(request.adapter)
+            owner = self.arena.owner(request.adapter)
             if request.max_new_tokens is not None and request.max_new_tokens <= 0:
                 raise UsageError(f"request {request.id!r}: max_new_tokens must be positive")
-            encoded.append((request, self._encode(request)))
+            encoded.append((request, self._encode(request), owner))
         self._pending.extend(encoded)
 
     def cancel_pending(self) -> None:
@@ -294,7 +297,7 @@ class MultiAdapterEngine:
         pending, self._pending = self._pending, []
         try:
             with self.base.threads():
-                return self._serve([r for r, _ in pending], [p for _, p in pending], config)
+                return self._serve(*map(list, zip(*pending)), config) if pending else []
         except BaseException:
             self._pending = pending + self._pending
             raise
@@ -305,12 +308,10 @@ class MultiAdapterEngine:
         return self.run(config)
 
     def _serve(
-        self, requests: list[Request], prompts: list[list[int]], config: DecodeConfig
+        self, requests: list[Request], prompts: list[list[int]], owner_ids: list[int], config: DecodeConfig
     ) -> list[Completion]:
         device = next(self.model.parameters()).device
-        owners = torch.tensor(
-            [self.arena.owner(r.adapter) for r in requests], dtype=torch.int64, device=device
-        )
+        owners = torch.tensor(owner_ids, dtype=torch.int64, device=device)
         limits = [r.max_new_tokens or config.max_new_tokens for r in requests]
         eos, pad = eos_ids_of(self.model, self.tokenizer), pad_id_of(self.model, self.tokenizer)
         order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))

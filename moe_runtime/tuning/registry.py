@@ -15,18 +15,20 @@ import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
-from ..errors import AdapterError, UsageError
+from ..errors import AdapterError, ConfigError, UsageError
 from .meta import META_FILE, read_meta
 
 __all__ = [
     "ConfigError",
     "Method",
+    "ServingTarget",
     "TuneJob",
     "config_options",
     "get",
@@ -37,19 +39,6 @@ __all__ = [
     "read_adapter_dir",
     "register",
 ]
-
-
-class ConfigError(UsageError):
-    """A bad config value; ``field`` names the dataclass field (the CLI names its flag instead).
-
-    Args:
-        field: the config field.
-        message: what is wrong, without the field's name.
-    """
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
 
 
 def option(
@@ -133,6 +122,30 @@ class TuneJob:
         return summary
 
 
+class ServingTarget(Protocol):
+    """What a serving engine offers a method's serving hook.
+
+    Attributes:
+        model: the base model (its weights are never modified).
+        info: its MoE layers.
+    """
+
+    model: nn.Module
+    info: Any
+
+    def base_fingerprint(self) -> str:
+        """The whole base model's fingerprint (computed once)."""
+
+    def base_experts(self, experts: dict[int, list[int]]) -> AbstractContextManager:
+        """While open, the listed base experts are readable in the experts modules (offloading)."""
+
+    def add_experts(self, name: str, adapter: Any) -> None:
+        """Serve ``name`` with tuned experts in slots (``adapter.experts``: (layer, expert) -> tensors)."""
+
+    def add_term(self, name: str, term: Any) -> None:
+        """Serve ``name`` with the base experts plus a per-token term (``term.layer(index)``)."""
+
+
 @dataclass(frozen=True)
 class Method:
     """One tuning method.
@@ -148,8 +161,8 @@ class Method:
         stored_as: the ``method`` recorded in our metadata (default ``name``).
         recognizes: for adapters without our metadata (made elsewhere): True if ``path`` is one.
         serve: the serving hook ``serve(target, name, adapter, allow_base_mismatch)``, where
-            ``target`` is a :class:`~moe_runtime.runtime.engine.ServingTarget`; None when the
-            method changes weights every request shares (it cannot be served per request).
+            ``target`` is a :class:`ServingTarget` (the serving engine); None when the method
+            changes weights every request shares (it cannot be served per request).
         config_classes: further config dataclasses whose flags this method accepts (variants).
         make_config: ``make_config(values) -> config`` from parsed flag values by field name
             (default: ``config(**values)``).

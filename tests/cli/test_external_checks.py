@@ -163,7 +163,7 @@ def test_tune_refuses_an_empty_layers_spec(capsys, tmp_path, f32_checkpoint, dat
     code, _, err = _tune(
         capsys, f32_checkpoint, data, tmp_path / "ad", "--method", "routed-lora", "--layers", ""
     )
-    assert_usage_error(code, err, "--layers: ''")
+    assert_usage_error(code, err, "--layers ''")
     assert not (tmp_path / "ad").exists()
 
 

@@ -124,8 +124,8 @@ def test_cli_records_the_variants_and_their_options(capsys, tmp_path, checkpoint
 @pytest.mark.parametrize(
     "extra,expect",
     [
-        (["--variant", "mola", "--experts-per-layer", "2,2,2"], "--experts-per-layer: '2,2,2': 3 counts"),
-        (["--variant", "mola", "--experts-per-layer", "big"], "--experts-per-layer: 'big': expected counts"),
+        (["--variant", "mola", "--experts-per-layer", "2,2,2"], "--experts-per-layer '2,2,2': 3 counts"),
+        (["--variant", "mola", "--experts-per-layer", "big"], "--experts-per-layer 'big': expected counts"),
         (["--variant", "mola", "--lora-experts", "3"], "--lora-experts: does not apply to mola"),
         (
             ["--variant", "perft-r", "--experts-per-layer", "2,4"],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UsageError
+from ...errors import ConfigError, UsageError
 from .cache import OffloadStats, SlotMap
 from .config import Budget, BudgetError, parse_budget
 from .policies import POLICIES, TrajectoryPrefetcher, make_policy
@@ -43,9 +43,11 @@ def load_trace(directory: str | Path, tasks: Sequence[str] | None = None):
     names = list(tasks) if tasks else list(profiles)
     for name in names:
         if name not in profiles:
-            raise UsageError(f"--task '{name}': not in the profile {directory} (has {', '.join(profiles)})")
+            raise ConfigError("task", f"'{name}': not in the profile {directory} (has {', '.join(profiles)})")
         if profiles[name].trace is None:
-            raise UsageError(f"profile {directory}: task '{name}' has no trace (profile with --trace)")
+            raise UsageError(
+                f"profile {directory}: task '{name}' has no trace (profile it with trace recording on)"
+            )
     trace = [np.concatenate([profiles[n].trace[i] for n in names]) for i in range(len(meta.layers))]
     if not len(trace[0]):
         raise UsageError(f"profile {directory}: the trace of {', '.join(names)} holds no tokens")
@@ -57,8 +59,8 @@ def load_trace(directory: str | Path, tasks: Sequence[str] | None = None):
 def _parse_policy(spec: str) -> tuple[str, bool]:
     name, plus, extra = spec.partition("+")
     if name not in POLICIES or (plus and extra != "trajectory"):
-        raise UsageError(
-            f"--policy '{spec}': expected one of {', '.join(POLICIES)}, optionally with '+trajectory'"
+        raise ConfigError(
+            "policy", f"'{spec}': expected one of {', '.join(POLICIES)}, optionally with '+trajectory'"
         )
     return name, extra == "trajectory"
 
