@@ -79,9 +79,23 @@ def test_every_method_package_registers_itself():
 
 def test_tune_flags_come_from_the_method_configs():
     sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
-    flags = {s for action in sub.choices["tune"]._actions for s in action.option_strings}
+    tune = sub.choices["tune"]
+    tune.format_help()  # the method flags are added when the verb is first used
+    flags = {s for action in tune._actions for s in action.option_strings}
     for method in methods().values():
         for config in method.all_configs():
             for _, meta in config_options(config):
                 assert f"--{meta['flag']}" in flags, (method.name, meta["flag"])
     assert {"--experts-per-layer", "--tsallis-q", "--lora-top-p"} <= flags
+
+
+def test_the_command_line_starts_without_torch():
+    """Building the parser (every verb, ``--help``) imports no tuning method, hence no torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from moe_runtime.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -31,7 +31,28 @@ Run 'moe-runtime VERB --help' for the flags of each verb."""
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line (exit 2 via UsageError)."""
+    """argparse that reports usage errors as one line (exit 2 via UsageError).
+
+    ``deferred`` holds functions that add arguments needing heavy imports (a verb's flags built
+    from the tuning methods' configs); they run once, when this parser is first used, so other
+    verbs and ``--help`` never import torch.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.deferred: list = []
+
+    def _run_deferred(self) -> None:
+        while self.deferred:
+            self.deferred.pop(0)(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._run_deferred()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._run_deferred()
+        return super().format_help()
 
     def error(self, message: str) -> None:  # type: ignore[override]
         verb = self.prog.partition(" ")[2]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError, UsageError
-from ..runtime.offload.config import BudgetError
 from ._common import add_verb, budget_flag
 
 
@@ -48,6 +47,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import atomic_write_json, check_output_file
+    from ..runtime.offload.config import BudgetError
     from ..runtime.offload.simulate import DEFAULT_POLICIES, simulate
 
     if args.json:

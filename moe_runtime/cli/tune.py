@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from ..errors import UsageError
-from ..tuning.registry import ConfigError, config_options, get, methods
 from ._common import add_verb, init_distributed, is_rank_zero
 
 
@@ -14,7 +13,7 @@ def register(sub) -> None:
     parser = add_verb(
         sub,
         "tune",
-        help="adapt the model to a task (" + ", ".join(methods()) + ")",
+        help="adapt the model to a task (esft, routed-lora and its variants, lora, full, ...)",
         description=(
             "Train on JSONL task data ({'text'}, {'prompt','response'} with loss on the response, or "
             "{'messages'}). 'esft' trains exactly the experts of --experts (an expert_cfg.json from "
@@ -31,6 +30,8 @@ def register(sub) -> None:
             "moe-runtime tune --model demo --data arith_train.jsonl --method routed-lora --out rl/   # perft-r, 4 LoRA experts, top-2",
             "moe-runtime tune --model demo --data d.jsonl --method routed-lora --variant perft-r --layers all:2,3-5:8 --lora-rank 4 --out rl/",
             "moe-runtime tune --model demo --data d.jsonl --method routed-lora --variant esft-lora --experts cfg.json --out rl/",
+            "moe-runtime tune --model demo --data d.jsonl --method routed-lora --variant mola --experts-per-layer 2,2,4,4,8,8 --out rl/",
+            "moe-runtime tune --model demo --data d.jsonl --method routed-lora --variant dynmole --lora-top-p 0.75 --out rl/",
             "torchrun --nproc-per-node 2 -m moe_runtime tune --model demo --data d.jsonl --method esft --experts cfg.json --out ad/",
             "moe-runtime tune ... --save-steps 50 && moe-runtime tune ... --resume   # continue from the last checkpoint",
         ],
@@ -38,7 +39,6 @@ def register(sub) -> None:
     )
     parser.add_argument("--model", required=True, help="local checkpoint directory or 'demo'")
     parser.add_argument("--data", required=True, metavar="PATH", help="training JSONL")
-    parser.add_argument("--method", required=True, choices=tuple(methods()), help="what to train")
     parser.add_argument("--out", required=True, metavar="DIR", help="adapter directory to write")
     parser.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps (default 100)")
     parser.add_argument(
@@ -77,7 +77,7 @@ def register(sub) -> None:
         choices=("float32", "bfloat16", "float64"),
         help="training dtype (default float32)",
     )
-    _add_method_flags(parser)
+    parser.deferred.append(_add_method_flags)  # needs the tuning methods: added when tune runs
 
     parser = add_verb(
         sub,
@@ -113,6 +113,8 @@ def register(sub) -> None:
 
 def _method_flags() -> dict[str, dict]:
     """Every method's config flags, by flag: field name, argparse settings and the methods taking it."""
+    from ..tuning.registry import config_options, methods
+
     flags: dict[str, dict] = {}
     for method in methods().values():
         for config in method.all_configs():
@@ -124,7 +126,10 @@ def _method_flags() -> dict[str, dict]:
 
 
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of every registered method's config (one group; each says which methods take it)."""
+    """``--method`` and the flags of every registered method's config (each says which methods take it)."""
+    from ..tuning.registry import methods
+
+    parser.add_argument("--method", required=True, choices=tuple(methods()), help="what to train")
     group = parser.add_argument_group("method flags (from each method's config)")
     for flag, entry in _method_flags().items():
         meta = entry["meta"]
@@ -159,6 +164,8 @@ def _method_config(method, args: argparse.Namespace):
 
 def _flag_of(method, field: str) -> str:
     """The flag of a config field (a method's own, else the training flag of that name)."""
+    from ..tuning.registry import config_options
+
     for config in method.all_configs():
         for name, meta in config_options(config):
             if name == field:
@@ -167,6 +174,9 @@ def _flag_of(method, field: str) -> str:
 
 
 def run_tune(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from ..tuning.registry import get
+
     method = get(args.method)
     try:
         return _run_tune(method, args)

@@ -143,7 +143,9 @@ def test_eval_prints_one_human_line_and_json_only_to_the_file(capsys, tmp_path, 
 @pytest.mark.parametrize("verb", ["tune", "eval"])
 def test_every_flag_has_help_and_shows_its_default(verb):
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for action in sub.choices[verb]._actions:
+    parser = sub.choices[verb]
+    parser.format_help()  # adds the flags built from the method configs
+    for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
         assert action.help, f"{verb} {action.option_strings[0]}: no help"
