@@ -42,4 +42,4 @@ demo:
 	moe-runtime demo
 
 families:
-	$(PY) -m moe_runtime.models.support_table --out docs/families.md
+	$(PY) -m moe_runtime.testing.support_table --out docs/families.md

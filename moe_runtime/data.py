@@ -1,6 +1,6 @@
 """Task data: JSONL files with one example per line, validated with file and line in every error.
 
-Accepted example shapes (../shared/CLI.md, DESIGN §5):
+Accepted example shapes:
     {"text": "..."}
     {"prompt": "...", "response": "..."}
     {"messages": [{"role": "...", "content": "..."}, ...]}
@@ -132,7 +132,7 @@ def parse_task_spec(spec: str) -> tuple[str, Path]:
     name, sep, path = spec.partition("=")
     name = name.strip()
     if not sep or not name or not path:
-        raise UsageError(f"--task '{spec}': expected NAME=PATH")
+        raise UsageError(f"task '{spec}': expected NAME=PATH")
     if "/" in name or name.startswith("."):
-        raise UsageError(f"--task '{spec}': task name must not contain '/' or start with '.'")
+        raise UsageError(f"task '{spec}': the name must not contain '/' or start with '.'")
     return name, Path(path)

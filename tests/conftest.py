@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.checkpoints import WORDS, make_tokenizer, save_checkpoint
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,42 +76,6 @@ def pytest_collection_modifyitems(config, items) -> None:
         items[:] = kept
 
 
-WORDS = (
-    "the quick brown fox jumps over lazy dogs while seven wizards quietly judge boxing matches "
-    "def return for in range print sum of 12 + 35 = 47 key value name city oslo lima "
-).split()
-
-
-def make_tokenizer(directory: Path):
-    """A small byte-level BPE tokenizer saved as a standard transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.save_pretrained(directory)
-    return fast
-
-
-def save_checkpoint(
-    directory: Path, model_type: str, *, dtype=torch.float64, seed: int = 0, **overrides
-) -> Path:
-    from moe_runtime.models.random_models import build_random_model
-
-    tokenizer = make_tokenizer(directory)
-    model = build_random_model(model_type, seed=seed, dtype=dtype, vocab_size=len(tokenizer), **overrides)
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="session")
 def moe_checkpoint(tmp_path_factory) -> Path:
     """A float64 random qwen2_moe checkpoint (exact routing regardless of batching) + tokenizer."""
@@ -151,14 +116,3 @@ def task_files(tmp_path) -> dict[str, Path]:
         path.write_text("".join(json.dumps(r) + "\n" for r in lines))
         files[name] = path
     return files
-
-
-def run_torchrun(args: list, nproc: int = 2, timeout: int = 900):
-    """Run ``moe-runtime ARGS`` under torchrun with ``nproc`` CPU processes (one thread each)."""
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    cmd += ["-m", "moe_runtime", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

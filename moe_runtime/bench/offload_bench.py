@@ -90,7 +90,7 @@ class OffloadBenchSettings:
 def _checkpoint(settings: OffloadBenchSettings, cache: Path) -> Path:
     """The benchmark checkpoint, built once per model configuration."""
     from ..io import atomic_dir
-    from ..models.random_models import build_random_model
+    from ..testing.random_models import build_random_model
 
     spec = json.dumps([settings.family, settings.model_overrides(), settings.seed], sort_keys=True)
     out = cache / f"{settings.family}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
@@ -299,7 +299,7 @@ def _child_offload(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) -
     for layer in info.layers:
         state_of(layer.experts).observers.append(record)
     tokens, seconds = _generate(engine, settings)
-    executor = engine.executor
+    executor = engine.offload
     stats = executor.stats
     simulated = {}
     for policy in ("lru", "lfu", "lru+trajectory", settings.policy):

@@ -6,7 +6,9 @@ p=0.2), then train every method in ``METHODS`` with the same data, steps, batch 
 - ``full``: every weight; ``lora``: LoRA on attention and experts;
 - ``esft_gate`` / ``esft_token``: the selected experts only (ESFT);
 - ``routed_lora``: perft-r, 4 LoRA experts of rank 8 per layer, top-2, beside the frozen MoE;
-- ``esft_lora``: LoRA inside the token-selected experts only.
+- ``esft_lora``: LoRA inside the token-selected experts only;
+- ``mola`` / ``dynmole``: the routed-LoRA variants MoLA (more LoRA experts in higher layers) and
+  DynMoLE (Tsallis-entropy hybrid routing), their defaults.
 
 Measured per run: the task score (exact match of greedy answers on the test split) and test loss,
 and forgetting twice: the loss increase on the general held-out set, and the exact-match drop on the
@@ -33,6 +35,7 @@ from ..tuning.esft import ExpertSelection, tune_esft
 from ..tuning.evaluate import exact_match, mean_token_loss
 from ..tuning.full import tune_full
 from ..tuning.lora import tune_lora
+from ..tuning.registry import TuneJob
 from ..tuning.routed_lora import RoutedLoraSettings, tune_routed_lora
 from ..tuning.trainer import TrainConfig
 
@@ -54,6 +57,8 @@ class QualitySettings:
             "esft_token": 3e-3,
             "routed_lora": 1e-3,
             "esft_lora": 3e-3,
+            "mola": 1e-3,
+            "dynmole": 1e-3,
         }
     )
     profile_tokens: int = 16384
@@ -61,8 +66,8 @@ class QualitySettings:
     other_examples: int = 50
 
 
-Trainer = Callable[..., dict]
-"""``(model, info, features, config, summary, common) -> result`` of one method's training."""
+Trainer = Callable[[TuneJob, dict], dict]
+"""``(job, esft_summary) -> result`` of one method's training."""
 
 
 def _selection(summary: dict, score: str) -> ExpertSelection:
@@ -71,38 +76,30 @@ def _selection(summary: dict, score: str) -> ExpertSelection:
 
 
 def _esft(score: str) -> Trainer:
-    def run(model, info, features, config, summary, common):
+    def run(job: TuneJob, summary: dict) -> dict:
         selection = _selection(summary, score)
-        result = tune_esft(model, info, selection, features, config, **common)
-        return {**result, "experts": selection.num_experts}
+        return {**tune_esft(job, selection), "experts": selection.num_experts}
 
     return run
 
 
-def _full(model, info, features, config, summary, common):
-    return tune_full(model, info, features, config, **common)
-
-
-def _lora(model, info, features, config, summary, common):
-    return tune_lora(model, info, features, config, **common)
-
-
 def _routed(variant: str) -> Trainer:
-    def run(model, info, features, config, summary, common):
+    def run(job: TuneJob, summary: dict) -> dict:
         experts = _selection(summary, "token") if variant == "esft-lora" else None
-        settings = RoutedLoraSettings(variant=variant, experts=experts)
-        return tune_routed_lora(model, info, features, config, settings=settings, **common)
+        return tune_routed_lora(job, RoutedLoraSettings(variant=variant, experts=experts))
 
     return run
 
 
 TRAINERS: dict[str, Trainer] = {
-    "full": _full,
-    "lora": _lora,
+    "full": lambda job, summary: tune_full(job),
+    "lora": lambda job, summary: tune_lora(job),
     "esft_gate": _esft("gate"),
     "esft_token": _esft("token"),
     "routed_lora": _routed("perft-r"),
     "esft_lora": _routed("esft-lora"),
+    "mola": _routed("mola"),
+    "dynmole": _routed("dynmole"),
 }
 METHODS = tuple(TRAINERS)
 MERGED_IN_PLACE = {"full"}
@@ -173,8 +170,17 @@ def bench_esft_quality(
                         seed=seed,
                     )
                     out = Path(tmp) / f"{task}_{method}_{seed}"
-                    common = dict(out=out, pad_id=pad, work_dir=Path(tmp) / "work", progress=False)
-                    result = trainer(model, find_moe_layers(model), features, config, summary, common)
+                    job = TuneJob(
+                        model,
+                        find_moe_layers(model),
+                        features,
+                        config,
+                        out=out,
+                        pad_id=pad,
+                        work_dir=Path(tmp) / "work",
+                        progress=False,
+                    )
+                    result = trainer(job, summary)
                     if method not in MERGED_IN_PLACE:
                         model = _with_adapter(model_arg, out)  # the saved adapter on a fresh base
                     model.eval()

@@ -35,6 +35,7 @@ def _worker(
     from ..data import read_examples
     from ..models import find_moe_layers, load_model, load_tokenizer, pad_token_id
     from ..tuning.data import encode_examples
+    from ..tuning.registry import TuneJob
     from ..tuning.trainer import TrainConfig
 
     torch.set_num_threads(int(os.environ.get("MOE_BENCH_THREADS", "2")))
@@ -60,23 +61,24 @@ def _worker(
     rss_loaded = psutil.Process().memory_info().rss
     features = encode_examples(tokenizer, read_examples(data), 256)
     config = TrainConfig(steps=steps, lr=1e-4, batch_size=batch, seed=0)
-    common = dict(out=out, pad_id=pad_token_id(tokenizer), work_dir=out.with_suffix(".work"), progress=False)
+    job = TuneJob(model, info, features, config, out=out, pad_id=pad_token_id(tokenizer), progress=False)
+    job.work_dir = out.with_suffix(".work")
     if method == "esft":
         from ..tuning.esft import read_expert_config, tune_esft
 
-        summary = tune_esft(model, info, read_expert_config(experts), features, config, **common)
+        summary = tune_esft(job, read_expert_config(experts))
     elif method == "routed_lora":
         from ..tuning.routed_lora import RoutedLoraSettings, tune_routed_lora
 
-        summary = tune_routed_lora(model, info, features, config, settings=RoutedLoraSettings(), **common)
+        summary = tune_routed_lora(job, RoutedLoraSettings())
     elif method == "full":
         from ..tuning.full import tune_full
 
-        summary = tune_full(model, info, features, config, **common)
+        summary = tune_full(job)
     else:
         from ..tuning.lora import tune_lora
 
-        summary = tune_lora(model, info, features, config, **common)
+        summary = tune_lora(job)
     files = [p for p in out.rglob("*") if p.is_file() and p.suffix == ".safetensors"]
     warm = times[2:] if len(times) > 4 else times
     return {

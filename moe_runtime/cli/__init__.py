@@ -1,4 +1,4 @@
-"""The ``moe-runtime`` command line (the contract is ../shared/CLI.md).
+"""The ``moe-runtime`` command line (verbs, flags and files are a stable contract).
 
 Exit status: 0 success; 2 bad input or usage (one line on stderr, no traceback); 1 internal error.
 """
@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 
 from ..errors import UsageError
 from . import bench, demo, generate, profile, select, simulate, tune
@@ -30,7 +31,28 @@ Run 'moe-runtime VERB --help' for the flags of each verb."""
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line (exit 2 via UsageError)."""
+    """argparse that reports usage errors as one line (exit 2 via UsageError).
+
+    ``deferred`` holds functions that add arguments needing heavy imports (a verb's flags built
+    from the tuning methods' configs); they run once, when this parser is first used, so other
+    verbs and ``--help`` never import torch.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.deferred: list = []
+
+    def _run_deferred(self) -> None:
+        while self.deferred:
+            self.deferred.pop(0)(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._run_deferred()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._run_deferred()
+        return super().format_help()
 
     def error(self, message: str) -> None:  # type: ignore[override]
         verb = self.prog.partition(" ")[2]
@@ -65,6 +87,16 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as one line on stderr; other libraries' in Python's usual format."""
+    from ..errors import AdapterWarning
+
+    if issubclass(category, AdapterWarning):
+        print(f"moe-runtime: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     parser = build_parser()
@@ -75,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             print("moe-runtime: error: no command given (see the list above)", file=sys.stderr)
             return 2
         _quiet_libraries()
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"moe-runtime: error: {exc}", file=sys.stderr)
         return 2

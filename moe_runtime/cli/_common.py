@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-__all__ = ["add_verb", "close_distributed", "not_yet_available", "init_distributed", "is_rank_zero"]
+__all__ = ["add_verb", "budget_flag", "close_distributed", "init_distributed", "is_rank_zero"]
 
 
 def add_verb(
@@ -23,14 +23,15 @@ def add_verb(
     return parser
 
 
-def not_yet_available(what: str):
-    """A verb function for parts later issues build: says so, exit 2."""
+def budget_flag(flag: str, value: str):
+    """Parse a budget flag once, at the edge, into a ``Budget`` (its errors name the flag)."""
     from ..errors import UsageError
+    from ..runtime.offload.config import BudgetError, parse_budget
 
-    def run(_args: argparse.Namespace) -> int:
-        raise UsageError(f"{what} is not yet available in this version")
-
-    return run
+    try:
+        return parse_budget(value)
+    except BudgetError as exc:
+        raise UsageError(f"{flag} {exc.detail}") from None
 
 
 def init_distributed() -> tuple[int, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
-from ._common import add_verb
+from ._common import add_verb, budget_flag
 
 BENCHES = ("profile", "tune", "reroute", "offload", "esft-quality")
 
@@ -232,9 +232,8 @@ def _bench_profile(args: argparse.Namespace) -> dict:
 
 def _bench_offload(args: argparse.Namespace) -> dict:
     from ..bench.offload_bench import OffloadBenchSettings, bench_offload
-    from ..runtime.offload import parse_budget
 
-    if parse_budget(args.expert_budget).share is None:
+    if budget_flag("--expert-budget", args.expert_budget).share is None:
         raise UsageError(f"--expert-budget {args.expert_budget}: bench offload takes a share (e.g. 25%)")
     settings = OffloadBenchSettings.smoke() if args.offload_size == "smoke" else OffloadBenchSettings()
     settings.budget = args.expert_budget

@@ -171,7 +171,7 @@ def _tune_one(name: str, selection, tokenizer, files: dict, workdir: Path, steps
     from ..data import read_examples
     from ..demo.tasks import TASK_RECIPE
     from ..models import find_moe_layers, load_model, pad_token_id
-    from ..tuning import TrainConfig, apply_adapter
+    from ..tuning import TrainConfig, TuneJob, apply_adapter
     from ..tuning.data import encode_examples
     from ..tuning.esft import tune_esft
     from ..tuning.evaluate import exact_match, mean_token_loss
@@ -187,18 +187,17 @@ def _tune_one(name: str, selection, tokenizer, files: dict, workdir: Path, steps
     log = workdir / "logs" / f"{name}.jsonl"
     config = TrainConfig(steps=steps, lr=TASK_RECIPE["lr"], batch_size=TASK_RECIPE["batch_size"], seed=0)
     start = time.perf_counter()
-    result = tune_esft(
+    job = TuneJob(
         model,
         find_moe_layers(model),
-        selection,
         encode_examples(tokenizer, read_examples(files[f"{name}_train"]), 256),
         config,
         out=out,
         pad_id=pad_token_id(tokenizer),
         work_dir=workdir / "adapters" / f".{name}.work",
-        progress=True,
         log_file=log,
     )
+    result = tune_esft(job, selection)
     seconds = time.perf_counter() - start
     tuned = apply_adapter(load_model("demo", dtype="float32"), out)
     tuned_score = exact_match(tuned, tokenizer, test)[0]
@@ -281,7 +280,7 @@ def _serve_offloaded(workdir: Path, names, requests: list, done: list) -> None:
     elapsed = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for c in done_offloaded)
     same = sum(a.token_ids == b.token_ids for a, b in zip(done, done_offloaded))
-    stats, executor = offloaded.executor.stats, offloaded.executor
+    stats, executor = offloaded.offload.stats, offloaded.offload
     print(
         f"{tokens} tokens in {elapsed:.2f}s ({tokens / elapsed:.0f} tokens/s); "
         f"{same}/{len(requests)} completions identical to the resident run; hit rate {stats.hit_rate:.1%} "

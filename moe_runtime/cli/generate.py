@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from ..errors import UsageError
-from ._common import add_verb
+from ._common import add_verb, budget_flag
 
 
 def register(sub) -> None:
@@ -40,6 +41,11 @@ def register(sub) -> None:
         default=[],
         metavar="NAME=DIR",
         help="load an adapter directory (ESFT or routed LoRA) under NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="load adapters tuned on other base weights (refused by default)",
     )
     parser.add_argument("--prompt", metavar="TEXT", help="one prompt; its completion is printed")
     parser.add_argument("--use", metavar="NAME", help="adapter for --prompt (default: the base model)")
@@ -117,6 +123,8 @@ def _check_args(args: argparse.Namespace) -> None:
         check_output_file(args.output)  # refused before the model loads, not after generation
     if args.prompt is not None and args.output:
         raise UsageError("--output goes with --requests (--prompt prints its completion)")
+    if args.allow_base_mismatch and not args.adapter:
+        raise UsageError("--allow-base-mismatch goes with --adapter")
     if args.use is not None and args.prompt is None:
         raise UsageError("--use goes with --prompt (requests name their adapter)")
     if args.offload == "none" and (
@@ -146,7 +154,7 @@ def _offload_config(args: argparse.Namespace):
         scores = {layer: {e: float(c) for e, c in enumerate(row)} for layer, row in zip(meta.layers, counts)}
     config = OffloadConfig(
         tier=args.offload,
-        budget="25%" if args.expert_budget is None else args.expert_budget,
+        budget=budget_flag("--expert-budget", "25%" if args.expert_budget is None else args.expert_budget),
         policy=args.cache_policy,
         prefetch=tuple(args.prefetch),
         profile_scores=scores,
@@ -180,21 +188,27 @@ def run(args: argparse.Namespace) -> int:
     offload = _offload_config(args)
     engine = MultiAdapterEngine.from_pretrained(args.model, offload=offload)
     for name, path in adapters.items():
-        engine.add_adapter(name, path)
+        engine.add_adapter(name, path, allow_base_mismatch=args.allow_base_mismatch)
+    start = time.perf_counter()
     completions = engine.generate(requests, config)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(c.token_ids) for c in completions)
     if args.prompt is not None:
         print(completions[0].completion, flush=True)
     else:
         write_json_lines(args.output, [c.to_json() for c in completions])
-        tokens = sum(len(c.token_ids) for c in completions)
         print(
             f"served {len(completions)} requests over {len(adapters)} adapters ({tokens} tokens) -> {args.output}",
             file=sys.stderr,
         )
+    print(
+        f"generated {tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s)",
+        file=sys.stderr,
+    )
     if offload is not None:
-        stats = engine.executor.stats
+        stats = engine.offload.stats
         print(
-            f"offload: {engine.executor.num_slots} expert slots per layer, hit rate {stats.hit_rate:.3f}, "
+            f"offload: {engine.offload.num_slots} expert slots per layer, hit rate {stats.hit_rate:.3f}, "
             f"{stats.bytes_read / 1e6:.1f} MB read, {stats.stall_s:.2f} s stalled",
             file=sys.stderr,
         )

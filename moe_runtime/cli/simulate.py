@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_verb
+from ..errors import ConfigError, UsageError
+from ._common import add_verb, budget_flag
 
 
 def register(sub) -> None:
@@ -46,18 +47,31 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import atomic_write_json, check_output_file
+    from ..runtime.offload.config import BudgetError
     from ..runtime.offload.simulate import DEFAULT_POLICIES, simulate
 
     if args.json:
         check_output_file(args.json)
 
-    result = simulate(
-        args.trace,
-        args.budget,
-        policies=args.policy or DEFAULT_POLICIES,
-        tasks=args.task,
-        tokens_per_step=args.tokens_per_step,
-    )
+    if args.tokens_per_step <= 0:
+        raise UsageError(f"--tokens-per-step must be positive, got {args.tokens_per_step}")
+    budget = budget_flag("--budget", args.budget)
+    if budget.share is None:
+        raise UsageError(
+            f"--budget {args.budget}: give a share of the experts (e.g. 25%); a trace has no weight sizes"
+        )
+    try:
+        result = simulate(
+            args.trace,
+            budget,
+            policies=args.policy or DEFAULT_POLICIES,
+            tasks=args.task,
+            tokens_per_step=args.tokens_per_step,
+        )
+    except BudgetError as exc:
+        raise UsageError(f"--budget {exc.detail}") from None
+    except ConfigError as exc:  # a --policy or --task value
+        raise exc.with_flag(f"--{exc.field}") from None
     print(
         f"budget {result['budget']}: {result['slots_per_layer']} of {result['num_experts']} experts per layer, "
         f"{result['tokens']} tokens, {result['tokens_per_step']} per step"

@@ -52,7 +52,7 @@ def write_demo_model(out: Path) -> Path:
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"--out {out}: exists and is not an empty directory")
+        raise UsageError(f"{out}: exists and is not an empty directory")
     src = checkpoint_dir()
     with atomic_dir(out) as tmp:
         for name in CHECKPOINT_FILES:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from .discovery import ExpertsLayout, MoELayer, MoEModelInfo, find_moe_layers
+from .families import UNPADDED_FAMILIES
 from .fingerprint import fingerprint_tensors, model_fingerprint
 from .hook import IMPLEMENTATION, ExpertsState, install, state_of, uninstall
 from .loading import load_model, load_tokenizer, pad_token_id, resolve_model_path
 from .weights import expert_tensor_names, merge_expert, split_expert
 
 __all__ = [
+    "UNPADDED_FAMILIES",
     "ExpertsLayout",
     "ExpertsState",
     "IMPLEMENTATION",

@@ -11,9 +11,17 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.experts_mm import Segment
 from .discovery import ExpertsLayout, MoELayer
 
-__all__ = ["split_expert", "split_slices", "fuse_slices", "merge_expert", "expert_tensor_names"]
+__all__ = [
+    "expert_segment",
+    "split_expert",
+    "split_slices",
+    "fuse_slices",
+    "merge_expert",
+    "expert_tensor_names",
+]
 
 
 def expert_tensor_names(layout: ExpertsLayout) -> list[str]:
@@ -124,3 +132,15 @@ def merge_expert(layer: MoELayer, expert: int, tensors: dict[str, torch.Tensor])
                     f"{name}: shape {tuple(value.shape)} does not fit expert slice {tuple(target[expert].shape)}"
                 )
             target[expert].copy_(value.to(target.dtype))
+
+
+def expert_segment(layer: MoELayer) -> Segment:
+    """The layer's own fused expert parameters as the slots ``0..E-1`` (used in place, never copied)."""
+    experts, layout = layer.experts, layer.layout
+    return Segment(
+        start=0,
+        up=getattr(experts, layout.up_name),
+        down=experts.down_proj,
+        up_bias=getattr(experts, f"{layout.up_name}_bias") if layout.has_bias else None,
+        down_bias=experts.down_proj_bias if layout.has_bias else None,
+    )

@@ -10,6 +10,7 @@ from ._extension import extension_available, load_extension
 from .experts_mm import Segment, grouped_linear, segmented_experts
 from .loader import ExpertLoader, LoaderCancelledError, LoaderError
 from .reroute import Rerouted, group_by_slot, reroute_permute, reroute_permute_reference
+from .slot_routed import slot_routed_experts
 
 __all__ = [
     "ExpertLoader",
@@ -24,4 +25,5 @@ __all__ = [
     "reroute_permute",
     "reroute_permute_reference",
     "segmented_experts",
+    "slot_routed_experts",
 ]

@@ -258,7 +258,7 @@ def write_profile(
 def merge_profiles(inputs: list[str | Path], out: str | Path) -> str:
     """Merge profiles of the same model by addition (tasks of the same name are added)."""
     if len(inputs) < 2:
-        raise UsageError("--merge needs at least two profile directories")
+        raise UsageError("merging needs at least two profile directories")
     loaded = [load_profile(path) for path in inputs]
     meta = loaded[0][0]
     for path, (other, _) in zip(inputs[1:], loaded[1:]):

@@ -42,10 +42,10 @@ def select_experts(summary: dict, score: str, top_p: float | None = None) -> dic
         UsageError: unknown score kind, top-p outside (0, 1], or a summary without that score.
     """
     if score not in DEFAULT_TOP_P:
-        raise UsageError(f"--score '{score}': expected 'gate' or 'token'")
+        raise UsageError(f"score '{score}': expected 'gate' or 'token'")
     top_p = DEFAULT_TOP_P[score] if top_p is None else top_p
     if not 0.0 < top_p <= 1.0:
-        raise UsageError(f"--top-p {top_p}: must be in (0, 1]")
+        raise UsageError(f"top_p {top_p}: must be in (0, 1]")
     table = summary.get(f"{score}_scores")
     if not isinstance(table, dict):
         raise UsageError(f"summary has no '{score}_scores'")

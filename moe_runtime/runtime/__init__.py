@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .arena import ArenaMemory, ExpertArena
 from .engine import MultiAdapterEngine
-from .executor import ReroutingExecutor
+from .executor import BaseExperts, ResidentExperts, SlotRoutedExecutor, TokenTerm
 from .generation import generate_batch
 from .requests import Completion, DecodeConfig, Request, read_requests
 
@@ -15,7 +15,10 @@ __all__ = [
     "ExpertArena",
     "MultiAdapterEngine",
     "Request",
-    "ReroutingExecutor",
+    "BaseExperts",
+    "ResidentExperts",
+    "SlotRoutedExecutor",
+    "TokenTerm",
     "generate_batch",
     "read_requests",
 ]

@@ -18,16 +18,29 @@ from __future__ import annotations
 
 import bisect
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from ..errors import AdapterError
 from ..models import MoEModelInfo
 from ..models.discovery import MoELayer
-from ..models.weights import fuse_slices
+from ..models.weights import expert_segment, fuse_slices
 from ..ops.experts_mm import Segment
-from ..tuning.esft import ESFTAdapter
+
+
+class TunedExperts(Protocol):
+    """What the arena takes from an adapter: its checked tuned experts.
+
+    Attributes:
+        experts: ``(layer, expert) -> {classic tensor name: tensor}`` (e.g. an ESFT adapter after
+            its check against the served model).
+    """
+
+    experts: dict[tuple[int, int], dict[str, torch.Tensor]]
+
 
 __all__ = ["ArenaMemory", "ExpertArena", "LayerSlots"]
 
@@ -42,20 +55,15 @@ class LayerSlots:
     """Slot pool and slot table of one MoE layer.
 
     Args:
-        layer: the MoE layer; its fused parameters become slots ``0..E-1``.
+        layer: the MoE layer.
+        base: segment 0, the base experts as slots ``0..E-1`` (default: the layer's own fused
+            parameters); adapter chunks take its shape, dtype and device.
     """
 
-    def __init__(self, layer: MoELayer) -> None:
+    def __init__(self, layer: MoELayer, base: Segment | None = None) -> None:
         self.layer = layer
         self.num_experts = layer.num_experts
-        experts, layout = layer.experts, layer.layout
-        self.base = Segment(
-            start=0,
-            up=getattr(experts, layout.up_name),
-            down=experts.down_proj,
-            up_bias=getattr(experts, f"{layout.up_name}_bias") if layout.has_bias else None,
-            down_bias=experts.down_proj_bias if layout.has_bias else None,
-        )
+        self.base = base or expert_segment(layer)
         self.chunks: list[Segment] = []
         self.free: list[int] = []  # min-heap of free adapter slots
         self.table = torch.arange(self.num_experts, dtype=torch.int32, device=self.base.up.device)[None]
@@ -234,12 +242,23 @@ class ExpertArena:
             into one exact-size chunk (a copy of that layer's adapter slots only). Every chunk is one
             more segment, i.e. more grouped-GEMM calls per forward; 1 (the default) keeps the
             forward at base + one segment. None never repacks (loads copy nothing but the new experts).
+        base_segment: segment 0 of a layer (default: its own fused parameters); an offload tier
+            gives its cache slots, whose shape, dtype and device the adapter chunks then take.
     """
 
-    def __init__(self, info: MoEModelInfo, *, max_chunks: int | None = 1) -> None:
+    def __init__(
+        self,
+        info: MoEModelInfo,
+        *,
+        max_chunks: int | None = 1,
+        base_segment: Callable[[MoELayer], Segment] | None = None,
+    ) -> None:
         self.info = info
         self.max_chunks = max_chunks
-        self.layers: dict[int, LayerSlots] = {layer.index: LayerSlots(layer) for layer in info.layers}
+        self.layers: dict[int, LayerSlots] = {
+            layer.index: LayerSlots(layer, base_segment(layer) if base_segment else None)
+            for layer in info.layers
+        }
         self._owners: dict[str, int] = {}
         self._free_owners: list[int] = []
         self._num_rows = 1
@@ -264,12 +283,19 @@ class ExpertArena:
             loaded = ", ".join(self._owners) or "none"
             raise AdapterError(f"adapter '{name}' is not loaded (loaded: {loaded})") from None
 
-    def add(self, name: str, adapter: ESFTAdapter) -> int:
+    def check_new_name(self, name: str) -> None:
+        """Refuse a name that is empty or already loaded (the one place names are checked)."""
+        if not name:
+            raise AdapterError("adapter name must not be empty")
+        if name in self._owners:
+            raise AdapterError(f"adapter '{name}' is already loaded")
+
+    def add(self, name: str, adapter: TunedExperts) -> int:
         """Load a checked adapter's tuned experts into free or new slots.
 
         Args:
             name: the name requests use.
-            adapter: an adapter after :meth:`ESFTAdapter.check` against this model.
+            adapter: tuned experts checked against this model (an ESFT adapter after its check).
 
         Returns:
             The adapter's owner id.
@@ -278,10 +304,7 @@ class ExpertArena:
             AdapterError: the name is taken, or the adapter changes weights other than routed
                 experts (shared experts, attention, ...), which cannot differ per request in one batch.
         """
-        if not name:
-            raise AdapterError("adapter name must not be empty")
-        if name in self._owners:
-            raise AdapterError(f"adapter '{name}' is already loaded")
+        self.check_new_name(name)
         if adapter.others:
             key = sorted(adapter.others)[0]
             raise AdapterError(
@@ -317,7 +340,7 @@ class ExpertArena:
         self._slots[name] = taken
         return owner
 
-    # routed-LoRA adapters (issue 8) ---------------------------------------------------------
+    # routed-LoRA adapters ---------------------------------------------------------------------
 
     def add_owner(self, name: str) -> int:
         """Give an adapter without tuned experts (routed LoRA) an owner row mapping every expert to
@@ -326,10 +349,7 @@ class ExpertArena:
         Raises:
             AdapterError: the name is empty or taken.
         """
-        if not name:
-            raise AdapterError("adapter name must not be empty")
-        if name in self._owners:
-            raise AdapterError(f"adapter '{name}' is already loaded")
+        self.check_new_name(name)
         owner = heapq.heappop(self._free_owners) if self._free_owners else self._num_rows
         self._num_rows = max(self._num_rows, owner + 1)
         for slots in self.layers.values():

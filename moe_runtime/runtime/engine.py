@@ -1,4 +1,4 @@
-"""Multi-adapter serving in one process: one base model, many ESFT adapters, mixed batches.
+"""Multi-adapter serving in one process: one base model, many adapters (ESFT, routed LoRA), mixed batches.
 
     engine = MultiAdapterEngine.from_pretrained("demo")
     engine.add_adapter("arith", "adapters/arith")        # tuned experts -> arena slots
@@ -6,8 +6,10 @@
     engine.generate([Request("12 + 35 =", adapter="arith"), Request("def f(", adapter=None)])
     engine.remove_adapter("arith")                       # slots and owner row freed for reuse
 
-Requests of different adapters run together: the engine tells the rerouting executor the owner of
-every row before each forward, and the generation loop drops finished rows from the batch.
+Requests of different adapters run together: the engine tells the slot-routed executor the owner of
+every row before each forward, and the generation loop drops finished rows from the batch. Adapters
+are read and handed over by their tuning method (``tuning.registry``); the base experts are the
+model's own or an offload tier's (``runtime.executor.BaseExperts``).
 """
 
 from __future__ import annotations
@@ -16,29 +18,30 @@ import contextlib
 import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import AdapterError, UsageError
-from ..models import MoEModelInfo, install, load_model, load_tokenizer, model_fingerprint, uninstall
-from ..tuning.esft import ESFTAdapter, read_adapter
-from ..tuning.routed_lora import RoutedLoraAdapter, read_routed_lora
-from .arena import ArenaMemory, ExpertArena
-from .executor import ReroutingExecutor
+from ..models import (
+    UNPADDED_FAMILIES,
+    MoEModelInfo,
+    install,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    uninstall,
+)
+from ..tuning.registry import method_of, read_adapter_dir
+from .arena import ArenaMemory, ExpertArena, TunedExperts
+from .executor import BaseExperts, ResidentExperts, SlotRoutedExecutor, TokenTerm
 from .generation import generate_batch, left_pad
 from .offload import OffloadConfig, OffloadedExperts, load_offloaded_model
 from .offload.host import move_resident
 from .requests import Completion, DecodeConfig, Request
 
-__all__ = ["MultiAdapterEngine", "eos_ids_of", "pad_id_of", "UNPADDED_FAMILIES"]
-
-UNPADDED_FAMILIES = frozenset(
-    {"deepseek_v32", "deepseek_v4", "dots3_note_text", "glm_moe_dsa", "granitemoe_swa"}
-)
-"""Families whose transformers code gives left-padded rows other tokens than the prompt alone
-(compressed / indexed sparse attention; granitemoe_swa's sliding window turns padded rows into NaN):
-their requests are batched with prompts of the same length only."""
+__all__ = ["MultiAdapterEngine", "eos_ids_of", "pad_id_of"]
 
 
 def eos_ids_of(model: nn.Module, tokenizer=None) -> set[int]:
@@ -59,15 +62,15 @@ def pad_id_of(model: nn.Module, tokenizer=None) -> int:
 
 
 class MultiAdapterEngine:
-    """A base model serving many ESFT adapters at once.
+    """A base model serving many adapters at once.
 
     Args:
         model: a transformers causal LM with fused experts (its weights are never modified).
         tokenizer: needed for text prompts and completions (token-id prompts work without).
         info: the model's MoE layers, if already discovered.
         max_chunks: adapter chunks a layer may hold before it is repacked (see :class:`ExpertArena`).
-        offload: base experts left on disk (a model from :func:`load_offloaded_model`); None keeps
-            them resident. See :meth:`from_pretrained`.
+        offload: base experts left on a slow tier (a model from :func:`load_offloaded_model`);
+            None keeps them resident. See :meth:`from_pretrained`.
     """
 
     def __init__(
@@ -82,14 +85,14 @@ class MultiAdapterEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.info = install(model, info)
-        self.arena = ExpertArena(self.info, max_chunks=max_chunks)
-        # offload: begin
-        self.offload = offload
-        self.executor = ReroutingExecutor(self.arena) if offload is None else offload.executor(self.arena)
-        # offload: end
+        self.base: BaseExperts = ResidentExperts() if offload is None else offload.tier(self.info)
+        self.arena = ExpertArena(self.info, max_chunks=max_chunks, base_segment=self.base.segment)
+        self.executor = SlotRoutedExecutor(self.arena, self.base)
         self.executor.attach()
-        self._pending: list[tuple[Request, list[int]]] = []  # with the prompt's token ids
-        self._base_fingerprint: str | None = None  # computed at the first routed-LoRA load
+        # with the prompt's token ids and the owner id (checked once, at submit; an adapter named by
+        # a pending request cannot be removed, so the id stays valid)
+        self._pending: list[tuple[Request, list[int], int]] = []
+        self._base_fingerprint: str | None = None  # computed at the first adapter load
         self._closed = False
 
     @classmethod
@@ -106,14 +109,17 @@ class MultiAdapterEngine:
         or in host memory (tier ``cpu``), and a budget of them is cached per layer on the compute
         device; see :mod:`moe_runtime.runtime.offload`.
         """
-        # offload: begin
         if offload is not None:
             offload.validate()
             net, info, store = load_offloaded_model(model, dtype=dtype, cache_dir=offload.cache_dir)
             move_resident(net, offload.device())
             return cls(net, load_tokenizer(model), info=info, offload=OffloadedExperts(store, offload))
-        # offload: end
         return cls(load_model(model, dtype=dtype), load_tokenizer(model))
+
+    @property
+    def offload(self):
+        """The offload tier serving the base experts (its ``stats``, ``num_slots``, memory), or None."""
+        return None if self.base.offloaded_to is None else self.base
 
     def close(self) -> None:
         """Detach the executor and restore the model's stock experts implementation.
@@ -123,10 +129,7 @@ class MultiAdapterEngine:
         if self._closed:
             return
         self._closed = True
-        if self.offload is not None:  # offload: detach and stop the loader threads
-            self.executor.close()
-        else:
-            self.executor.detach()
+        self.executor.close()
         uninstall(self.model, self.info)
 
     def _check_open(self) -> None:
@@ -136,9 +139,9 @@ class MultiAdapterEngine:
     @contextlib.contextmanager
     def stock(self) -> Iterator[nn.Module]:
         """Temporarily run the bare base model with its stock experts implementation (baselines)."""
-        if self.offload is not None:  # offload
+        if self.base.offloaded_to is not None:
             raise UsageError(
-                f"the stock model is not available with offloaded experts (they are on the {self.offload.config.tier} tier)"
+                f"the stock model is not available with offloaded experts (they are on the {self.base.offloaded_to} tier)"
             )
         self._check_open()
         self.executor.detach()
@@ -156,60 +159,58 @@ class MultiAdapterEngine:
         """Loaded adapter names."""
         return self.arena.names
 
-    def add_adapter(self, name: str, adapter: str | Path | ESFTAdapter | RoutedLoraAdapter) -> None:
-        """Load an ESFT adapter (a directory, official layout or ours) or a routed-LoRA adapter under ``name``.
+    def add_adapter(
+        self,
+        name: str,
+        adapter: str | Path | Any,
+        *,
+        allow_base_mismatch: bool = False,
+    ) -> None:
+        """Load an adapter (a directory, or an object a tuning method's ``read`` returned) as ``name``.
 
-        The adapter is checked against the base model first (names, shapes, expert ids, base
-        fingerprint); only its tuned experts are kept, in arena slots. A routed-LoRA adapter gets an
-        owner row of base experts and its LoRA modules run beside them.
+        Its method's serving hook checks it against the base model (names, shapes, expert ids,
+        base fingerprint) and hands it over: an ESFT adapter's tuned experts go to arena slots, a
+        routed-LoRA adapter gets an owner row of base experts and its LoRA terms run beside them.
+        Adapters with our metadata are refused on a base model other than the one they were tuned
+        on (whole-model fingerprint) unless ``allow_base_mismatch``.
 
         Raises:
             AdapterError: the name is taken, or the adapter is missing, corrupt, does not fit this
-                base model, or tunes weights other than routed experts.
+                base model, or changes weights every request shares (lora, full).
         """
         self._check_open()
-        if name in self.arena.names:
-            raise AdapterError(f"adapter '{name}' is already loaded")
-        if self._add_routed_lora(name, adapter):
-            return
-        if not isinstance(adapter, ESFTAdapter):
-            from ..tuning.meta import read_meta
+        self.arena.check_new_name(name)  # before any file is read
+        if isinstance(adapter, (str, Path)):
+            method, adapter = read_adapter_dir(adapter)
+        else:
+            method = method_of(adapter)
+        if method.serve is None:
+            raise AdapterError(
+                f"adapter '{getattr(adapter, 'path', name)}': a '{method.stored_name}' adapter changes weights "
+                "shared by every request and cannot be served per request (serve esft or routed-lora "
+                "adapters, or merge it into the model)"
+            )
+        method.serve(self, name, adapter, allow_base_mismatch)
 
-            method = (read_meta(Path(adapter)) or {}).get("method", "esft")
-            if method != "esft":
-                raise AdapterError(
-                    f"adapter '{adapter}': a '{method}' adapter changes weights shared by every request and "
-                    "cannot be served per request (serve esft or routed-lora adapters, or merge it into the model)"
-                )
-            adapter = read_adapter(adapter)
-        # offload: the check reads the base experts the adapter replaces (ids checked first)
-        adapter.check_selection(self.info)
-        reading = (
-            contextlib.nullcontext()
-            if self.offload is None
-            else self.executor.base_experts(adapter.selection.experts)
-        )
-        with reading:
-            adapter.check(self.model, self.info)
+    # the methods' serving hooks call back these (tuning.registry.ServingTarget) ------------------
+
+    def base_fingerprint(self) -> str:
+        """The base model's fingerprint (computed once; offloaded experts are read from their tier)."""
+        if self._base_fingerprint is None:
+            self._base_fingerprint = model_fingerprint(self.model, self.executor.base.expert_parts)
+        return self._base_fingerprint
+
+    def base_experts(self, experts: dict[int, list[int]]) -> contextlib.AbstractContextManager:
+        """While open, the listed base experts are readable in the model's experts modules."""
+        return self.executor.base.materialized(experts)
+
+    def add_experts(self, name: str, adapter: TunedExperts) -> None:
+        """Give ``name`` an owner row whose tuned experts live in arena slots."""
         self.arena.add(name, adapter)
 
-    # routed-LoRA adapters (issue 8) -------------------------------------------------------------
-
-    def _add_routed_lora(self, name: str, adapter) -> bool:
-        """Load ``adapter`` if it is a routed-LoRA adapter (object or directory); False otherwise."""
-        from ..tuning.meta import read_meta
-        from ..tuning.routed_lora import METHOD
-
-        if isinstance(adapter, (str, Path)) and (read_meta(Path(adapter)) or {}).get("method") == METHOD:
-            adapter = read_routed_lora(adapter)
-        if not isinstance(adapter, RoutedLoraAdapter):
-            return False
-        if self._base_fingerprint is None:
-            parts = None if self.offload is None else self.executor.expert_parts  # offload
-            self._base_fingerprint = model_fingerprint(self.model, parts)
-        lora = adapter.build(self.model, self.info, base_fingerprint=self._base_fingerprint)
-        self.executor.lora[self.arena.add_owner(name)] = lora
-        return True
+    def add_term(self, name: str, term: TokenTerm) -> None:
+        """Give ``name`` an owner row of base experts plus a per-token term run beside them."""
+        self.executor.terms[self.arena.add_owner(name)] = term
 
     # ---------------------------------------------------------------------------------------------
 
@@ -219,13 +220,13 @@ class MultiAdapterEngine:
         Raises:
             AdapterError: it is not loaded, or a pending request names it.
         """
-        waiting = [r.id for r, _ in self._pending if r.adapter == name]
+        waiting = [r.id for r, _, _ in self._pending if r.adapter == name]
         if waiting:
             raise AdapterError(
                 f"adapter '{name}' is named by {len(waiting)} pending request(s) (first id {waiting[0]!r}); "
                 "run or cancel them before removing it"
             )
-        self.executor.lora.pop(self.arena.owner(name), None)
+        self.executor.terms.pop(self.arena.owner(name), None)
         self.arena.remove(name)
 
     def compact(self) -> None:
@@ -259,10 +260,10 @@ class MultiAdapterEngine:
         batch = [requests] if isinstance(requests, Request) else list(requests)
         encoded = []
         for request in batch:
-            self.arena.owner(request.adapter)
+            owner = self.arena.owner(request.adapter)
             if request.max_new_tokens is not None and request.max_new_tokens <= 0:
                 raise UsageError(f"request {request.id!r}: max_new_tokens must be positive")
-            encoded.append((request, self._encode(request)))
+            encoded.append((request, self._encode(request), owner))
         self._pending.extend(encoded)
 
     def cancel_pending(self) -> None:
@@ -295,7 +296,8 @@ class MultiAdapterEngine:
         config.validate()
         pending, self._pending = self._pending, []
         try:
-            return self._serve([r for r, _ in pending], [p for _, p in pending], config)
+            with self.base.threads():
+                return self._serve(*map(list, zip(*pending)), config) if pending else []
         except BaseException:
             self._pending = pending + self._pending
             raise
@@ -306,12 +308,10 @@ class MultiAdapterEngine:
         return self.run(config)
 
     def _serve(
-        self, requests: list[Request], prompts: list[list[int]], config: DecodeConfig
+        self, requests: list[Request], prompts: list[list[int]], owner_ids: list[int], config: DecodeConfig
     ) -> list[Completion]:
         device = next(self.model.parameters()).device
-        owners = torch.tensor(
-            [self.arena.owner(r.adapter) for r in requests], dtype=torch.int64, device=device
-        )
+        owners = torch.tensor(owner_ids, dtype=torch.int64, device=device)
         limits = [r.max_new_tokens or config.max_new_tokens for r in requests]
         eos, pad = eos_ids_of(self.model, self.tokenizer), pad_id_of(self.model, self.tokenizer)
         order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
@@ -362,7 +362,8 @@ class MultiAdapterEngine:
         input_ids, mask, positions = left_pad(prompts, pad_id_of(self.model, self.tokenizer), device)
         self.executor.set_owners(torch.tensor(owners, device=device), input_ids.shape[1])
         try:
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+            with self.base.threads():
+                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
         finally:
             self.executor.clear_owners()
         return [logits[i, input_ids.shape[1] - len(p) :] for i, p in enumerate(prompts)]

@@ -1,47 +1,142 @@
-"""Batched rerouting: every MoE layer runs each token with the experts of its own adapter.
+"""The one serving executor: every MoE layer runs each token with the experts of its own adapter.
 
     router -> top_k_index [T, K] (base expert ids; the router is shared and frozen)
-           -> reroute_permute(top_k_index, token_owner [T], slot_table [A, E])   one fused op
-           -> segmented grouped GEMM over [base experts | adapter chunks]        no weight copied
+           -> base experts: for each pass of the layer, a slot table [A, E] and segments
+              (resident: the arena's table over [model's experts | adapter chunks], one pass;
+               offloaded: the cache's slots | adapter chunks, one pass per group of cached experts)
+           -> slot_routed_experts: reroute_permute + segmented grouped GEMM, summed over passes
+           -> + per-token terms of the adapters present (routed LoRA), batched per adapter
            -> [T, H]
 
 Exact for ESFT adapters: they change only routed experts, so every token is routed exactly as in
 its adapter merged into the base model, and the slot holds exactly the merged expert's weights.
-
-Routed-LoRA adapters (``lora``, by owner id) add their term afterwards, batched per adapter present
-(see :mod:`moe_runtime.tuning.routed_lora.serving`); their owner rows map every expert to the base.
+Adapters with a per-token term (routed LoRA) own a row of base experts; their term is added
+afterwards for their tokens only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from ..models import state_of
-from ..ops.experts_mm import segmented_experts
-from ..ops.reroute import reroute_permute
-from ..tuning.routed_lora.serving import LoraRows, add_lora_terms, lora_rows
+from ..models import MoEModelInfo, state_of
+from ..models.discovery import MoELayer
+from ..models.weights import expert_segment
+from ..ops.experts_mm import Segment
+from ..ops.slot_routed import slot_routed_experts
 from .arena import ExpertArena, LayerSlots
 
-__all__ = ["OwnerRouting", "ReroutingExecutor"]
+__all__ = ["BaseExperts", "ResidentExperts", "SlotRoutedExecutor", "TokenTerm"]
+
+Pass = tuple[torch.Tensor, list[Segment]]
+"""One pass over a layer's entries: ``(slot table [A, E] int32, segments covering its slots)``."""
 
 
-class OwnerRouting:
-    """What every serving executor shares: the owner of each token and the routed-LoRA terms.
+class TokenTerm(Protocol):
+    """A per-token term added to a layer's experts output for one adapter's tokens (routed LoRA).
 
-    Subclasses run the experts and then pass the layer's output through :meth:`add_lora`.
-
-    Args:
-        arena: the model's expert arena (owner rows of every adapter).
+    ``term.layer(index)`` is None for a layer without one, else a module called as
+    ``module(hidden [T_a, H], top_k_index [T_a, K], top_k_weights [T_a, K]) -> (delta [T_a, H], _)``.
     """
 
-    def __init__(self, arena: ExpertArena) -> None:
+    def layer(self, index: int) -> nn.Module | None: ...
+
+
+class BaseExperts(Protocol):
+    """Where the base experts of every layer come from (the model itself, or an offload tier).
+
+    Attributes:
+        offloaded_to: the tier holding the base experts (``disk``, ``cpu``), None when resident.
+        expert_parts: reads expert parameters that are not materialized, for fingerprints (None
+            when resident).
+    """
+
+    offloaded_to: str | None
+    expert_parts: object | None
+
+    def segment(self, layer: MoELayer) -> Segment:
+        """Segment 0 of the layer's slots; adapter chunks take its shape, dtype and device."""
+
+    def passes(
+        self, slots: LayerSlots, hidden: torch.Tensor, owners: torch.Tensor, top_k_index: torch.Tensor
+    ) -> Iterator[Pass]:
+        """The passes that run a layer's entries (their outputs add up)."""
+
+    def materialized(self, experts: dict[int, list[int]]) -> contextlib.AbstractContextManager:
+        """While open, the listed base experts are readable in the experts modules."""
+
+    def threads(self) -> contextlib.AbstractContextManager:
+        """While open, torch runs with the thread settings serving wants (restored on exit)."""
+
+    def close(self) -> None:
+        """Release what serving from this tier holds (reader threads)."""
+
+
+class ResidentExperts:
+    """Base experts in the model's own fused parameters: one pass over the arena's table."""
+
+    offloaded_to = None
+    expert_parts = None
+
+    def segment(self, layer: MoELayer) -> Segment:
+        return expert_segment(layer)
+
+    def passes(self, slots, hidden, owners, top_k_index) -> Iterator[Pass]:
+        yield slots.table, slots.segments
+
+    def materialized(self, experts):
+        return contextlib.nullcontext()
+
+    def threads(self):
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        pass
+
+
+class SlotRoutedExecutor:
+    """Plugs an arena (and its base experts) into every experts module (``install`` must have run).
+
+    The engine sets the owner of every token before each forward; a forward without owners (a
+    plain model call) runs every token with the base experts.
+
+    Args:
+        arena: the model's expert arena (owner rows, adapter chunks).
+        base: where the base experts come from (default: the model's own, resident).
+    """
+
+    def __init__(self, arena: ExpertArena, base: BaseExperts | None = None) -> None:
         self.arena = arena
+        self.base = base if base is not None else ResidentExperts()
         self.token_owner: torch.Tensor | None = None
-        self.lora: dict = {}  # routed-LoRA adapters by owner id (RoutedLora)
-        self._lora_rows: LoraRows = []
+        self.terms: dict[int, TokenTerm] = {}  # per-token terms by owner id (routed LoRA)
+        self._term_rows: list[tuple[TokenTerm, torch.Tensor]] = []
+
+    @property
+    def info(self) -> MoEModelInfo:
+        return self.arena.info
+
+    def attach(self) -> None:
+        """Make every experts module of the arena's model run through this executor."""
+        for slots in self.arena.layers.values():
+            state_of(slots.layer.experts).executor = functools.partial(self._run, slots)
+
+    def detach(self) -> None:
+        """Restore the stock expert computation."""
+        for slots in self.arena.layers.values():
+            state_of(slots.layer.experts).executor = None
+
+    def close(self) -> None:
+        """Detach and release the base tier."""
+        self.detach()
+        self.base.close()
+
+    # owners ----------------------------------------------------------------------------------
 
     def set_owners(self, row_owner: torch.Tensor, seq_len: int) -> None:
         """Owners of the next forward's tokens.
@@ -52,11 +147,18 @@ class OwnerRouting:
                 so token ``b * S + s`` belongs to row ``b``.
         """
         self.token_owner = row_owner.to(torch.int64).repeat_interleave(seq_len)
-        self._lora_rows = lora_rows(self.lora, row_owner, seq_len)
+        self._term_rows = []
+        if self.terms:
+            present = set(torch.unique(row_owner).tolist())
+            steps = torch.arange(seq_len, device=row_owner.device)
+            for owner, term in self.terms.items():
+                if owner in present:
+                    rows = torch.nonzero(row_owner == owner).squeeze(1)
+                    self._term_rows.append((term, (rows[:, None] * seq_len + steps).reshape(-1)))
 
     def clear_owners(self) -> None:
         self.token_owner = None
-        self._lora_rows = []
+        self._term_rows = []
 
     def owners_for(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
         """``[T]`` owner of each token of this forward (the base model when none were set)."""
@@ -70,7 +172,10 @@ class OwnerRouting:
             )
         return owners.to(hidden.device)
 
-    def add_lora(
+    # one layer -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _add_terms(
         self,
         layer_index: int,
         out: torch.Tensor,
@@ -78,31 +183,14 @@ class OwnerRouting:
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
-        """``out`` plus the routed-LoRA terms of the adapters present in this forward (in place)."""
-        if self._lora_rows:
-            add_lora_terms(self._lora_rows, layer_index, out, hidden, top_k_index, top_k_weights)
+        """``out`` plus the per-token terms of the adapters present in this forward (in place)."""
+        for term, tokens in self._term_rows:
+            module = term.layer(layer_index)
+            if module is None or tokens.numel() == 0:
+                continue
+            delta, _ = module(hidden.index_select(0, tokens), top_k_index[tokens], top_k_weights[tokens])
+            out.index_add_(0, tokens, delta.to(out.dtype))
         return out
-
-
-class ReroutingExecutor(OwnerRouting):
-    """Plugs the arena into every experts module of a model (``install`` must have run).
-
-    The engine sets the owner of every token before each forward; a forward without owners (a
-    plain model call) runs every token with the base experts.
-
-    Args:
-        arena: the model's expert arena.
-    """
-
-    def attach(self) -> None:
-        """Make every experts module of the arena's model run through this executor."""
-        for slots in self.arena.layers.values():
-            state_of(slots.layer.experts).executor = functools.partial(self._run, slots)
-
-    def detach(self) -> None:
-        """Restore the stock expert computation."""
-        for slots in self.arena.layers.values():
-            state_of(slots.layer.experts).executor = None
 
     def _run(
         self,
@@ -114,11 +202,10 @@ class ReroutingExecutor(OwnerRouting):
     ) -> torch.Tensor:
         """One layer: ``hidden [T, H]``, ``top_k_index [T, K]``, ``top_k_weights [T, K]`` -> ``[T, H]``."""
         owners = self.owners_for(slots.layer.index, hidden)
-        routed = reroute_permute(top_k_index, owners, slots.table, slots.num_slots)
-        segments = slots.segments
-        if len(segments) > 1 and int(routed.offsets[slots.num_experts - 1]) == int(routed.offsets[-1]):
-            # no entry of this forward uses an adapter slot of this layer: run the base experts alone
-            routed = routed._replace(offsets=routed.offsets[: slots.num_experts])
-            segments = segments[:1]
-        out = segmented_experts(experts, hidden, top_k_weights, routed, segments)
-        return self.add_lora(slots.layer.index, out, hidden, top_k_index, top_k_weights)
+        out = None
+        for table, segments in self.base.passes(slots, hidden, owners, top_k_index):
+            partial = slot_routed_experts(
+                experts, hidden, top_k_index, top_k_weights, owners, table, segments, skip_unused=True
+            )
+            out = partial if out is None else out + partial
+        return self._add_terms(slots.layer.index, out, hidden, top_k_index, top_k_weights)

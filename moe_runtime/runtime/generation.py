@@ -74,6 +74,16 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The forward's name for the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(outputs) -> Cache | None:
+    """The cache a forward returned, under either name (without touching a deprecated alias)."""
+    return outputs["cache"] if "cache" in outputs else outputs.get("past_key_values")
+
+
 def _sample(
     logits: torch.Tensor, generators: list[torch.Generator], temperature: float, top_p: float
 ) -> torch.Tensor:
@@ -124,6 +134,7 @@ def generate_batch(
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     cache = None  # the model makes its own cache type at the prefill (MiniMax refuses a DynamicCache)
     keep_kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    cache_name = _cache_argument(model)
     out_ids: list[list[int]] = [[] for _ in prompts]
     out_logits: list[list[torch.Tensor]] = [[] for _ in prompts]
     last_position = positions[:, -1]
@@ -134,11 +145,11 @@ def generate_batch(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_name: cache},
             **keep_kwargs,
         )
-        cache, logits = outputs.past_key_values, outputs.logits[:, -1, :]
+        cache, logits = _output_cache(outputs), outputs.logits[:, -1, :]
         if config.do_sample:
             live_generators = [generators[r] for r in rows.tolist()]
             chosen = _sample(logits, live_generators, config.temperature, config.top_p)

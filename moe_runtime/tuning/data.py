@@ -48,7 +48,7 @@ def encode_examples(
         labels = [IGNORE] * min(start, len(ids)) + ids[start:]
         if sum(label != IGNORE for label in labels[1:]) == 0:
             raise DataError(
-                f"{where}: example {number} has no tokens to learn (empty response or cut by --max-length)"
+                f"{where}: example {number} has no tokens to learn (empty response, or cut by the maximum length)"
             )
         out.append(Features(ids, labels))
     return out

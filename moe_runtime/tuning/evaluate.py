@@ -10,7 +10,7 @@ from ..data import Example
 from ..models import pad_token_id
 from .data import IGNORE, collate, encode_examples
 
-__all__ = ["answer_matches", "mean_token_loss", "exact_match", "evaluate"]
+__all__ = ["answer_matches", "mean_token_loss", "exact_match"]
 
 
 @torch.inference_mode()
@@ -103,15 +103,3 @@ def exact_match(
             text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
             hits += int(answer_matches(text, ex.response))
     return hits / len(scored), len(scored)
-
-
-def evaluate(
-    model: nn.Module, tokenizer, examples: list[Example], *, max_length: int = 512, batch_size: int = 16
-) -> dict:
-    """``{"loss", "tokens"}`` plus ``{"exact_match", "scored"}`` when the data has prompts."""
-    loss, tokens = mean_token_loss(model, tokenizer, examples, max_length=max_length, batch_size=batch_size)
-    result = {"loss": loss, "tokens": tokens}
-    accuracy, scored = exact_match(model, tokenizer, examples, batch_size=batch_size)
-    if scored:
-        result.update(exact_match=accuracy, scored=scored)
-    return result

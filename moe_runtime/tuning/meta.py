@@ -54,9 +54,9 @@ def save_adapter_dir(out: Path, save: Callable[[Path], None], **meta) -> Path:
     return Path(out)
 
 
-def check_base(meta: dict, model, path: Path) -> None:
-    """Refuse an adapter whose recorded base fingerprint is not ``model``'s."""
+def check_base(meta: dict, model, path: Path, *, allow_base_mismatch: bool = False) -> None:
+    """Refuse an adapter whose recorded base fingerprint is not ``model``'s (unless allowed)."""
     from ..models import model_fingerprint
 
-    if meta.get("base_fingerprint") != model_fingerprint(model):
+    if not allow_base_mismatch and meta.get("base_fingerprint") != model_fingerprint(model):
         raise AdapterError(f"adapter '{path}': tuned from different base weights than this model")

@@ -54,17 +54,21 @@ class TrainConfig:
     aux_loss_coef: float | None = None
 
     def validate(self) -> None:
+        """Raises ConfigError naming the field."""
+        from .registry import ConfigError
+
         for name in ("steps", "batch_size", "grad_accum", "max_length"):
             if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
         if not 0 < self.lr < math.inf:
-            raise UsageError(f"--lr must be a positive finite number, got {self.lr}")
+            raise ConfigError("lr", f"must be a positive finite number, got {self.lr}")
         for name in ("weight_decay", "aux_loss_coef"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < math.inf:
-                raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        if self.warmup_steps < 0 or self.save_steps < 0:
-            raise UsageError("--warmup-steps and --save-steps must not be negative")
+                raise ConfigError(name, f"must be a finite number >= 0, got {value}")
+        for name in ("warmup_steps", "save_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must not be negative, got {getattr(self, name)}")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -208,17 +212,21 @@ def train(
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
+    from .registry import ConfigError
+
     world = world_size()
     per_device, rest = divmod(config.batch_size, world * config.grad_accum)
     if rest or per_device == 0:
-        raise UsageError(
-            f"--batch-size {config.batch_size} must be a multiple of processes ({world}) x --grad-accum ({config.grad_accum})"
+        raise ConfigError(
+            "batch_size",
+            f"{config.batch_size} must be a multiple of processes ({world}) x micro-batches per step "
+            f"({config.grad_accum})",
         )
     checkpoint = None
     if resume:  # before the Trainer creates work_dir: a refused --resume leaves nothing behind
         checkpoint = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
         if checkpoint is None:
-            raise UsageError(f"--resume: no checkpoint in '{work_dir}'")
+            raise ConfigError("resume", f"no checkpoint in '{work_dir}'")
     router_logits_before = getattr(wrapped.model.config, "output_router_logits", None)
     _enable_aux_loss(wrapped.model, config.aux_loss_coef)
     args = TrainingArguments(
@@ -271,7 +279,7 @@ def train(
         where = f"{diverged[0]} holds non-finite values" if diverged else "the loss is not finite"
         raise UsageError(
             f"training diverged after {trainer.state.global_step} steps ({where}); nothing was written "
-            "(lower --lr or the loss coefficients)"
+            "(lower the learning rate or the loss coefficients)"
         )
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {

@@ -6,21 +6,16 @@ model with the routed-LoRA adapter attached by ``eval``'s path (``apply_adapter`
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.checkpoints import save_checkpoint
+from helpers.serving import make_adapter
 
 from moe_runtime.cli import main
 from moe_runtime.models import find_moe_layers, load_model, load_tokenizer
 from moe_runtime.tuning import apply_adapter
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-sys.path.insert(0, str(Path(__file__).parents[1] / "runtime"))
-sys.path.insert(0, str(Path(__file__).parents[1] / "tuning"))
-from conftest import save_checkpoint  # noqa: E402
-from serving_helpers import make_adapter  # noqa: E402
 
 PROMPTS = ["the quick brown fox", "seven", "def return for in range print sum of 12 + 35 =", "oslo lima"]
 
@@ -288,7 +283,7 @@ def test_adapters_of_a_non_float32_checkpoint_pass_eval_and_generate(capsys, tmp
 
 def test_fingerprint_ignores_the_load_dtype_not_the_weights():
     from moe_runtime.models import model_fingerprint
-    from moe_runtime.models.random_models import build_random_model
+    from moe_runtime.testing.random_models import build_random_model
 
     model = build_random_model("olmoe", seed=0, dtype=torch.bfloat16)
     same = {model_fingerprint(model.to(dtype)) for dtype in (torch.bfloat16, torch.float32, torch.float64)}
@@ -302,11 +297,11 @@ def test_fingerprint_ignores_the_load_dtype_not_the_weights():
 
 
 def test_bfloat16_engine_edge_cases_equal_transformers_and_reload_leaks_nothing(tmp_path):
-    from routed_lora_helpers import write_random_lora
+    from helpers.routed_lora import write_random_lora
 
     from moe_runtime.errors import UsageError
-    from moe_runtime.models.random_models import build_random_model
     from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
+    from moe_runtime.testing.random_models import build_random_model
     from moe_runtime.tuning.routed_lora import RoutedLoraSettings
 
     def build():
@@ -346,7 +341,7 @@ def test_bfloat16_engine_edge_cases_equal_transformers_and_reload_leaks_nothing(
     for _ in range(4):
         for name in ("r", "esft", "s"):
             engine.remove_adapter(name)
-        assert engine.adapters == [] and engine.executor.lora == {}
+        assert engine.adapters == [] and engine.executor.terms == {}
         for name in ("s", "esft", "r"):
             engine.add_adapter(name, dirs[name])
     assert engine.memory() == memory and [s.table.shape for s in engine.arena.layers.values()] == rows
@@ -380,7 +375,7 @@ def test_refused_resume_leaves_no_checkpoint_directory(capsys, tmp_path, f32_che
 
 
 def test_checkpoint_without_tokenizer_files_is_refused(capsys, tmp_path, data):
-    from moe_runtime.models.random_models import save_random_checkpoint
+    from moe_runtime.testing.random_models import save_random_checkpoint
 
     checkpoint = save_random_checkpoint("olmoe", tmp_path / "bare")  # config + weights only
     code, out, err = run_cli(capsys, "generate", "--model", checkpoint, "--prompt", "hi")
@@ -420,9 +415,9 @@ def test_families_not_left_padding_invariant_are_served_unpadded(capsys, tmp_pat
 def test_default_top_k_above_the_lora_experts_says_it_is_the_default(capsys, tmp_path, f32_checkpoint, data):
     extra = ["--method", "routed-lora", "--lora-experts", 1]
     code, _, err = _tune(capsys, f32_checkpoint, data, tmp_path / "ad", *extra)
-    assert_usage_error(code, err, "--lora-top-k 2 (the default) exceeds the 1 LoRA experts of layer 0")
+    assert_usage_error(code, err, "--lora-top-k: 2 (the default) exceeds the 1 LoRA experts of layer 0")
     code, _, err = _tune(capsys, f32_checkpoint, data, tmp_path / "ad", *extra, "--lora-top-k", 3)
-    assert_usage_error(code, err, "--lora-top-k 3 exceeds the 1 LoRA experts")
+    assert_usage_error(code, err, "--lora-top-k: 3 exceeds the 1 LoRA experts")
     assert not (tmp_path / "ad").exists()
 
 
@@ -430,8 +425,10 @@ def test_jsonl_files_with_a_byte_order_mark_are_read(capsys, tmp_path, f32_check
     bom = "\ufeff"
     data = tmp_path / "data.jsonl"
     data.write_text(bom + json.dumps({"text": "the quick brown fox"}) + "\r\n", encoding="utf-8")
-    code, out, err = run_cli(capsys, "eval", "--model", f32_checkpoint, "--data", data)
-    assert code == 0 and json.loads(out.splitlines()[-1])["tokens"] > 0, err
+    code, out, err = run_cli(
+        capsys, "eval", "--model", f32_checkpoint, "--data", data, "--json", tmp_path / "e.json"
+    )
+    assert code == 0 and json.loads((tmp_path / "e.json").read_text())["tokens"] > 0, err
     requests = tmp_path / "req.jsonl"
     requests.write_text(bom + json.dumps({"prompt": "seven", "max_new_tokens": 1}) + "\r\n", encoding="utf-8")
     code, _, err = run_cli(

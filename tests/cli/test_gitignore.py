@@ -13,7 +13,9 @@ from moe_runtime.cli import build_parser
 ROOT = Path(__file__).parents[2]
 
 
-@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")
+@pytest.mark.skipif(
+    shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout"
+)
 def test_demo_workdir_is_ignored():
     workdir = build_parser().parse_args(["demo"]).workdir
     probe = f"{workdir}/profile/overlap.png"

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.torchrun import run_torchrun
 
 from moe_runtime.cli import main
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import run_torchrun  # noqa: E402
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -9,7 +9,7 @@ from moe_runtime.demo.tasks import TASK_RECIPE, task_examples
 from moe_runtime.models import find_moe_layers, load_model, load_tokenizer, pad_token_id
 from moe_runtime.profiler import ProfileConfig, profile_model, select_experts
 from moe_runtime.profiler.store import esft_summary
-from moe_runtime.tuning import TrainConfig, apply_adapter
+from moe_runtime.tuning import TrainConfig, TuneJob, apply_adapter
 from moe_runtime.tuning.data import encode_examples
 from moe_runtime.tuning.esft import ExpertSelection, tune_esft
 from moe_runtime.tuning.evaluate import exact_match
@@ -34,10 +34,9 @@ def test_esft_learns_the_compare_task(tmp_path):
     chosen = select_experts(esft_summary(profiles["compare"], meta), "token")
     selection = ExpertSelection(experts={int(k): v for k, v in chosen.items() if v})
     model = load_model("demo", dtype="float32")
-    tune_esft(
+    job = TuneJob(
         model,
         find_moe_layers(model),
-        selection,
         encode_examples(tokenizer, train, 64),
         TrainConfig(steps=STEPS, lr=TASK_RECIPE["lr"], batch_size=TASK_RECIPE["batch_size"], seed=0),
         out=tmp_path / "adapter",
@@ -45,6 +44,7 @@ def test_esft_learns_the_compare_task(tmp_path):
         work_dir=tmp_path / "work",
         progress=False,
     )
+    tune_esft(job, selection)
     tuned = apply_adapter(load_model("demo", dtype="float32"), tmp_path / "adapter")
     tuned_score = exact_match(tuned, tokenizer, test)[0]
     assert tuned_score >= base_score + MARGIN, (base_score, tuned_score)

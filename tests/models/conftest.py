@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from moe_runtime.models.random_models import build_random_model
+from moe_runtime.testing.random_models import build_random_model
 
 
 @dataclass

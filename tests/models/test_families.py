@@ -24,8 +24,13 @@ from moe_runtime.models import (
     state_of,
     uninstall,
 )
-from moe_runtime.models.random_models import FAMILIES, build_random_model, save_random_checkpoint, tiny_config
 from moe_runtime.models.weights import fuse_slices
+from moe_runtime.testing.random_models import (
+    FAMILIES,
+    build_random_model,
+    save_random_checkpoint,
+    tiny_config,
+)
 
 from .conftest import batch, logits
 

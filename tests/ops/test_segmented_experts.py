@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from moe_runtime.models import find_moe_layers
-from moe_runtime.models.random_models import build_random_model
 from moe_runtime.ops import Segment, extension_available, reroute_permute, segmented_experts
+from moe_runtime.testing.random_models import build_random_model
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="moe_runtime._C is not built")
 

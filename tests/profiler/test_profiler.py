@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from moe_runtime.models import find_moe_layers
-from moe_runtime.models.random_models import build_random_model
 from moe_runtime.profiler import ProfileConfig, load_profile, merge_profiles, select_experts, write_profile
 from moe_runtime.profiler.run import profile_sequences, token_budget
 from moe_runtime.profiler.select import select_layer
+from moe_runtime.testing.random_models import build_random_model
 
 FAMILIES = ["qwen2_moe", "deepseek_v2", "deepseek_v3", "gpt_oss", "mixtral", "olmoe"]
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serving_helpers import make_adapter
+from helpers.serving import make_adapter
 
 from moe_runtime.errors import AdapterError
 from moe_runtime.models import find_moe_layers, split_expert
-from moe_runtime.models.random_models import build_random_model
 from moe_runtime.models.weights import fuse_slices
 from moe_runtime.runtime import ExpertArena
+from moe_runtime.testing.random_models import build_random_model
 from moe_runtime.tuning.esft import read_adapter
 
 EXPERT_SETS = {

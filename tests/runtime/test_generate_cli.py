@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from serving_helpers import make_adapter, merged_copy
+from helpers.serving import make_adapter, merged_copy
 
 from moe_runtime.cli import main
 from moe_runtime.models import load_model, load_tokenizer
-from moe_runtime.models.random_models import build_random_model
+from moe_runtime.testing.random_models import build_random_model
 
 PROMPTS = ["the quick brown fox", "seven wizards", "def return for in range print sum of 12 + 35 =", "oslo"]
 
@@ -25,8 +24,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from conftest import save_checkpoint
+    from helpers.checkpoints import save_checkpoint
 
     return save_checkpoint(tmp_path_factory.mktemp("ckpt"), "qwen2_moe", dtype=torch.float32)
 

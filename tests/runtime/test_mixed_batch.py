@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serving_helpers import make_adapter, merged_copy
+from helpers.serving import make_adapter, merged_copy
 
 from moe_runtime.errors import AdapterError
 from moe_runtime.models import find_moe_layers
-from moe_runtime.models.random_models import build_random_model
 from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
+from moe_runtime.testing.random_models import build_random_model
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 # qwen2_moe: shared expert; deepseek_v2: dense first layer, shared expert, group-limited routing, MLA

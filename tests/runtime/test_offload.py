@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_checkpoint
-from serving_helpers import make_adapter
+from helpers.checkpoints import save_checkpoint
+from helpers.serving import make_adapter
 
 from moe_runtime.errors import UsageError
 from moe_runtime.models import find_moe_layers, load_model, load_tokenizer
@@ -56,12 +56,12 @@ def test_offloaded_generate_equals_resident(checkpoints, tmp_path, family, budge
     assert got_tokens == tokens
     for a, b in zip(got_logits, logits):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    stats = offloaded.executor.stats
+    stats = offloaded.offload.stats
     assert stats.misses > 0 and stats.bytes_read > 0
     info = offloaded.info
     assert all(layer.experts.down_proj.is_meta for layer in info.layers)  # never materialized
-    slots = offloaded.executor.num_slots
-    assert offloaded.executor.resident_expert_bytes() == slots * sum(
+    slots = offloaded.offload.num_slots
+    assert offloaded.offload.resident_expert_bytes() == slots * sum(
         layer.expert_bytes for layer in info.layers
     )
     assert slots <= parse_budget(budget).share * min(layer.num_experts for layer in info.layers)
@@ -99,8 +99,8 @@ def test_offloaded_mixed_adapters_equal_resident(checkpoints, tmp_path, family):
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
         for x, y in zip(results[scored], results[1]):
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
-    assert engines[1].executor.stats.prefetches > 0 and engines[2].executor.stats.prefetches > 0
-    assert engines[2].executor.stats.misses > 0
+    assert engines[1].offload.stats.prefetches > 0 and engines[2].offload.stats.prefetches > 0
+    assert engines[2].offload.stats.misses > 0
 
 
 def test_policies_and_prefetch_keep_outputs(checkpoints, tmp_path):
@@ -121,7 +121,7 @@ def test_policies_and_prefetch_keep_outputs(checkpoints, tmp_path):
         )
         engine = MultiAdapterEngine.from_pretrained(path, offload=config)
         assert _serve(engine, _requests([None]))[0] == reference[0]
-        assert engine.executor.stats.hit_rate > 0
+        assert engine.offload.stats.hit_rate > 0
 
 
 @pytest.mark.parametrize("slots", [1, 2, 3])
@@ -133,12 +133,12 @@ def test_multi_pass_layers_equal_resident(tmp_path, slots):
         path,
         offload=OffloadConfig(budget=f"{slots / 8:.1%}", prefetch=("router",), cache_dir=str(tmp_path / "c")),
     )
-    assert engine.executor.num_slots == slots
+    assert engine.offload.num_slots == slots
     tokens, logits = _serve(engine, _requests([None]))
     assert tokens == reference[0]
     for a, b in zip(logits, reference[1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    stats = engine.executor.stats
+    stats = engine.offload.stats
     assert stats.passes > 2 * 6  # 2 layers x 6 forwards: layers ran in several passes
 
 
@@ -214,7 +214,7 @@ def test_budget_errors(checkpoints, tmp_path):
         MultiAdapterEngine.from_pretrained(path, offload=OffloadConfig(budget="12%", cache_dir=str(tmp_path)))
     with pytest.raises(UsageError, match="working set"):
         MultiAdapterEngine.from_pretrained(path, offload=OffloadConfig(budget=1000, cache_dir=str(tmp_path)))
-    with pytest.raises(UsageError, match="--offload 'gpu'"):
+    with pytest.raises(UsageError, match="offload tier 'gpu'"):
         OffloadConfig(tier="gpu").validate()
     for scores, message in [
         ({0: {99: 1.0}}, "expert 99"),
@@ -260,23 +260,23 @@ class FlakyLoader:
 @pytest.mark.parametrize("fail_priority", [0, 1])
 def test_failed_reads(checkpoints, tmp_path, fail_priority):
     """A failed demand read raises; a failed prefetch is read again on demand (same tokens)."""
-    from moe_runtime.runtime.offload import OffloadExecutor
+    from moe_runtime.runtime import SlotRoutedExecutor
+    from moe_runtime.runtime.offload import OffloadTier
 
     path = checkpoints["mixtral"]
     reference = _serve(MultiAdapterEngine.from_pretrained(path), _requests([None]))
     config = OffloadConfig(budget="25%", prefetch=("router",), cache_dir=str(tmp_path))
     engine = MultiAdapterEngine.from_pretrained(path, offload=config)
-    engine.executor.detach()
-    engine.executor = OffloadExecutor(
-        engine.arena, engine.executor.store, config, loader=FlakyLoader(fail_priority)
-    )
+    engine.executor.close()
+    engine.base = OffloadTier(engine.info, engine.offload.store, config, loader=FlakyLoader(fail_priority))
+    engine.executor = SlotRoutedExecutor(engine.arena, engine.base)
     engine.executor.attach()
     if fail_priority == 0:
         with pytest.raises(OSError, match="injected"):
             _serve(engine, _requests([None]))
     else:
         assert _serve(engine, _requests([None]))[0] == reference[0]
-        assert engine.executor.stats.prefetches > 0
+        assert engine.offload.stats.prefetches > 0
 
 
 def test_generate_cli_offload(capsys, checkpoints, tmp_path, monkeypatch):
@@ -329,14 +329,14 @@ def test_short_read_names_the_file(checkpoints, tmp_path):
         checkpoints["mixtral"],
         offload=OffloadConfig(budget="50%", prefetch=("router",), cache_dir=str(tmp_path)),
     )
-    packed = engine.executor.store.packed_path
+    packed = engine.offload.store.packed_path
     size = packed.stat().st_size
     with open(packed, "r+b") as f:
         f.truncate(size // 4)
     with pytest.raises(OSError) as raised:  # the loader's LoaderError, naming the file
         _serve(engine, _requests([None]))
     assert packed.name in str(raised.value)
-    assert engine.executor.loader.stats()["failed"] > 0
+    assert engine.offload.loader.stats()["failed"] > 0
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe"])
@@ -411,10 +411,8 @@ def test_truncated_packed_file_is_made_again(checkpoints, tmp_path):
 @pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
 def test_offloaded_routed_lora_and_esft_equal_resident(checkpoints, tmp_path, family):
     """Routed-LoRA adapters (checked against the whole base, experts read from disk) with ESFT ones."""
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tuning"))
-    from routed_lora_helpers import write_random_lora
+    from helpers.routed_lora import write_random_lora
 
     from moe_runtime.models import model_fingerprint
     from moe_runtime.tuning.routed_lora import RoutedLoraSettings

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import save_checkpoint
+from helpers.checkpoints import save_checkpoint
 
 from moe_runtime.errors import UsageError
 from moe_runtime.models import find_moe_layers
-from moe_runtime.models.random_models import build_random_model
 from moe_runtime.runtime import MultiAdapterEngine
 from moe_runtime.runtime.offload import Budget, OffloadConfig, parse_budget, slots_per_layer
 from moe_runtime.runtime.offload import config as offload_config
 from moe_runtime.runtime.offload.config import fast_tier_slots, free_memory
+from moe_runtime.testing.random_models import build_random_model
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 

@@ -134,7 +134,7 @@ def _check_bad_traces(capsys, profile):
 def test_simulator_replays_the_runtime_exactly(tmp_path, policy):
     """Replaying a served run's routing gives the runtime's own hits and misses (same bookkeeping)."""
     import torch
-    from conftest import save_checkpoint
+    from helpers.checkpoints import save_checkpoint
 
     from moe_runtime.models import state_of
     from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
@@ -158,8 +158,8 @@ def test_simulator_replays_the_runtime_exactly(tmp_path, policy):
         state_of(layer.experts).observers.append(record)
     prompts = ["the quick brown fox jumps", "seven wizards", "def return for in range"]
     engine.generate([Request(prompt=p, id=i) for i, p in enumerate(prompts)], DecodeConfig(max_new_tokens=8))
-    served = engine.executor.stats
-    replayed = replay_steps(steps, engine.info.layer_indices, 8, engine.executor.num_slots, policy)
+    served = engine.offload.stats
+    replayed = replay_steps(steps, engine.info.layer_indices, 8, engine.offload.num_slots, policy)
     counters = ("hits", "misses", "passes", "prefetches", "prefetch_hits")
     assert [getattr(replayed, c) for c in counters] == [getattr(served, c) for c in counters]
     assert served.hits > 0 and served.passes > len(steps) * 3  # prefills needed several passes

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,7 @@ from moe_runtime.cli import main
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from conftest import save_checkpoint
+    from helpers.checkpoints import save_checkpoint
 
     return save_checkpoint(tmp_path_factory.mktemp("bench"), "qwen2_moe", dtype=torch.float32)
 

@@ -11,20 +11,17 @@ Tolerance for logits (float32): atol = rtol = 1e-4; generated tokens must be ide
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from serving_helpers import make_adapter, merged_copy
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "tuning"))
-from routed_lora_helpers import attach_reference, write_random_lora  # noqa: E402
+from helpers.routed_lora import attach_reference, write_random_lora
+from helpers.serving import make_adapter, merged_copy
 
 from moe_runtime.errors import AdapterError  # noqa: E402
 from moe_runtime.models import find_moe_layers  # noqa: E402
-from moe_runtime.models.random_models import build_random_model  # noqa: E402
 from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request  # noqa: E402
+from moe_runtime.testing.random_models import build_random_model  # noqa: E402
 from moe_runtime.tuning.esft import ExpertSelection  # noqa: E402
 from moe_runtime.tuning.routed_lora import RoutedLoraSettings, read_routed_lora  # noqa: E402
 
@@ -134,7 +131,7 @@ def test_remove_and_reload_routed_lora(served, tmp_path):
     request = next(r for r in served.requests if r.adapter == "r")
     before = engine.generate([request])[0].token_ids
     engine.remove_adapter("r")
-    assert "r" not in engine.adapters and not any(a is None for a in engine.executor.lora.values())
+    assert "r" not in engine.adapters and not any(a is None for a in engine.executor.terms.values())
     with pytest.raises(AdapterError, match="not loaded"):
         engine.submit(Request(request.prompt, adapter="r"))
     engine.add_adapter("r", served.dirs["r"])

@@ -13,9 +13,10 @@ from safetensors.torch import load_file, save_file
 from moe_runtime.data import Example
 from moe_runtime.errors import AdapterError
 from moe_runtime.models import find_moe_layers, merge_expert, split_expert
-from moe_runtime.models.random_models import build_random_model
+from moe_runtime.testing.random_models import build_random_model
 from moe_runtime.tuning.data import encode_examples
 from moe_runtime.tuning.esft import ExpertSelection, read_adapter, tune_esft
+from moe_runtime.tuning.registry import TuneJob
 from moe_runtime.tuning.trainer import TrainConfig
 
 SELECTION = {0: [1, 3], 1: [0, 2, 5]}
@@ -50,17 +51,8 @@ def _tune(tmp_path: Path, family: str = "qwen2_moe", steps: int = 6, **selection
     before = {k: v.clone() for k, v in model.state_dict().items()}
     features = encode_examples(_Tok(), _examples(32, 0), 64)
     config = TrainConfig(steps=steps, lr=5e-2, batch_size=8, seed=0, aux_loss_coef=0.01)
-    summary = tune_esft(
-        model,
-        info,
-        sel,
-        features,
-        config,
-        out=tmp_path / "ad",
-        pad_id=0,
-        work_dir=tmp_path / "work",
-        progress=False,
-    )
+    job = TuneJob(model, info, features, config, out=tmp_path / "ad", pad_id=0, progress=False)
+    summary = tune_esft(job, sel)
     return model, info, sel, before, summary
 
 
@@ -115,20 +107,20 @@ def test_only_selected_experts_change_and_merge_reproduces(tmp_path, family):
     info2 = find_moe_layers(model2)
     arena, _ = prepare_esft(model2, info2, sel)
     with torch.no_grad():
-        for key, layer_arena in arena.layers.items():
+        for key, trainable in arena.layers.items():
             moe = info2.by_index(int(key))
-            for pos, e in enumerate(layer_arena.expert_ids):
+            for pos, e in enumerate(trainable.expert_ids):
                 prefix = f"{moe.experts_name}.{e}."
                 from moe_runtime.models.weights import fuse_slices
 
                 fused = fuse_slices(
                     moe.layout, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
                 )
-                layer_arena.up[pos].copy_(fused[moe.layout.up_name])
-                layer_arena.down[pos].copy_(fused["down_proj"])
-                if layer_arena.up_bias is not None:
-                    layer_arena.up_bias[pos].copy_(fused[f"{moe.layout.up_name}_bias"])
-                    layer_arena.down_bias[pos].copy_(fused["down_proj_bias"])
+                trainable.up[pos].copy_(fused[moe.layout.up_name])
+                trainable.down[pos].copy_(fused["down_proj"])
+                if trainable.up_bias is not None:
+                    trainable.up_bias[pos].copy_(fused[f"{moe.layout.up_name}_bias"])
+                    trainable.down_bias[pos].copy_(fused["down_proj_bias"])
         through_arena = model2(ids).logits
     torch.testing.assert_close(through_arena, expected, rtol=1e-5, atol=1e-5)
 

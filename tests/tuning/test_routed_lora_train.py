@@ -1,4 +1,5 @@
-"""Each routed-LoRA variant trains on the embedded demo model: held-out loss goes down, every base
+"""Each routed-LoRA variant (the built-in ones and those of variant folders: mola, dynmole) trains on
+the embedded demo model: held-out loss goes down, every base
 tensor stays bit-identical, and the adapter's own weights (and only those) move."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from moe_runtime.tuning import apply_adapter
 from moe_runtime.tuning.data import encode_examples
 from moe_runtime.tuning.esft import ExpertSelection
 from moe_runtime.tuning.evaluate import mean_token_loss
+from moe_runtime.tuning.registry import TuneJob
 from moe_runtime.tuning.routed_lora import RoutedLora, RoutedLoraSettings, plan_layers, tune_routed_lora
 from moe_runtime.tuning.trainer import TrainConfig
 
@@ -44,7 +46,9 @@ def task(tmp_path_factory):
     return tokenizer, encode_examples(tokenizer, train, 128), test
 
 
-@pytest.mark.parametrize("variant", ["perft-r", "perft-e", "esft-lora", "perft-s", "perft-d"])
+@pytest.mark.parametrize(
+    "variant", ["perft-r", "perft-e", "esft-lora", "perft-s", "perft-d", "mola", "dynmole"]
+)
 def test_variant_trains_only_its_own_weights(tmp_path, task, variant):
     tokenizer, features, test = task
     model = load_model("demo", dtype="float32")
@@ -53,17 +57,10 @@ def test_variant_trains_only_its_own_weights(tmp_path, task, variant):
     base_loss = mean_token_loss(model, tokenizer, test)[0]
     settings = _settings(variant)
     config = TrainConfig(steps=25, lr=3e-3, batch_size=8, seed=0, max_length=128)
-    summary = tune_routed_lora(
-        model,
-        info,
-        features,
-        config,
-        settings=settings,
-        out=tmp_path / "ad",
-        pad_id=pad_token_id(tokenizer),
-        work_dir=tmp_path / "work",
-        progress=False,
+    job = TuneJob(
+        model, info, features, config, out=tmp_path / "ad", pad_id=pad_token_id(tokenizer), progress=False
     )
+    summary = tune_routed_lora(job, settings)
     for key, value in model.state_dict().items():  # the base never moves
         assert torch.equal(value, before[key]), key
     initial = RoutedLora(

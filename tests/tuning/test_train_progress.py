@@ -8,9 +8,10 @@ import torch
 
 from moe_runtime.data import Example
 from moe_runtime.models import find_moe_layers
-from moe_runtime.models.random_models import build_random_model
+from moe_runtime.testing.random_models import build_random_model
 from moe_runtime.tuning.data import encode_examples
 from moe_runtime.tuning.esft import ExpertSelection, tune_esft
+from moe_runtime.tuning.registry import TuneJob
 from moe_runtime.tuning.trainer import TrainConfig
 
 
@@ -30,10 +31,9 @@ def test_progress_bar_and_log_file_instead_of_printed_dicts(capsys, tmp_path):
     ]
     model = build_random_model("qwen2_moe", seed=0)
     log = tmp_path / "logs" / "train.jsonl"
-    tune_esft(
+    job = TuneJob(
         model,
         find_moe_layers(model),
-        ExpertSelection(experts={0: [1]}),
         encode_examples(_Tok(), examples, 32),
         TrainConfig(steps=4, lr=1e-2, batch_size=8, seed=0),
         out=tmp_path / "adapter",
@@ -42,6 +42,7 @@ def test_progress_bar_and_log_file_instead_of_printed_dicts(capsys, tmp_path):
         progress=True,
         log_file=log,
     )
+    tune_esft(job, ExpertSelection(experts={0: [1]}))
     out, err = capsys.readouterr()
     assert "{'loss'" not in out + err and "'learning_rate'" not in out + err
     assert "train" in err and "4/4" in err  # the bar reached the last step

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from moe_runtime.models import find_moe_layers
-from moe_runtime.models.random_models import build_random_model
 from moe_runtime.ops import extension_available
+from moe_runtime.testing.random_models import build_random_model
 from moe_runtime.tuning.esft import ExpertSelection
 from moe_runtime.tuning.esft.tuner import prepare_esft
 from moe_runtime.tuning.routed_lora import RoutedLoraSettings, prepare_routed_lora

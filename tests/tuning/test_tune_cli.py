@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.torchrun import run_torchrun
 from safetensors.torch import load_file
 
 from moe_runtime.cli import main
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import run_torchrun  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def f32_checkpoint(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from conftest import save_checkpoint
+    from helpers.checkpoints import save_checkpoint
 
     return save_checkpoint(tmp_path_factory.mktemp("f32"), "qwen2_moe", dtype=torch.float32)
 
@@ -65,8 +61,13 @@ def _tune(model, data, out, *extra) -> int:
 
 
 def _eval(capsys, model, data, *extra) -> dict:
-    assert main([str(a) for a in ["eval", "--model", model, "--data", data, "--no-exact-match", *extra]]) == 0
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = Path(data).with_name(f"eval-{len(list(Path(data).parent.glob('eval-*.json')))}.json")
+    argv = ["eval", "--model", model, "--data", data, "--no-exact-match", "--json", result, *extra]
+    result = Path(argv[len(argv) - 1 - argv[::-1].index("--json") + 1])  # the last --json wins
+    assert main([str(a) for a in argv]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("loss ")  # one human line, no bare JSON
+    return json.loads(result.read_text())
 
 
 @pytest.mark.parametrize("method", ["esft", "lora", "full"])
@@ -136,8 +137,7 @@ def test_tune_bad_input_exit_2(capsys, tmp_path, f32_checkpoint, data, experts_c
 
 
 def test_eval_refuses_adapter_of_another_base(capsys, tmp_path, f32_checkpoint, data, experts_cfg):
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from conftest import save_checkpoint
+    from helpers.checkpoints import save_checkpoint
 
     other = save_checkpoint(tmp_path / "other", "qwen2_moe", dtype=torch.float32, seed=7)
     assert _tune(f32_checkpoint, data, tmp_path / "ad", "--method", "esft", "--experts", experts_cfg) == 0

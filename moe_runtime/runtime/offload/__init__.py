@@ -3,10 +3,10 @@
     engine = MultiAdapterEngine.from_pretrained("ckpt", offload=OffloadConfig(budget="25%", prefetch=("router",)))
     engine.add_adapter("arith", "adapters/arith")        # adapter experts stay resident in the arena
     engine.generate([...])                               # base experts come from per-layer slot caches
-    engine.executor.stats.to_json()                      # hits, misses, prefetch accuracy, bytes, stalls
+    engine.offload.stats.to_json()                      # hits, misses, prefetch accuracy, bytes, stalls
 
 Modules: ``store`` (the slow tier on disk, a model loaded without its experts), ``cache`` (per-layer
-slots and bookkeeping), ``policies`` (eviction and prefetch), ``executor`` (the experts function),
+slots and bookkeeping), ``policies`` (eviction and prefetch), ``tier`` (the base experts the executor runs),
 ``config`` (budget and settings), ``simulate`` (trace-driven replay of the policies).
 """
 
@@ -15,17 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cache import LayerCache, OffloadStats, SlotMap
-from .config import Budget, OffloadConfig, parse_budget, slots_per_layer
-from .executor import OffloadExecutor
+from .config import Budget, BudgetError, OffloadConfig, parse_budget, slots_per_layer
 from .policies import POLICIES, PREFETCHERS, make_policy
 from .store import ExpertStore, load_offloaded_model
+from .tier import OffloadTier, scoped_threads
 
 __all__ = [
     "Budget",
+    "BudgetError",
     "ExpertStore",
     "LayerCache",
     "OffloadConfig",
-    "OffloadExecutor",
+    "OffloadTier",
     "OffloadStats",
     "OffloadedExperts",
     "POLICIES",
@@ -34,6 +35,7 @@ __all__ = [
     "load_offloaded_model",
     "make_policy",
     "parse_budget",
+    "scoped_threads",
     "slots_per_layer",
 ]
 
@@ -45,5 +47,6 @@ class OffloadedExperts:
     store: ExpertStore
     config: OffloadConfig
 
-    def executor(self, arena) -> OffloadExecutor:
-        return OffloadExecutor(arena, self.store, self.config)
+    def tier(self, info) -> OffloadTier:
+        """The engine's base experts: caches filled from ``store`` (starts the reader threads)."""
+        return OffloadTier(info, self.store, self.config)

@@ -15,7 +15,15 @@ from ...errors import UsageError
 from ...models import MoEModelInfo
 from .policies import POLICIES, PREFETCHERS
 
-__all__ = ["OffloadConfig", "Budget", "fast_tier_slots", "free_memory", "parse_budget", "slots_per_layer"]
+__all__ = [
+    "OffloadConfig",
+    "Budget",
+    "BudgetError",
+    "fast_tier_slots",
+    "free_memory",
+    "parse_budget",
+    "slots_per_layer",
+]
 
 TIERS = ("disk", "cpu")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -37,31 +45,39 @@ class Budget:
         return f"{self.share * 100:g}%" if self.share is not None else f"{self.bytes} bytes"
 
 
-def parse_budget(value: str | float | int | Budget, flag: str = "--expert-budget") -> Budget:
+class BudgetError(UsageError):
+    """A malformed budget; ``detail`` is the message without the word naming the option."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"budget {detail}")
+        self.detail = detail
+
+
+def parse_budget(value: str | float | int | Budget) -> Budget:
     """``"25%"`` / ``0.25`` -> a share; ``"2GB"``, ``"512MiB"``, ``1000000`` (int) -> bytes;
     ``"80%free"`` -> a share of the fast tier's free memory (see :func:`fast_tier_slots`).
 
-    ``flag`` names the option in error messages.
+    Parse once, where the value enters (a command-line flag, a config), and pass the Budget on.
 
     Raises:
-        UsageError: malformed, or a share outside (0, 100%].
+        BudgetError: malformed, or a share outside (0, 100%].
     """
     if isinstance(value, Budget):
         if sum(v is not None for v in (value.share, value.bytes, value.free_share)) != 1:
-            raise UsageError(
-                f"{flag}: a Budget takes exactly one of share, bytes or free_share, got {value!r}"
-            )
-        if value.free_share is not None:
-            value = f"{float(value.free_share) * 100!r}%free"
-        else:
-            value = float(value.share) if value.share is not None else int(value.bytes)
+            raise BudgetError(f"{value!r}: a Budget takes exactly one of share, bytes or free_share")
+        for share in (value.share, value.free_share):
+            if share is not None and not 0 < share <= 1:
+                raise BudgetError(f"{share!r}: a share must lie in (0%, 100%]")
+        if value.bytes is not None and value.bytes <= 0:
+            raise BudgetError(f"{value.bytes}: must be positive")
+        return value
     if isinstance(value, bool):
-        raise UsageError(f"{flag} {value}: expected a share like 25% or a size like 2GB")
+        raise BudgetError(f"{value}: expected a share like 25% or a size like 2GB")
     if isinstance(value, float):
         share = value
     elif isinstance(value, int):
         if value <= 0:
-            raise UsageError(f"{flag} {value}: must be positive")
+            raise BudgetError(f"{value}: must be positive")
         return Budget(bytes=value)
     else:
         text = str(value).strip().lower().replace(" ", "")
@@ -69,25 +85,25 @@ def parse_budget(value: str | float | int | Budget, flag: str = "--expert-budget
             try:
                 free_share = float(text[: -len("%free")]) / 100
             except ValueError:
-                raise UsageError(f"{flag} '{value}': expected a share of free memory like 80%free") from None
+                raise BudgetError(f"'{value}': expected a share of free memory like 80%free") from None
             if not (0 < free_share <= 1):
-                raise UsageError(f"{flag} '{value}': a share of free memory must lie in (0%, 100%]")
+                raise BudgetError(f"'{value}': a share of free memory must lie in (0%, 100%]")
             return Budget(free_share=free_share)
         if text.endswith("%"):
             try:
                 share = float(text[:-1]) / 100
             except ValueError:
-                raise UsageError(f"{flag} '{value}': expected a share like 25% or a size like 2GB") from None
+                raise BudgetError(f"'{value}': expected a share like 25% or a size like 2GB") from None
         else:
             match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]i?b|b)?", text)
             if not match:
-                raise UsageError(f"{flag} '{value}': expected a share like 25% or a size like 2GB")
+                raise BudgetError(f"'{value}': expected a share like 25% or a size like 2GB")
             size = int(float(match[1]) * _UNITS[match[2] or ""])
             if size <= 0:
-                raise UsageError(f"{flag} '{value}': must be at least one byte (or a share like 25%)")
+                raise BudgetError(f"'{value}': must be at least one byte (or a share like 25%)")
             return Budget(bytes=size)
     if not (0 < share <= 1):
-        raise UsageError(f"{flag} '{value}': a share must lie in (0%, 100%]")
+        raise BudgetError(f"'{value}': a share must lie in (0%, 100%]")
     return Budget(share=share)
 
 
@@ -110,7 +126,7 @@ def slots_per_layer(info: MoEModelInfo, budget: Budget) -> int:
     top_k = max(layer.top_k for layer in info.layers)
     if slots < top_k:
         raise UsageError(
-            f"--expert-budget {budget}: {slots} expert(s) per layer, fewer than one token's working set "
+            f"expert budget {budget}: {slots} expert(s) per layer, fewer than one token's working set "
             f"(top-k = {top_k}); give at least {math.ceil(top_k / num_experts * 100)}% "
             f"or {top_k * sum(layer.expert_bytes for layer in info.layers)} bytes"
         )
@@ -154,7 +170,7 @@ def fast_tier_slots(
         top_k = max(layer.top_k for layer in info.layers)
         if size // per_slot < top_k:
             raise UsageError(
-                f"--expert-budget {budget}: {size} bytes of the {available} free on {device} hold "
+                f"expert budget {budget}: {size} bytes of the {available} free on {device} hold "
                 f"{size // per_slot} expert(s) per layer, fewer than one token's working set (top-k = {top_k})"
             )
         return slots_per_layer(info, Budget(bytes=size))
@@ -163,7 +179,7 @@ def fast_tier_slots(
         available = free(device)
         if slots * per_slot > available:
             raise UsageError(
-                f"--expert-budget {budget}: {slots} expert(s) per layer need {slots * per_slot} bytes on "
+                f"expert budget {budget}: {slots} expert(s) per layer need {slots * per_slot} bytes on "
                 f"{device}, which has {available} free; give a smaller budget (or a share of free memory, "
                 "e.g. 80%free)"
             )
@@ -179,7 +195,8 @@ class OffloadConfig:
             (every expert in host memory, page-locked with a GPU; fast tier the compute device:
             the GPU when there is one, else the CPU, where the tier saves no memory and serves to
             run the cache and policies without disk reads). See :mod:`.host`.
-        budget: fast-tier budget, see :func:`parse_budget`.
+        budget: fast-tier budget (a string, share or byte count is parsed once, on construction;
+            see :func:`parse_budget`).
         policy: eviction policy (``lru``, ``lfu``, ``profile``).
         prefetch: prefetchers to run (``router``, ``trajectory``).
         profile_scores: ``{layer: {expert: score}}`` for the ``profile`` policy.
@@ -198,7 +215,7 @@ class OffloadConfig:
     """
 
     tier: str = "disk"
-    budget: str | float | int | Budget = "25%"
+    budget: Budget | str | float | int = "25%"
     policy: str = "lru"
     prefetch: tuple[str, ...] = ()
     profile_scores: dict[int, dict[int, float]] | None = field(default=None, repr=False)
@@ -208,6 +225,7 @@ class OffloadConfig:
     compute_device: str | None = None
 
     def __post_init__(self) -> None:
+        self.budget = parse_budget(self.budget)
         if isinstance(self.prefetch, str):  # one prefetcher named alone
             self.prefetch = (self.prefetch,)
         self.prefetch = tuple(self.prefetch)
@@ -240,13 +258,12 @@ class OffloadConfig:
     def validate(self) -> None:
         """Raises UsageError on a bad tier, policy, prefetcher or budget."""
         if self.tier not in TIERS:
-            raise UsageError(f"--offload '{self.tier}': choose from none, {', '.join(TIERS)}")
+            raise UsageError(f"offload tier '{self.tier}': choose from {', '.join(TIERS)}")
         if self.policy not in POLICIES:
             raise UsageError(f"unknown cache policy '{self.policy}' (choose from {', '.join(POLICIES)})")
         for name in self.prefetch:
             if name not in PREFETCHERS:
                 raise UsageError(f"unknown prefetcher '{name}' (choose from {', '.join(PREFETCHERS)})")
-        parse_budget(self.budget)
         if self.compute_device is not None:
             try:
                 device = torch.device(self.compute_device)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UsageError
+from ...errors import ConfigError, UsageError
 from .cache import OffloadStats, SlotMap
-from .config import parse_budget
+from .config import Budget, BudgetError, parse_budget
 from .policies import POLICIES, TrajectoryPrefetcher, make_policy
 
 __all__ = ["DEFAULT_POLICIES", "load_trace", "replay", "replay_steps", "simulate"]
@@ -43,9 +43,11 @@ def load_trace(directory: str | Path, tasks: Sequence[str] | None = None):
     names = list(tasks) if tasks else list(profiles)
     for name in names:
         if name not in profiles:
-            raise UsageError(f"--task '{name}': not in the profile {directory} (has {', '.join(profiles)})")
+            raise ConfigError("task", f"'{name}': not in the profile {directory} (has {', '.join(profiles)})")
         if profiles[name].trace is None:
-            raise UsageError(f"profile {directory}: task '{name}' has no trace (profile with --trace)")
+            raise UsageError(
+                f"profile {directory}: task '{name}' has no trace (profile it with trace recording on)"
+            )
     trace = [np.concatenate([profiles[n].trace[i] for n in names]) for i in range(len(meta.layers))]
     if not len(trace[0]):
         raise UsageError(f"profile {directory}: the trace of {', '.join(names)} holds no tokens")
@@ -57,8 +59,8 @@ def load_trace(directory: str | Path, tasks: Sequence[str] | None = None):
 def _parse_policy(spec: str) -> tuple[str, bool]:
     name, plus, extra = spec.partition("+")
     if name not in POLICIES or (plus and extra != "trajectory"):
-        raise UsageError(
-            f"--policy '{spec}': expected one of {', '.join(POLICIES)}, optionally with '+trajectory'"
+        raise ConfigError(
+            "policy", f"'{spec}': expected one of {', '.join(POLICIES)}, optionally with '+trajectory'"
         )
     return name, extra == "trajectory"
 
@@ -141,7 +143,7 @@ def _as_tensor(ids: np.ndarray):
 
 def simulate(
     directory: str | Path,
-    budget: str | float,
+    budget: Budget | str | float,
     *,
     policies: Sequence[str] = DEFAULT_POLICIES,
     tasks: Sequence[str] | None = None,
@@ -152,20 +154,20 @@ def simulate(
     Raises:
         UsageError: bad budget (bytes are not accepted: a trace has no weights), policy or trace.
     """
-    parsed = parse_budget(budget, "--budget")
+    parsed = parse_budget(budget)
     if parsed.share is None:
         raise UsageError(
-            f"--budget {budget}: give a share of the experts (e.g. 25%); a trace has no weight sizes"
+            f"budget {parsed}: give a share of the experts (e.g. 25%); a trace has no weight sizes"
         )
     if tokens_per_step <= 0:
-        raise UsageError(f"--tokens-per-step must be positive, got {tokens_per_step}")
+        raise UsageError(f"tokens_per_step must be positive, got {tokens_per_step}")
     for spec in policies:
         _parse_policy(spec)
     layers, num_experts, top_k, trace, scores = load_trace(directory, tasks)
     slots = max(1, math.floor(parsed.share * num_experts + 1e-9))
     if slots < top_k:
-        raise UsageError(
-            f"--budget {budget}: {slots} expert(s) per layer, fewer than one token's working set (top-k = {top_k})"
+        raise BudgetError(
+            f"{parsed}: {slots} expert(s) per layer, fewer than one token's working set (top-k = {top_k})"
         )
     results = {}
     for spec in policies:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from .adapter import ESFTAdapter, read_adapter, replaced_fingerprint, write_adapter
-from .arena import ESFTArena, LayerArena
 from .config import ExpertSelection, read_expert_config
+from .method import METHOD, ESFTConfig
+from .trainable import LayerTrainable, TrainableExperts
 from .tuner import prepare_esft, tune_esft, tuned_experts
 
 __all__ = [
+    "METHOD",
+    "ESFTConfig",
     "ESFTAdapter",
-    "ESFTArena",
+    "TrainableExperts",
     "ExpertSelection",
-    "LayerArena",
+    "LayerTrainable",
     "prepare_esft",
     "read_adapter",
     "read_expert_config",

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ...errors import AdapterError
+from ...errors import AdapterError, AdapterWarning
 from ...io import atomic_dir, atomic_write_json
-from ...models import MoEModelInfo, fingerprint_tensors, split_expert
+from ...models import MoEModelInfo, fingerprint_tensors, model_fingerprint, split_expert
 from ...models.weights import expert_tensor_names, merge_expert
 from ..meta import META_FILE, read_meta, write_meta
 from .config import ExpertSelection, parse_expert_config
@@ -81,10 +83,26 @@ class ESFTAdapter:
             )
         self.selection.validate(info, f"{self.path}/expert_cfg.json", AdapterError)
 
-    def check(self, model: nn.Module, info: MoEModelInfo) -> None:
+    def check(
+        self,
+        model: nn.Module,
+        info: MoEModelInfo,
+        *,
+        base_fingerprint: str | Callable[[], str] | None = None,
+        allow_base_mismatch: bool = False,
+    ) -> None:
         """Match every tensor to the base model: names, shapes, expert ids, base fingerprint.
 
+        An adapter with our metadata records the whole base model's fingerprint and is refused on
+        any other base (unless ``allow_base_mismatch``). An adapter in the official layout has no
+        fingerprint: only its replaced experts are checked (names, shapes), with a warning.
+
         Fills ``experts`` ((layer, expert) -> classic tensors) and ``others`` (model param name -> tensor).
+
+        Args:
+            base_fingerprint: ``model_fingerprint(model)``, or a function computing it, if the
+                caller caches it (computed here otherwise).
+            allow_base_mismatch: accept an adapter tuned on other base weights.
 
         Raises:
             AdapterError: naming the adapter, the key and what does not fit.
@@ -148,13 +166,28 @@ class ESFTAdapter:
                     raise AdapterError(
                         f"{where}: {layer.experts_name}.{expert}.{sorted(extra)[0]}: not a tensor of this family's experts"
                     )
-        if self.meta is not None:
+        if self.meta is None:
+            warnings.warn(
+                f"adapter '{where}' has no base fingerprint (official ESFT layout): only its replaced "
+                "experts are checked against this base model, the rest is unchecked",
+                AdapterWarning,
+                stacklevel=2,
+            )
+        elif not allow_base_mismatch:
             expected = self.meta.get("replaced_fingerprint")
             actual = replaced_fingerprint(model, info, self.selection, others)
             if expected != actual:
                 raise AdapterError(
                     f"{where}: tuned on different base weights (fingerprint {expected} != base {actual})"
                 )
+            whole = self.meta.get("base_fingerprint")
+            if whole is not None:
+                base = base_fingerprint() if callable(base_fingerprint) else base_fingerprint
+                if whole != (base or model_fingerprint(model)):
+                    raise AdapterError(
+                        f"{where}: tuned on different base weights (the whole model's fingerprint differs; "
+                        "only the experts it replaces match)"
+                    )
         self.experts, self.others = experts, others
 
     def merge_into(self, model: nn.Module, info: MoEModelInfo) -> None:
@@ -186,8 +219,15 @@ def replaced_fingerprint(
     return fingerprint_tensors(named)
 
 
-def read_adapter(path: str | Path) -> ESFTAdapter:
+_UNREAD = object()
+
+
+def read_adapter(path: str | Path, meta: dict | None | object = _UNREAD) -> ESFTAdapter:
     """Read an adapter directory (ours or the official layout).
+
+    Args:
+        path: the directory.
+        meta: its metadata if the caller already read it (None: it has none).
 
     Raises:
         AdapterError: missing directory, config or weights; unreadable or corrupt files.
@@ -219,7 +259,8 @@ def read_adapter(path: str | Path) -> ESFTAdapter:
             if not tensor.is_floating_point():
                 raise AdapterError(f"{file}: {key}: dtype {tensor.dtype}, expected floating-point weights")
         tensors.update(loaded)
-    return ESFTAdapter(path=path, selection=selection, tensors=tensors, meta=read_meta(path))
+    meta = read_meta(path) if meta is _UNREAD else meta
+    return ESFTAdapter(path=path, selection=selection, tensors=tensors, meta=meta)
 
 
 def write_adapter(

@@ -25,6 +25,7 @@ class ExpertSelection:
     experts: dict[int, list[int]] = field(default_factory=dict)
     shared_experts: bool = False
     non_expert_modules: bool = False
+    source: str = field(default="expert_cfg.json", repr=False, compare=False)
 
     @property
     def num_experts(self) -> int:
@@ -90,4 +91,6 @@ def read_expert_config(path: str | Path) -> ExpertSelection:
         raise UsageError(f"{path}: no such file") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path}: unreadable expert config ({exc})") from None
-    return parse_expert_config(obj, str(path))
+    selection = parse_expert_config(obj, str(path))
+    selection.source = str(path)
+    return selection

@@ -2,36 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
-from ...errors import AdapterError, UsageError
+from ...errors import AdapterError
 from ...models import MoEModelInfo, model_fingerprint
-from ..data import Features
 from ..meta import check_base, save_adapter_dir
-from ..trainer import TrainableModel, TrainConfig, train
+from ..registry import ConfigError, Method, TuneJob, option, register
+from ..trainer import TrainableModel
 
-__all__ = ["LoraSettings", "lora_config", "tune_lora", "apply_lora"]
+__all__ = ["LoraAdapter", "LoraSettings", "METHOD", "lora_config", "tune_lora", "apply_lora"]
 
 
 @dataclass
 class LoraSettings:
     """LoRA rank, alpha and dropout."""
 
-    rank: int = 8
-    alpha: int = 16
+    rank: int = option(8, "LoRA rank", flag="lora-rank", metavar="R", type=int)
+    alpha: int = option(16, "LoRA alpha", flag="lora-alpha", metavar="A", type=int)
     dropout: float = 0.0
 
     def validate(self) -> None:
-        """Raises UsageError on a rank below 1, a non-positive alpha or a dropout outside [0, 1)."""
+        """Raises ConfigError on a rank below 1, a non-positive alpha or a dropout outside [0, 1)."""
         if self.rank <= 0:
-            raise UsageError(f"--lora-rank must be positive, got {self.rank}")
+            raise ConfigError("rank", f"must be positive, got {self.rank}")
         if not 0 < self.alpha < float("inf"):
-            raise UsageError(f"--lora-alpha must be a positive finite number, got {self.alpha}")
+            raise ConfigError("alpha", f"must be a positive finite number, got {self.alpha}")
         if not 0 <= self.dropout < 1:
-            raise UsageError(f"LoRA dropout must lie in [0, 1), got {self.dropout}")
+            raise ConfigError("dropout", f"must lie in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class LoraAdapter:
+    """A peft LoRA adapter directory and our metadata."""
+
+    path: Path
+    meta: dict = field(repr=False)
 
 
 def _attention_linears(model: nn.Module) -> list[str]:
@@ -64,55 +72,54 @@ def lora_config(model: nn.Module, info: MoEModelInfo, settings: LoraSettings):
     )
 
 
-def tune_lora(
-    model: nn.Module,
-    info: MoEModelInfo,
-    features: list[Features],
-    config: TrainConfig,
-    *,
-    out: Path,
-    pad_id: int,
-    work_dir: Path,
-    settings: LoraSettings | None = None,
-    resume: bool = False,
-    write: bool = True,
-    progress: bool = True,
-) -> dict:
-    """Train peft LoRA; write the peft adapter plus our metadata (rank 0)."""
+def tune_lora(job: TuneJob, settings: LoraSettings | None = None) -> dict:
+    """Train peft LoRA; write the peft adapter plus our metadata (``job.write``)."""
     from peft import get_peft_model
 
     settings = settings or LoraSettings()
-    base_fp = model_fingerprint(model)
-    peft_model = get_peft_model(model, lora_config(model, info, settings))
-    wrapped = TrainableModel(peft_model)
-    summary = train(
-        wrapped, features, config, pad_id=pad_id, work_dir=work_dir, resume=resume, progress=progress
-    )
-    summary["trainable_params"] = wrapped.trainable_parameters()
+    base_fp = model_fingerprint(job.model)
+    peft_model = get_peft_model(job.model, lora_config(job.model, job.info, settings))
+    summary = job.run(TrainableModel(peft_model))
     summary["adapter_bytes"] = sum(
         p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad
     )
-    if write:
+    if job.write:
         save_adapter_dir(
-            out,
+            job.out,
             peft_model.save_pretrained,
             method="lora",
-            model_type=info.model_type,
+            model_type=job.info.model_type,
             base_fingerprint=base_fp,
             lora={"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout},
-            training=config.to_json(),
+            training=job.train.to_json(),
         )
     return summary
 
 
-def apply_lora(model: nn.Module, path: Path, meta: dict) -> nn.Module:
+def apply_lora(model: nn.Module, adapter: LoraAdapter, allow_base_mismatch: bool = False) -> nn.Module:
     """Merge a peft LoRA adapter into ``model`` (checked against its base fingerprint)."""
     from peft import PeftModel
 
-    check_base(meta, model, path)
+    check_base(adapter.meta, model, adapter.path, allow_base_mismatch=allow_base_mismatch)
     try:
-        return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        return PeftModel.from_pretrained(model, str(adapter.path)).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise AdapterError(
-            f"adapter '{path}': cannot load the LoRA weights ({str(exc).splitlines()[0]})"
+            f"adapter '{adapter.path}': cannot load the LoRA weights ({str(exc).splitlines()[0]})"
         ) from None
+
+
+def _tune(job: TuneJob, settings: LoraSettings) -> dict:
+    return {**tune_lora(job, settings), "what": f"LoRA r={settings.rank}"}
+
+
+METHOD = register(
+    Method(
+        name="lora",
+        config=LoraSettings,
+        tune=_tune,
+        read=lambda path, meta: LoraAdapter(Path(path), meta),
+        apply=apply_lora,
+        adapter_type=LoraAdapter,
+    )
+)

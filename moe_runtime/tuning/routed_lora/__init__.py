@@ -1,17 +1,34 @@
 """Routed LoRA experts inside the MoE routing (PERFT / MixLoRA family): perft-r, perft-e, perft-s,
-perft-d and esft-lora, trained on a frozen base and served in mixed batches."""
+perft-d and esft-lora built in, more variants registered by their own folders; trained on a frozen
+base and served in mixed batches."""
 
 from __future__ import annotations
 
-from .adapter import METHOD, RoutedLoraAdapter, read_routed_lora, write_routed_lora
-from .config import VARIANTS, LayerPlan, RoutedLoraSettings, parse_layer_spec, plan_layers
-from .layer import LoraLayer, balance_loss
+from .adapter import METHOD as STORED_NAME
+from .adapter import RoutedLoraAdapter, read_routed_lora, write_routed_lora
+from .config import (
+    DENSE,
+    EXPERT,
+    ROUTED,
+    VARIANTS,
+    LayerPlan,
+    RoutedLoraSettings,
+    Variant,
+    parse_layer_spec,
+    plan_layers,
+    register_variant,
+)
+from .layer import LoraLayer, Routing, TopKRouting, balance_loss
+from .method import METHOD, settings_from_flags
 from .model import RoutedLora
-from .serving import add_lora_terms, lora_rows
 from .tuner import RoutedLoraTrainable, apply_routed_lora, prepare_routed_lora, tune_routed_lora
 
 __all__ = [
+    "DENSE",
+    "EXPERT",
     "METHOD",
+    "ROUTED",
+    "STORED_NAME",
     "VARIANTS",
     "LayerPlan",
     "LoraLayer",
@@ -19,14 +36,17 @@ __all__ = [
     "RoutedLoraAdapter",
     "RoutedLoraSettings",
     "RoutedLoraTrainable",
-    "add_lora_terms",
+    "Routing",
+    "TopKRouting",
+    "Variant",
     "apply_routed_lora",
     "balance_loss",
-    "lora_rows",
     "parse_layer_spec",
     "plan_layers",
     "prepare_routed_lora",
     "read_routed_lora",
+    "register_variant",
+    "settings_from_flags",
     "tune_routed_lora",
     "write_routed_lora",
 ]

@@ -26,7 +26,7 @@ from torch import nn
 from ...errors import AdapterError
 from ...models import MoEModelInfo, model_fingerprint
 from ..meta import META_FILE, read_meta, save_adapter_dir
-from .config import VARIANTS, LayerPlan, RoutedLoraSettings
+from .config import VARIANTS, LayerPlan, RoutedLoraSettings, known_variant
 from .model import RoutedLora
 
 __all__ = ["METHOD", "WEIGHTS_FILE", "RoutedLoraAdapter", "read_routed_lora", "write_routed_lora"]
@@ -86,17 +86,21 @@ class RoutedLoraAdapter:
         if not isinstance(cfg, dict) or not isinstance(cfg.get("layers"), dict):
             raise AdapterError(f"{where}: no 'routed_lora' section with 'layers'")
         variant = cfg.get("variant")
-        if variant not in VARIANTS:
+        if not known_variant(variant):
             raise AdapterError(
                 f"{where}: routed_lora.variant {variant!r} is not one of {', '.join(VARIANTS)}"
             )
+        spec = VARIANTS[variant]
         try:
             settings = RoutedLoraSettings(
                 variant=variant,
                 rank=int(cfg["rank"]),
                 alpha=float(cfg["alpha"]),
-                top_k=int(cfg["top_k"]) if variant == "perft-r" else None,
+                top_k=int(cfg["top_k"]) if spec.uses_top_k else None,
+                aux_loss_coef=float(cfg.get("aux_loss_coef", 0.01)),
             )
+            if spec.options is not None:
+                settings.options = spec.options.from_json(cfg.get("options") or {})
         except (KeyError, TypeError, ValueError) as exc:
             raise AdapterError(f"{where}: routed_lora: missing or bad field ({exc})") from None
         if (
@@ -137,7 +141,12 @@ class RoutedLoraAdapter:
         return settings, sorted(plans, key=lambda p: p.layer)
 
     def build(
-        self, model: nn.Module, info: MoEModelInfo, *, base_fingerprint: str | None = None
+        self,
+        model: nn.Module,
+        info: MoEModelInfo,
+        *,
+        base_fingerprint: str | None = None,
+        allow_base_mismatch: bool = False,
     ) -> RoutedLora:
         """Check the adapter against ``model`` and return its modules, in the model's dtype and device.
 
@@ -145,15 +154,18 @@ class RoutedLoraAdapter:
             model: the base model.
             info: its MoE layers.
             base_fingerprint: ``model_fingerprint(model)`` if already known.
+            allow_base_mismatch: accept an adapter tuned on other base weights.
 
         Raises:
             AdapterError: other base weights, a layer or expert id the model lacks, a missing,
                 unexpected, mis-shaped or non-finite tensor; naming the file and key.
         """
-        expected = self.meta.get("base_fingerprint")
-        actual = base_fingerprint or model_fingerprint(model)
-        if expected != actual:
-            raise AdapterError(f"adapter '{self.path}': tuned from different base weights than this model")
+        if not allow_base_mismatch:
+            expected = self.meta.get("base_fingerprint")
+            if expected != (base_fingerprint or model_fingerprint(model)):
+                raise AdapterError(
+                    f"adapter '{self.path}': tuned from different base weights than this model"
+                )
         settings, plans = self._settings_and_plans(info)
         param = next(model.parameters())
         lora = RoutedLora(info, settings, plans, dtype=param.dtype, device=param.device, seed=None)
@@ -174,8 +186,11 @@ class RoutedLoraAdapter:
         return lora.requires_grad_(False).eval()
 
 
-def read_routed_lora(path: str | Path) -> RoutedLoraAdapter:
-    """Read a routed-LoRA adapter directory.
+_UNREAD = object()
+
+
+def read_routed_lora(path: str | Path, meta: dict | None | object = _UNREAD) -> RoutedLoraAdapter:
+    """Read a routed-LoRA adapter directory (``meta``: its metadata, if the caller read it already).
 
     Raises:
         AdapterError: not a directory, no or other-method metadata, a missing or corrupt weights file.
@@ -183,7 +198,7 @@ def read_routed_lora(path: str | Path) -> RoutedLoraAdapter:
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"adapter '{path}': not a directory")
-    meta = read_meta(path)
+    meta = read_meta(path) if meta is _UNREAD else meta
     if meta is None or meta.get("method") != METHOD:
         raise AdapterError(
             f"adapter '{path}': not a routed-LoRA adapter (no {META_FILE} with method {METHOD})"

@@ -17,6 +17,7 @@ token with ``index_add``. No dense weight delta is ever built and no loop runs o
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from ...ops.experts_mm import grouped_linear
 from ...ops.reroute import reroute_permute
 from .config import DENSE, EXPERT, ROUTED, LayerPlan
 
-__all__ = ["LoraLayer", "balance_loss"]
+__all__ = ["LoraLayer", "Routing", "TopKRouting", "balance_loss"]
 
 
 def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -61,6 +62,40 @@ def balance_loss(probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor |
     return num * torch.sum(counts / chosen.numel() * probs.mean(dim=0))
 
 
+class Routing(Protocol):
+    """How a routed layer's LoRA router picks and weights LoRA experts.
+
+    ``routing(probs [T, N], token_mask [T] or None, with_aux) -> (weights [T, M], chosen [T, M], aux)``:
+    ``chosen`` holds LoRA expert ids (an id >= N is no expert, its weight is ignored) and ``aux``
+    the weighted auxiliary loss (a scalar) when ``with_aux``, else None.
+    """
+
+    def __call__(
+        self, probs: torch.Tensor, token_mask: torch.Tensor | None, with_aux: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+
+
+class TopKRouting:
+    """perft-r: the k most probable LoRA experts, weights renormalised over them; the auxiliary
+    loss is ``aux_loss_coef`` x the Switch-style balance loss.
+
+    Args:
+        top_k: LoRA experts per token.
+        aux_loss_coef: weight of the balance loss.
+    """
+
+    def __init__(self, top_k: int, aux_loss_coef: float = 1.0) -> None:
+        self.top_k, self.aux_loss_coef = int(top_k), float(aux_loss_coef)
+
+    def __call__(self, probs, token_mask, with_aux):
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        aux = None
+        if with_aux and self.aux_loss_coef:
+            aux = self.aux_loss_coef * balance_loss(probs, chosen, token_mask)
+        return weights, chosen, aux
+
+
 class LoraLayer(nn.Module):
     """LoRA pairs (and, for perft-r, a router) of one MoE layer.
 
@@ -71,7 +106,8 @@ class LoraLayer(nn.Module):
         num_experts: routed experts E of the layer (expert kind: the pair table's width).
         rank: r.
         scale: ``alpha / r``.
-        top_k: LoRA experts per token (routed kind).
+        top_k: LoRA experts per token (routed kind, with the default routing).
+        routing: how the routed kind picks LoRA experts (default :class:`TopKRouting` with ``top_k``).
         dtype, device: of the parameters (the model's).
         generator: initialises ``A`` (uniform in +-1/sqrt(H)) and the router (normal, std 0.02);
             ``B`` is zero. None leaves every parameter uninitialised (to be loaded).
@@ -87,12 +123,14 @@ class LoraLayer(nn.Module):
         rank: int,
         scale: float,
         top_k: int = 0,
+        routing: Routing | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.kind, self.layer_index, self.scale, self.top_k = kind, plan.layer, float(scale), int(top_k)
+        self.routing = routing if routing is not None or kind != ROUTED else TopKRouting(top_k)
         self.expert_ids = list(plan.expert_ids)
         n, h = plan.num_lora, hidden_size
         self.lora_A = nn.Parameter(torch.empty(n, rank, h, dtype=dtype, device=device))
@@ -127,7 +165,7 @@ class LoraLayer(nn.Module):
         """The LoRA term of ``hidden [T, H]`` given the frozen routing ``[T, K]``.
 
         Returns:
-            ``(delta [T, H], balance loss or None)``; the loss only for the routed kind with ``with_aux``.
+            ``(delta [T, H], auxiliary loss or None)``; the loss only for the routed kind with ``with_aux``.
         """
         if self.kind == DENSE:
             a = self.lora_A.reshape(-1, self.lora_A.shape[-1])  # [N*r, H]
@@ -137,10 +175,8 @@ class LoraLayer(nn.Module):
         if self.kind == ROUTED:
             logits = hidden @ self.router.T
             probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-            weights, chosen = torch.topk(probs, self.top_k, dim=-1)
-            weights = (weights / weights.sum(dim=-1, keepdim=True)).to(hidden.dtype)
-            if with_aux:
-                aux = balance_loss(probs, chosen, token_mask)
+            weights, chosen, aux = self.routing(probs, token_mask, with_aux)
+            weights = weights.to(hidden.dtype)
         else:
             weights, chosen = top_k_weights.to(hidden.dtype), top_k_index
         return self._pairs(hidden, chosen, weights), aux

@@ -18,7 +18,7 @@ from torch import nn
 
 from ...models import MoEModelInfo, install, state_of
 from .config import ROUTED, LayerPlan, RoutedLoraSettings
-from .layer import LoraLayer
+from .layer import LoraLayer, TopKRouting
 
 __all__ = ["RoutedLora", "tensor_key"]
 
@@ -56,6 +56,14 @@ class RoutedLora(nn.Module):
         self.settings = settings
         self.plans = list(plans)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        routing = None
+        if settings.kind == ROUTED:
+            make = settings.spec.router
+            routing = (
+                make(settings)
+                if make is not None
+                else TopKRouting(settings.effective_top_k(), settings.aux_loss_coef)
+            )
         self.layers = nn.ModuleDict(
             {
                 str(plan.layer): LoraLayer(
@@ -66,6 +74,7 @@ class RoutedLora(nn.Module):
                     rank=settings.rank,
                     scale=settings.scale,
                     top_k=settings.effective_top_k() if settings.kind == ROUTED else 0,
+                    routing=routing,
                     dtype=dtype,
                     device=device,
                     generator=generator,
@@ -122,8 +131,8 @@ class RoutedLora(nn.Module):
             self._aux.append(aux)
         return out + delta.to(out.dtype)
 
-    def pop_balance_loss(self) -> torch.Tensor | None:
-        """Mean balance loss over the routed layers of the last forward(s), then forget them."""
+    def pop_aux_loss(self) -> torch.Tensor | None:
+        """Mean (weighted) auxiliary loss over the routed layers of the last forward(s), then forget them."""
         aux, self._aux = self._aux, []
         return torch.stack(aux).mean() if aux else None
 

@@ -248,7 +248,7 @@ def _randomize_routing(model: nn.Module, generator: torch.Generator) -> None:
     ``fan_in ** -0.5`` (logits of order 1, as in trained routers); zero tensors of the MoE block get
     small random values, and hash tables random distinct experts per token.
     """
-    from .discovery import find_moe_layers
+    from ..models.discovery import find_moe_layers
 
     def normal(shape: torch.Size, std: float) -> torch.Tensor:
         return torch.randn(shape, generator=generator) * std

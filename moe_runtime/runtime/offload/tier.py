@@ -1,40 +1,39 @@
-"""Offloaded experts: every MoE layer runs from a cache of expert slots filled from disk.
+"""Offloaded base experts: every MoE layer's base experts come from a cache of slots filled from a slow tier.
 
     router -> top_k_index [T, K] (base ids)
            -> arena slot table [A, E]: (owner, expert) -> base expert e, or an adapter slot (resident)
            -> needed base experts -> cache.schedule: passes (hits stay, misses read at priority 0, waited on)
            -> prefetchers queue later layers' predicted experts (priority 1), overlapping this compute
-           -> combined table: base e -> cache slot, adapter slot -> after the cache slots
-           -> reroute_permute + segmented grouped GEMM over [cache slots | adapter chunks]
+           -> per pass, a combined table: base e -> cache slot, adapter slot -> after the cache slots,
+              over the segments [cache slots | adapter chunks]   (the executor runs each pass)
 
 A batch that needs more distinct experts than the layer has slots runs in several passes (each
 pass a group of half the slots, adapter experts in the first), whose outputs add up; the next
-group's reads run while the current group computes.
-Adapter experts stay resident in the multi-adapter arena; only base experts are offloaded.
+group's reads run while the current group computes. Adapter experts stay resident in the arena;
+only base experts are offloaded. :class:`OffloadTier` is the executor's
+:class:`~moe_runtime.runtime.executor.BaseExperts` for this case.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from ...errors import UsageError
-from ...models import state_of
-from ...ops.experts_mm import Segment, segmented_experts
-from ...ops.reroute import reroute_permute
-from ..arena import ExpertArena, LayerSlots
-from ..executor import OwnerRouting
+from ...models import MoEModelInfo
+from ...models.discovery import MoELayer
+from ...ops.experts_mm import Segment
+from ..arena import LayerSlots
 from .cache import LayerCache, OffloadStats
-from .config import OffloadConfig, fast_tier_slots, parse_budget
+from .config import OffloadConfig, fast_tier_slots
 from .host import HostCopier, HostStore
 from .policies import RouterPrefetcher, TrajectoryPrefetcher, make_policy
 from .store import ExpertStore
 
-__all__ = ["OffloadExecutor", "router_weights"]
+__all__ = ["OffloadTier", "router_weights", "scoped_threads"]
 
 
 def router_weights(info) -> dict[int, torch.Tensor]:
@@ -73,31 +72,41 @@ def _check_scores(scores: dict[int, dict[int, float]] | None, info) -> None:
             )
 
 
-class OffloadExecutor(OwnerRouting):
-    """Runs every experts module of the arena's model from per-layer expert caches.
+@contextlib.contextmanager
+def scoped_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (None: as is); restored afterwards."""
+    if threads is None or threads == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
-    Same interface as :class:`ReroutingExecutor` (owners per token, routed-LoRA terms, attach/detach).
+
+class OffloadTier:
+    """Base experts served from per-layer caches of expert slots filled from a slow tier.
 
     Args:
-        arena: the model's expert arena (adapter experts; the base experts are not materialized).
+        info: the model's MoE layers (their expert parameters are not materialized).
         store: where the base experts live on disk.
-        config: tier, budget, policy, prefetchers.
+        config: tier, budget, policy, prefetchers, compute threads.
         loader: an ``ExpertLoader`` (default: a new one with ``config.num_threads`` threads); with
             the ``cpu`` tier it reads the experts into host memory once.
     """
 
-    def __init__(self, arena: ExpertArena, store: ExpertStore, config: OffloadConfig, *, loader=None) -> None:
+    def __init__(self, info: MoEModelInfo, store: ExpertStore, config: OffloadConfig, *, loader=None) -> None:
         from ...ops.loader import ExpertLoader
 
         config.validate()
-        super().__init__(arena)
-        threads = config.resolved_compute_threads()
-        if threads is not None:
-            torch.set_num_threads(threads)  # see OffloadConfig.compute_threads
+        self.info = info
         self.config = config
-        info = arena.info
+        self.offloaded_to = config.tier
+        self.compute_threads = config.resolved_compute_threads()
         self.device = config.device()
-        self.num_slots = fast_tier_slots(info, parse_budget(config.budget), self.device)
+        self.num_slots = fast_tier_slots(info, config.budget, self.device)
         self.stats = OffloadStats()
         _check_scores(config.profile_scores, info)
         self.policy = make_policy(config.policy, slots=self.num_slots, scores=config.profile_scores)
@@ -118,14 +127,6 @@ class OffloadExecutor(OwnerRouting):
             )
             for layer in info.layers
         }
-        for index, slots in arena.layers.items():
-            slots.base = self.caches[index].segment  # adapter chunks take the slots' shape and dtype
-            if slots.table.is_meta:  # made beside the meta expert parameters: no adapter rows yet
-                slots.table = (
-                    torch.arange(slots.num_experts, dtype=torch.int32, device=self.device)[None]
-                    .expand(slots.table.shape[0], -1)
-                    .contiguous()
-                )
         order = info.layer_indices
         self.prefetchers = []
         for name in config.prefetch:
@@ -141,19 +142,18 @@ class OffloadExecutor(OwnerRouting):
         for cache in self.caches.values():
             cache.warm_load()
 
-    # the ReroutingExecutor interface ----------------------------------------------------------
+    # the BaseExperts interface ----------------------------------------------------------------
 
-    def attach(self) -> None:
-        for index, slots in self.arena.layers.items():
-            state_of(slots.layer.experts).executor = functools.partial(self._run, self.caches[index], slots)
+    def segment(self, layer: MoELayer) -> Segment:
+        """The cache slots of the layer (adapter chunks take their shape, dtype and device)."""
+        return self.caches[layer.index].segment
 
-    def detach(self) -> None:
-        for slots in self.arena.layers.values():
-            state_of(slots.layer.experts).executor = None
+    def threads(self) -> contextlib.AbstractContextManager:
+        """The compute threads serving from this tier wants (see ``OffloadConfig.compute_threads``)."""
+        return scoped_threads(self.compute_threads)
 
     def close(self) -> None:
-        """Detach and stop the loader threads."""
-        self.detach()
+        """Stop the loader threads."""
         self.loader.close()
 
     # memory ----------------------------------------------------------------------------------
@@ -164,16 +164,16 @@ class OffloadExecutor(OwnerRouting):
 
     def offloaded_bytes(self) -> int:
         """Bytes of all base routed experts (what a resident model would hold)."""
-        return self.arena.info.routed_expert_bytes
+        return self.info.routed_expert_bytes
 
     @contextlib.contextmanager
-    def base_experts(self, experts: dict[int, list[int]]) -> Iterator[None]:
+    def materialized(self, experts: dict[int, list[int]]) -> Iterator[None]:
         """Temporarily give the experts modules real weights for the listed base experts.
 
         Adapter checks read the base experts they replace (fingerprint). The full-size tensors are
         allocated but only the listed experts' pages are written; the rest is never touched.
         """
-        info = self.arena.info
+        info = self.info
         saved = []
         try:
             for index, ids in experts.items():
@@ -197,7 +197,7 @@ class OffloadExecutor(OwnerRouting):
 
         For :func:`~moe_runtime.models.model_fingerprint` of the base model (``parts``).
         """
-        for layer in self.arena.info.layers:
+        for layer in self.info.layers:
             for param_name in layer.layout.param_names():
                 if name == f"{layer.experts_name}.{param_name}":
                     for expert in range(layer.num_experts):
@@ -214,20 +214,14 @@ class OffloadExecutor(OwnerRouting):
                 if cache is not None and experts:
                     cache.prefetch_load(experts[: cache.slots])
 
-    def _run(
-        self,
-        cache: LayerCache,
-        slots: LayerSlots,
-        experts: nn.Module,
-        hidden: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-    ) -> torch.Tensor:
-        """One layer: ``hidden [T, H]``, ``top_k_index [T, K]``, ``top_k_weights [T, K]`` -> ``[T, H]``."""
+    def passes(
+        self, slots: LayerSlots, hidden: torch.Tensor, owners: torch.Tensor, top_k_index: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, list[Segment]]]:
+        """The passes of one layer: ``(combined slot table [A, E], [cache slots, *adapter chunks])``."""
+        cache = self.caches[slots.layer.index]
         if cache.layer == self._first:
             for prefetcher in self.prefetchers:
                 prefetcher.end_step()
-        owners = self.owners_for(cache.layer, hidden)
         num_experts = slots.num_experts
         table = slots.table  # [A, E]: base expert id, or an adapter slot >= E
         valid = (top_k_index >= 0) & (top_k_index < num_experts)
@@ -238,7 +232,6 @@ class OffloadExecutor(OwnerRouting):
         chunks = [
             Segment(c.start - num_experts + size, c.up, c.down, c.up_bias, c.down_bias) for c in slots.chunks
         ]
-        total_slots = size + slots.held_slots
         plan = cache.schedule(needed)
 
         def start() -> list[int] | None:
@@ -249,14 +242,13 @@ class OffloadExecutor(OwnerRouting):
             cache.load(item[1], priority=0)
             return item[0]
 
-        group, out, first = start(), None, True
+        group, first = start(), True
         while group is not None:
             upcoming = start() if cache.overlaps else None  # its reads overlap this pass's compute
             cache.wait(group)
             if first:
                 self._prefetch(cache.layer, hidden, base_ids)
-            single = first and len(group) == len(needed)
-            if single:  # every routed base expert is resident: the slot map as it stands
+            if first and len(group) == len(needed):  # every routed base expert is resident
                 slot_of = cache.slot_table
             else:
                 slot_of = torch.full((num_experts,), -1, dtype=torch.int32)
@@ -268,9 +260,6 @@ class OffloadExecutor(OwnerRouting):
                 combined = torch.where(table < num_experts, base, adapter)
             else:
                 combined = base
-            routed = reroute_permute(top_k_index, owners, combined, total_slots)
-            partial = segmented_experts(experts, hidden, top_k_weights, routed, [cache.segment, *chunks])
-            out = partial if out is None else out + partial
+            yield combined, [cache.segment, *chunks]
             self.stats.passes += 1
             group, first = (upcoming if cache.overlaps else start()), False
-        return self.add_lora(cache.layer, out, hidden, top_k_index, top_k_weights)

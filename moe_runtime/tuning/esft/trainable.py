@@ -1,14 +1,14 @@
-"""The ESFT training arena: trainable copies of exactly the selected experts, nothing else.
+"""ESFT's trainable experts: copies of exactly the selected experts, nothing else.
 
-For each MoE layer with selected experts, the arena holds ``[n_selected, ...]`` copies of their fused
-weights as parameters; the base expert tensors stay frozen in place. An executor plugged into the
-experts hook routes each selected expert's tokens to its arena copy:
+For each MoE layer with selected experts, :class:`LayerTrainable` holds ``[n_selected, ...]``
+copies of their fused weights as parameters; the base expert tensors stay frozen in place. The
+experts hook runs the same slot-routed computation as serving, with the copies as segment 1:
 
-    slot table: expert e -> e (base) or E + position in the arena (tuned)
-    reroute_permute -> segmented grouped GEMM over [base experts | arena]
+    slot table [1, E]: expert e -> e (base) or E + position among the copies (selected)
+    slot_routed_experts -> segmented grouped GEMM over [model's experts | trainable copies]
 
 Gradients and optimizer state therefore exist only for the selected experts (no full-size fused
-gradient), and the arena is exactly what the serving runtime later loads.
+gradient), and the copies are exactly what the serving arena later loads into its slots.
 """
 
 from __future__ import annotations
@@ -18,26 +18,15 @@ from torch import nn
 
 from ...models import MoEModelInfo, state_of
 from ...models.discovery import MoELayer
-from ...ops.experts_mm import Segment, segmented_experts
-from ...ops.reroute import reroute_permute
+from ...models.weights import expert_segment
+from ...ops.experts_mm import Segment
+from ...ops.slot_routed import slot_routed_experts
 from .config import ExpertSelection
 
-__all__ = ["LayerArena", "ESFTArena", "base_segment"]
+__all__ = ["LayerTrainable", "TrainableExperts"]
 
 
-def base_segment(layer: MoELayer) -> Segment:
-    """The frozen base experts of a layer as slots ``0..E-1``."""
-    experts, layout = layer.experts, layer.layout
-    return Segment(
-        start=0,
-        up=getattr(experts, layout.up_name),
-        down=experts.down_proj,
-        up_bias=getattr(experts, f"{layout.up_name}_bias") if layout.has_bias else None,
-        down_bias=experts.down_proj_bias if layout.has_bias else None,
-    )
-
-
-class LayerArena(nn.Module):
+class LayerTrainable(nn.Module):
     """Trainable copies of one layer's selected experts, and the executor that uses them.
 
     Args:
@@ -50,7 +39,7 @@ class LayerArena(nn.Module):
         self.layer_index = layer.index
         self.num_experts = layer.num_experts
         self.expert_ids = list(expert_ids)
-        base = base_segment(layer)
+        base = expert_segment(layer)
         ids = torch.tensor(self.expert_ids, dtype=torch.long, device=base.up.device)
         self.up = nn.Parameter(base.up.detach()[ids].clone())
         self.down = nn.Parameter(base.down.detach()[ids].clone())
@@ -68,19 +57,19 @@ class LayerArena(nn.Module):
     def execute(
         self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Executor for the experts hook: ``hidden [T, H] -> [T, H]``."""
+        """Executor for the experts hook: ``hidden [T, H] -> [T, H]`` (one owner: this adapter)."""
         owners = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        routed = reroute_permute(
-            top_k_index, owners, self.slot_table, self.num_experts + len(self.expert_ids)
+        segments = [self._base, self.segment()]
+        return slot_routed_experts(
+            experts, hidden, top_k_index, top_k_weights, owners, self.slot_table, segments
         )
-        return segmented_experts(experts, hidden, top_k_weights, routed, [self._base, self.segment()])
 
     def attach(self, layer: MoELayer) -> None:
-        self._base = base_segment(layer)
+        self._base = expert_segment(layer)
         state_of(layer.experts).executor = self.execute
 
     def fused_slices(self, position: int, layout) -> dict[str, torch.Tensor]:
-        """The arena's ``position``-th expert as ``{fused param name: slice}`` (see ``split_slices``)."""
+        """The ``position``-th copy as ``{fused param name: slice}`` (see ``split_slices``)."""
         out = {layout.up_name: self.up[position], "down_proj": self.down[position]}
         if self.up_bias is not None:
             out[f"{layout.up_name}_bias"] = self.up_bias[position]
@@ -88,8 +77,8 @@ class LayerArena(nn.Module):
         return out
 
 
-class ESFTArena(nn.Module):
-    """All layers' arenas; attach to a model whose experts hook is installed.
+class TrainableExperts(nn.Module):
+    """Every layer's trainable copies; attach to a model whose experts hook is installed.
 
     Args:
         info: the model's MoE layers (``install`` has run).
@@ -101,15 +90,15 @@ class ESFTArena(nn.Module):
         self.info = info
         self.layers = nn.ModuleDict(
             {
-                str(layer): LayerArena(info.by_index(layer), ids)
+                str(layer): LayerTrainable(info.by_index(layer), ids)
                 for layer, ids in sorted(selection.experts.items())
             }
         )
 
     def attach(self) -> None:
         """Plug every layer's executor into its experts module."""
-        for key, arena in self.layers.items():
-            arena.attach(self.info.by_index(int(key)))
+        for key, layer in self.layers.items():
+            layer.attach(self.info.by_index(int(key)))
 
     def detach(self) -> None:
         for key in self.layers:
