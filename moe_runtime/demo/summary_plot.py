@@ -37,17 +37,17 @@ def plot_demo_summary(rows: list[dict], path: Path) -> Path:
     score_ax.set_ylim(0, 112)
     score_ax.set_ylabel("exact match on held-out prompts (%)")
     score_ax.set_title("task score: before and after ESFT")
-    score_ax.legend(loc="upper left", fontsize=8)
+    score_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
 
     changes = [row["general_loss_change"] for row in rows]
     bars = forget_ax.bar(list(xs), changes, 0.5, color=["#d62728" if c > 0 else "#2ca02c" for c in changes])
     forget_ax.bar_label(bars, fmt="%+.3f", fontsize=8)
     forget_ax.axhline(0, color="black", lw=0.8)
     forget_ax.set_xticks(list(xs), names)
-    top = max([abs(c) for c in changes] + [0.01]) * 1.4
-    forget_ax.set_ylim(-top, top)
+    top = max([abs(c) for c in changes] + [0.01]) * 1.25
+    forget_ax.set_ylim(-top if min(changes) < 0 else 0, top)
     forget_ax.set_ylabel("general loss change (nats/token)")
-    forget_ax.set_title("forgetting: loss on the other domains")
+    forget_ax.set_title("forgetting: held-out loss, all domains")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

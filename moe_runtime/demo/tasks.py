@@ -66,7 +66,7 @@ TASK_DOMAINS: dict[str, str] = {
 }
 """The pretraining domain whose content each task is made of."""
 
-TASK_RECIPE: dict = {"lr": 3e-3, "batch_size": 16}
+TASK_RECIPE: dict = {"lr": 1e-3, "batch_size": 16}
 """ESFT hyper-parameters the demo uses for the headroom tasks."""
 
 Example = tuple[str, str, str]
