@@ -457,7 +457,7 @@ def test_cpu_tier_on_device_equals_resident(checkpoints, tmp_path, family, devic
         cache_dir=str(tmp_path / "cache"),
     )
     offloaded = MultiAdapterEngine.from_pretrained(path, offload=config)
-    executor = offloaded.executor
+    executor = offloaded.offload
     assert executor.device.type == device
     assert all(t.device.type == device for c in executor.caches.values() for t in c.tensors.values())
     host = [t for layer in executor.store.tensors.values() for t in layer.values()]

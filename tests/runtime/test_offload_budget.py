@@ -107,5 +107,5 @@ def test_engine_resolves_a_share_of_free_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(offload_config, "free_memory", free)
     config = OffloadConfig(tier="cpu", compute_device="cpu", budget="50%free", cache_dir=str(tmp_path))
     engine = MultiAdapterEngine.from_pretrained(path, offload=config)
-    assert engine.executor.num_slots == 6 and free.asked == [CPU]
+    assert engine.offload.num_slots == 6 and free.asked == [CPU]
     engine.close()
