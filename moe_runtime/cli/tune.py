@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UsageError
-from ..tuning.registry import ConfigError, config_options, get, methods
+from ..tuning.registry import ConfigError, config_options, get, tunable
 from ._common import add_verb, init_distributed, is_rank_zero
 
 
@@ -14,7 +14,7 @@ def register(sub) -> None:
     parser = add_verb(
         sub,
         "tune",
-        help="adapt the model to a task (" + ", ".join(methods()) + ")",
+        help="adapt the model to a task (" + ", ".join(tunable()) + ")",
         description=(
             "Train on JSONL task data ({'text'}, {'prompt','response'} with loss on the response, or "
             "{'messages'}). 'esft' trains exactly the experts of --experts (an expert_cfg.json from "
@@ -38,7 +38,7 @@ def register(sub) -> None:
     )
     parser.add_argument("--model", required=True, help="local checkpoint directory or 'demo'")
     parser.add_argument("--data", required=True, metavar="PATH", help="training JSONL")
-    parser.add_argument("--method", required=True, choices=tuple(methods()), help="what to train")
+    parser.add_argument("--method", required=True, choices=tuple(tunable()), help="what to train")
     parser.add_argument("--out", required=True, metavar="DIR", help="adapter directory to write")
     parser.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps (default 100)")
     parser.add_argument(
@@ -114,7 +114,7 @@ def register(sub) -> None:
 def _method_flags() -> dict[str, dict]:
     """Every method's config flags, by flag: field name, argparse settings and the methods taking it."""
     flags: dict[str, dict] = {}
-    for method in methods().values():
+    for method in tunable().values():
         for config in method.all_configs():
             for name, meta in config_options(config):
                 entry = flags.setdefault(meta["flag"], {"field": name, "meta": meta, "methods": []})
