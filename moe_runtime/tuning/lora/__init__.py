@@ -119,6 +119,15 @@ def merge_lora(
     return merge_peft(model, PeftLoraAdapter(adapter.path, read_peft_config(adapter.path), adapter.meta))
 
 
+def _serve(target, name: str, adapter: LoraAdapter, allow_base_mismatch: bool) -> None:
+    """Check the base fingerprint, then serve it as the peft adapter it is (per request)."""
+    from ..peft_lora import PeftLoraAdapter, read_peft_config, serve_peft
+
+    if not allow_base_mismatch and adapter.meta.get("base_fingerprint") != target.base_fingerprint():
+        raise AdapterError(f"adapter '{adapter.path}': tuned from different base weights than this model")
+    serve_peft(target, name, PeftLoraAdapter(adapter.path, read_peft_config(adapter.path), adapter.meta))
+
+
 def _tune(job: TuneJob, settings: LoraSettings) -> dict:
     return {**tune_lora(job, settings), "what": f"LoRA r={settings.rank}"}
 
@@ -132,5 +141,6 @@ METHOD = register(
         apply=apply_lora,
         adapter_type=LoraAdapter,
         merge=merge_lora,
+        serve=_serve,
     )
 )

@@ -7,6 +7,12 @@
                                  <module>[.base_layer...].lora_{A,B}.weight (one nesting per further
                                  parameter of the same module)
 
+Serving (a mixed batch, per request): LoRA on linear layers (attention projections) runs as a
+per-token low-rank term for the adapter's tokens, ``scale * B (A x)`` as peft computes it; LoRA on
+fused expert parameters (``target_parameters``) is folded into a copy of every expert of each
+targeted layer, ``W_e + dW_e`` with peft's own ``dW``, held in arena slots of the adapter's owner
+row (so such an adapter costs the memory of those layers' experts).
+
 Such a directory has none of our metadata, so there is no base fingerprint to check: peft's own
 loader checks names and shapes, and an adapter for another model class is refused. Options whose
 weights do not reduce to ``W + scale * B @ A`` (DoRA, LoRA biases, bias != "none", modules_to_save,
@@ -19,13 +25,23 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ...errors import AdapterError
+from ...models.weights import split_slices
 from ..registry import Method, register
 
-__all__ = ["METHOD", "PEFT_CONFIG", "PEFT_WEIGHTS", "PeftLoraAdapter", "merge_peft", "read_peft_config"]
+__all__ = [
+    "METHOD",
+    "PEFT_CONFIG",
+    "PEFT_WEIGHTS",
+    "PeftLoraAdapter",
+    "merge_peft",
+    "read_peft_config",
+    "serve_peft",
+]
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -138,6 +154,102 @@ def merge_peft(model: nn.Module, adapter: PeftLoraAdapter) -> tuple[nn.Module, l
     return merged, sorted(changed)
 
 
+@dataclass
+class _ServedExperts:
+    """Merged expert copies handed to the arena (every expert of each targeted layer)."""
+
+    path: Path
+    experts: dict[tuple[int, int], dict[str, torch.Tensor]]
+    others: dict = field(default_factory=dict)
+
+
+def _lora_parts(
+    model: nn.Module, adapter: PeftLoraAdapter
+) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
+    """peft loads the adapter into ``model``; we keep the linear layers' LoRA pairs and the parameter
+    targets' ``dW``, then peft unloads it again (``model`` is left as it was).
+
+    Returns:
+        ``({linear module name: LowRank}, {parameter name: dW with the parameter's shape})``.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import Linear, LoraLayer, ParamWrapper
+
+    from ...runtime.linear_terms import LowRank
+
+    _check_model_class(adapter, model)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter.path), adapter_name="served")
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AdapterError(f"adapter '{adapter.path}': cannot load the LoRA weights ({first})") from None
+    linear: dict[str, nn.Module] = {}
+    deltas: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, module in peft_model.base_model.model.named_modules():
+                owner = name.replace(".base_layer", "")
+                if isinstance(module, ParamWrapper):
+                    deltas[f"{owner}.{module.parameter_name}"] = (
+                        module.get_delta_weight("served").detach().clone()
+                    )
+                elif isinstance(module, Linear):
+                    linear[owner] = LowRank(
+                        module.lora_A["served"].weight.detach().clone(),
+                        module.lora_B["served"].weight.detach().clone(),
+                        module.scaling["served"],
+                    )
+                elif isinstance(module, LoraLayer):
+                    raise AdapterError(
+                        f"adapter '{adapter.path}': {owner}: LoRA on a {type(module).__name__} layer is not supported"
+                    )
+    finally:
+        peft_model.unload()
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+    return linear, deltas
+
+
+def serve_peft(target, name: str, adapter: PeftLoraAdapter) -> None:
+    """Serve a peft LoRA adapter per request (see the module docstring).
+
+    Raises:
+        AdapterError: peft cannot load it into the served model, or it puts LoRA on a parameter
+            other than a routed expert weight (which every request would share).
+    """
+    linear, deltas = _lora_parts(target.model, adapter)
+    by_module = {layer.experts_name: layer for layer in target.info.layers}
+    per_layer: dict[int, dict[str, torch.Tensor]] = {}
+    for full, delta in deltas.items():
+        module_name, param = full.rsplit(".", 1)
+        layer = by_module.get(module_name)
+        if layer is None:
+            raise AdapterError(
+                f"adapter '{adapter.path}': {full}: LoRA on a parameter that is not a routed expert weight "
+                "cannot differ per request (merge it with 'moe-runtime export' instead)"
+            )
+        per_layer.setdefault(layer.index, {})[param] = delta
+    experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    layers = {index: target.info.by_index(index) for index in per_layer}
+    with target.base_experts({index: list(range(layer.num_experts)) for index, layer in layers.items()}):
+        for index, layer in layers.items():
+            fused = {}
+            for param in layer.layout.param_names():
+                base = getattr(layer.experts, param).detach()
+                fused[param] = base + per_layer[index][param] if param in per_layer[index] else base
+            for expert in range(layer.num_experts):
+                experts[(index, expert)] = split_slices(
+                    layer.layout, {p: t[expert] for p, t in fused.items()}
+                )
+    target.add_experts(name, _ServedExperts(adapter.path, experts))
+    if linear:
+        target.add_linear_terms(name, linear)
+
+
+def _serve(target, name: str, adapter: PeftLoraAdapter, allow_base_mismatch: bool) -> None:
+    serve_peft(target, name, adapter)
+
+
 def _recognizes(path: Path) -> bool:
     return (Path(path) / PEFT_CONFIG).is_file() and not (Path(path) / "expert_cfg.json").exists()
 
@@ -170,5 +282,6 @@ METHOD = register(
         adapter_type=PeftLoraAdapter,
         recognizes=_recognizes,
         merge=_merge,
+        serve=_serve,
     )
 )
