@@ -1,7 +1,7 @@
 """peft LoRA adapters (LoRA on q/o projections and on the fused expert parameters, with
 rank_pattern / alpha_pattern) serve in one mixed batch beside an ESFT adapter, a routed-LoRA
 adapter and base rows. Each peft row equals peft's own model with that adapter active
-(``set_adapter``), run alone: identical greedy tokens, per-step logits within atol/rtol 1e-4
+(``set_adapter``), run alone, on the embedded demo model and random models of 4 families: identical greedy tokens, per-step logits within atol/rtol 1e-4
 (float32; the engine sums experts in another order than peft's parametrized forward).
 """
 
@@ -14,13 +14,13 @@ from helpers.routed_lora import write_random_lora
 from helpers.serving import make_adapter, merged_copy
 
 from moe_runtime.errors import AdapterError
-from moe_runtime.models import find_moe_layers
+from moe_runtime.models import find_moe_layers, load_model
 from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
 from moe_runtime.testing import build_random_model
 from moe_runtime.tuning.routed_lora import RoutedLoraSettings
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
-FAMILIES = ["olmoe", "qwen2_moe", "mixtral", "deepseek_v2"]
+FAMILIES = ["demo", "olmoe", "qwen2_moe", "mixtral", "deepseek_v2"]  # demo: the embedded model
 # (prompt length, adapter, max_new_tokens)
 PLAN = [
     (6, "p1", 5),
@@ -40,7 +40,11 @@ def served(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(family)
 
     def build():
-        return build_random_model(family, seed=4)
+        return (
+            load_model("demo", dtype=torch.float32)
+            if family == "demo"
+            else build_random_model(family, seed=4)
+        )
 
     model = build()
     info = find_moe_layers(model)
