@@ -132,7 +132,7 @@ def exported(tmp_path_factory):
                     case / "adapter",
                     seed=3,
                     ours=kind == "lora",
-                    rank_pattern={"mlp.experts.down_proj": 2},
+                    rank_pattern={"layers.1.mlp.experts.down_proj": 2},
                 )
             out = case / "merged"
             assert main(["export", "--model", str(base), "--adapter", str(adapter), "--out", str(out),
