@@ -27,6 +27,7 @@ bench:
 	moe-runtime bench tune --json docs/bench/tune.json
 	moe-runtime bench esft-quality --steps 100 --json docs/bench/esft_quality.json
 	moe-runtime bench reroute --json docs/bench/reroute.json
+	moe-runtime bench peft-mixed --repeats 3 --json docs/bench/peft_mixed.json
 
 cuda-check:
 	bash .ci/cuda_compile_check.sh

@@ -7,14 +7,14 @@ import argparse
 from ..errors import UsageError
 from ._common import add_verb, budget_flag
 
-BENCHES = ("profile", "tune", "reroute", "offload", "esft-quality")
+BENCHES = ("profile", "tune", "reroute", "offload", "esft-quality", "peft-mixed")
 
 
 def register(sub) -> None:
     parser = add_verb(
         sub,
         "bench",
-        help="run a benchmark (profile, tune, reroute, offload, esft-quality)",
+        help="run a benchmark (profile, tune, reroute, offload, esft-quality, peft-mixed)",
         description=(
             "Run one benchmark on the embedded model (or --model) and print a table; --json writes the "
             "numbers. Every figure is compared with a baseline measured in the same run."
@@ -25,6 +25,7 @@ def register(sub) -> None:
             "moe-runtime bench offload --offload-size smoke --no-accelerate",
             "moe-runtime bench reroute --device cuda --dtype bfloat16 --json reroute_gpu.json",
             "moe-runtime bench offload --tier cpu --device cuda --json offload_gpu.json",
+            "moe-runtime bench peft-mixed --repeats 3 --json bench_peft.json",
         ],
         func=run,
     )
@@ -78,6 +79,10 @@ def register(sub) -> None:
         choices=("auto", "float32", "bfloat16", "float16"),
         default="auto",
         help="reroute: the model's dtype (default auto: the checkpoint's)",
+    )
+    parser.add_argument("--adapters", type=int, default=4, help="peft-mixed: peft LoRA adapters (default 4)")
+    parser.add_argument(
+        "--new-tokens", type=int, default=16, help="peft-mixed: tokens generated per request (default 16)"
     )
 
 
@@ -182,6 +187,17 @@ def run(args: argparse.Namespace) -> int:
         result = _bench_quality(args)
     elif args.name == "offload":
         result = _bench_offload(args)
+    elif args.name == "peft-mixed":
+        from ..bench.peft_bench import bench_peft_mixed
+
+        if args.adapters <= 0 or args.new_tokens <= 0:
+            raise UsageError("--adapters and --new-tokens must be positive")
+        result = {
+            "bench": "peft-mixed",
+            **bench_peft_mixed(
+                args.model, adapters=args.adapters, new_tokens=args.new_tokens, repeats=args.repeats
+            ),
+        }
     else:
         raise UsageError(f"bench {args.name} is not yet available in this version")
     if args.name == "esft-quality":

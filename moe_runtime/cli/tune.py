@@ -113,10 +113,10 @@ def register(sub) -> None:
 
 def _method_flags() -> dict[str, dict]:
     """Every method's config flags, by flag: field name, argparse settings and the methods taking it."""
-    from ..tuning.registry import config_options, methods
+    from ..tuning.registry import config_options, tunable
 
     flags: dict[str, dict] = {}
-    for method in methods().values():
+    for method in tunable().values():
         for config in method.all_configs():
             for name, meta in config_options(config):
                 entry = flags.setdefault(meta["flag"], {"field": name, "meta": meta, "methods": []})
@@ -127,9 +127,9 @@ def _method_flags() -> dict[str, dict]:
 
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     """``--method`` and the flags of every registered method's config (each says which methods take it)."""
-    from ..tuning.registry import methods
+    from ..tuning.registry import tunable
 
-    parser.add_argument("--method", required=True, choices=tuple(methods()), help="what to train")
+    parser.add_argument("--method", required=True, choices=tuple(tunable()), help="what to train")
     group = parser.add_argument_group("method flags (from each method's config)")
     for flag, entry in _method_flags().items():
         meta = entry["meta"]

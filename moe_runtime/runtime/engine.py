@@ -37,6 +37,7 @@ from ..tuning.registry import method_of, read_adapter_dir
 from .arena import ArenaMemory, ExpertArena, TunedExperts
 from .executor import BaseExperts, ResidentExperts, SlotRoutedExecutor, TokenTerm
 from .generation import generate_batch, left_pad
+from .linear_terms import LinearTerms
 from .offload import OffloadConfig, OffloadedExperts, load_offloaded_model
 from .offload.host import move_resident
 from .requests import Completion, DecodeConfig, Request
@@ -89,6 +90,7 @@ class MultiAdapterEngine:
         self.arena = ExpertArena(self.info, max_chunks=max_chunks, base_segment=self.base.segment)
         self.executor = SlotRoutedExecutor(self.arena, self.base)
         self.executor.attach()
+        self.linear_terms = LinearTerms(model, lambda: self.executor.token_owner)
         # with the prompt's token ids and the owner id (checked once, at submit; an adapter named by
         # a pending request cannot be removed, so the id stays valid)
         self._pending: list[tuple[Request, list[int], int]] = []
@@ -129,6 +131,7 @@ class MultiAdapterEngine:
         if self._closed:
             return
         self._closed = True
+        self.linear_terms.close()
         self.executor.close()
         uninstall(self.model, self.info)
 
@@ -170,13 +173,14 @@ class MultiAdapterEngine:
 
         Its method's serving hook checks it against the base model (names, shapes, expert ids,
         base fingerprint) and hands it over: an ESFT adapter's tuned experts go to arena slots, a
-        routed-LoRA adapter gets an owner row of base experts and its LoRA terms run beside them.
-        Adapters with our metadata are refused on a base model other than the one they were tuned
+        routed-LoRA adapter gets an owner row of base experts and its LoRA terms run beside them; a
+        peft LoRA adapter (ours or peft's own directory) gets merged copies of the experts it
+        targets and low-rank terms on the linear layers it targets. Adapters with our metadata are refused on a base model other than the one they were tuned
         on (whole-model fingerprint) unless ``allow_base_mismatch``.
 
         Raises:
             AdapterError: the name is taken, or the adapter is missing, corrupt, does not fit this
-                base model, or changes weights every request shares (lora, full).
+                base model, or changes weights every request shares (full).
         """
         self._check_open()
         self.arena.check_new_name(name)  # before any file is read
@@ -187,8 +191,8 @@ class MultiAdapterEngine:
         if method.serve is None:
             raise AdapterError(
                 f"adapter '{getattr(adapter, 'path', name)}': a '{method.stored_name}' adapter changes weights "
-                "shared by every request and cannot be served per request (serve esft or routed-lora "
-                "adapters, or merge it into the model)"
+                "shared by every request and cannot be served per request (serve esft, LoRA or "
+                "routed-lora adapters, or merge it into the model)"
             )
         method.serve(self, name, adapter, allow_base_mismatch)
 
@@ -212,6 +216,11 @@ class MultiAdapterEngine:
         """Give ``name`` an owner row of base experts plus a per-token term run beside them."""
         self.executor.terms[self.arena.add_owner(name)] = term
 
+    def add_linear_terms(self, name: str, terms: dict[str, nn.Module]) -> None:
+        """Add ``terms[module name](x [N, in]) -> [N, out]`` to those linear layers' outputs for the
+        tokens of ``name`` (already given an owner row by :meth:`add_experts` or :meth:`add_term`)."""
+        self.linear_terms.add(self.arena.owner(name), terms)
+
     # ---------------------------------------------------------------------------------------------
 
     def remove_adapter(self, name: str) -> None:
@@ -227,6 +236,7 @@ class MultiAdapterEngine:
                 "run or cancel them before removing it"
             )
         self.executor.terms.pop(self.arena.owner(name), None)
+        self.linear_terms.remove(self.arena.owner(name))
         self.arena.remove(name)
 
     def compact(self) -> None:

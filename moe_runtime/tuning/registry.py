@@ -35,6 +35,7 @@ __all__ = [
     "load_methods",
     "method_of",
     "methods",
+    "tunable",
     "option",
     "read_adapter_dir",
     "register",
@@ -157,7 +158,8 @@ class Method:
         name: the ``tune --method`` name.
         config: its config dataclass (fields made with :func:`option` are flags).
         tune: ``tune(job, config) -> summary`` with ``trainable_params``, ``adapter_bytes`` and
-            ``what`` (a short description for the CLI's result line); writes the adapter.
+            ``what`` (a short description for the CLI's result line); writes the adapter. None for
+            adapters made elsewhere (not a ``tune --method``).
         read: ``read(path, meta) -> adapter`` (meta: our metadata, read once, or None).
         apply: ``apply(model, adapter, allow_base_mismatch) -> model`` for evaluation.
         adapter_type: the class ``read`` returns (engine and ``apply`` accept such objects too).
@@ -170,11 +172,15 @@ class Method:
         make_config: ``make_config(values) -> config`` from parsed flag values by field name
             (default: ``config(**values)``).
         check_model: ``check_model(config, info)``: checks that need the model, run before training.
+        merge: ``merge(model, adapter, allow_base_mismatch) -> (model, changed)``: the base with the
+            adapter merged into its weights (``export``) and the names of the parameters it changed;
+            None when the adapter cannot live in the base weights (``unmergeable`` says why).
+        unmergeable: why adapters of this method cannot be merged (shown when ``merge`` is None).
     """
 
     name: str
     config: type
-    tune: Callable[[TuneJob, Any], dict]
+    tune: Callable[[TuneJob, Any], dict] | None
     read: Callable[[Path, dict | None], Any]
     apply: Callable[[nn.Module, Any, bool], nn.Module]
     adapter_type: type | None = None
@@ -184,6 +190,8 @@ class Method:
     config_classes: Callable[[], list[type]] | None = None
     make_config: Callable[[dict[str, Any]], Any] | None = None
     check_model: Callable[[Any, Any], None] | None = None
+    merge: Callable[[nn.Module, Any, bool], tuple[nn.Module, list[str]]] | None = None
+    unmergeable: str = "its weights cannot be merged into the base model"
 
     @property
     def stored_name(self) -> str:
@@ -233,6 +241,11 @@ def methods() -> dict[str, Method]:
     """Every registered method by name, in registration order."""
     load_methods()
     return dict(_METHODS)
+
+
+def tunable() -> dict[str, Method]:
+    """The methods ``tune --method`` offers (those with a ``tune``), by name."""
+    return {name: method for name, method in methods().items() if method.tune is not None}
 
 
 def get(name: str) -> Method:

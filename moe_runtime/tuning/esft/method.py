@@ -57,6 +57,19 @@ def _apply(model: nn.Module, adapter: ESFTAdapter, allow_base_mismatch: bool) ->
     return model
 
 
+def _merge(model: nn.Module, adapter: ESFTAdapter, allow_base_mismatch: bool) -> tuple[nn.Module, list[str]]:
+    """Merge the tuned experts in place; the changed parameters are the fused expert parameters of
+    every layer with a tuned expert, and the shared-expert / non-expert weights the adapter holds."""
+    info = find_moe_layers(model)
+    _apply(model, adapter, allow_base_mismatch)
+    changed = sorted(
+        f"{info.by_index(layer).experts_name}.{name}"
+        for layer in {layer for layer, _ in adapter.experts}
+        for name in info.by_index(layer).layout.param_names()
+    )
+    return model, changed + sorted(adapter.others)
+
+
 def _serve(target, name: str, adapter: ESFTAdapter, allow_base_mismatch: bool) -> None:
     """Check the adapter against the served base, then hand its tuned experts to the slot pool."""
     adapter.check_selection(target.info)  # ids first: the base experts it replaces are read next
@@ -83,5 +96,6 @@ METHOD = register(
         recognizes=lambda path: (Path(path) / "expert_cfg.json").exists(),
         serve=_serve,
         check_model=lambda config, info: config.check_model(info),
+        merge=_merge,
     )
 )

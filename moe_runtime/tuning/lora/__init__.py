@@ -13,7 +13,7 @@ from ..meta import check_base, save_adapter_dir
 from ..registry import ConfigError, Method, TuneJob, option, register
 from ..trainer import TrainableModel
 
-__all__ = ["LoraAdapter", "LoraSettings", "METHOD", "lora_config", "tune_lora", "apply_lora"]
+__all__ = ["LoraAdapter", "LoraSettings", "METHOD", "lora_config", "tune_lora", "apply_lora", "merge_lora"]
 
 
 @dataclass
@@ -109,6 +109,25 @@ def apply_lora(model: nn.Module, adapter: LoraAdapter, allow_base_mismatch: bool
         ) from None
 
 
+def merge_lora(
+    model: nn.Module, adapter: LoraAdapter, allow_base_mismatch: bool = False
+) -> tuple[nn.Module, list[str]]:
+    """Merge into ``model`` (checked against the base fingerprint); the changed parameter names too."""
+    from ..peft_lora import PeftLoraAdapter, merge_peft, read_peft_config
+
+    check_base(adapter.meta, model, adapter.path, allow_base_mismatch=allow_base_mismatch)
+    return merge_peft(model, PeftLoraAdapter(adapter.path, read_peft_config(adapter.path), adapter.meta))
+
+
+def _serve(target, name: str, adapter: LoraAdapter, allow_base_mismatch: bool) -> None:
+    """Check the base fingerprint, then serve it as the peft adapter it is (per request)."""
+    from ..peft_lora import PeftLoraAdapter, read_peft_config, serve_peft
+
+    if not allow_base_mismatch and adapter.meta.get("base_fingerprint") != target.base_fingerprint():
+        raise AdapterError(f"adapter '{adapter.path}': tuned from different base weights than this model")
+    serve_peft(target, name, PeftLoraAdapter(adapter.path, read_peft_config(adapter.path), adapter.meta))
+
+
 def _tune(job: TuneJob, settings: LoraSettings) -> dict:
     return {**tune_lora(job, settings), "what": f"LoRA r={settings.rank}"}
 
@@ -121,5 +140,7 @@ METHOD = register(
         read=lambda path, meta: LoraAdapter(Path(path), meta),
         apply=apply_lora,
         adapter_type=LoraAdapter,
+        merge=merge_lora,
+        serve=_serve,
     )
 )

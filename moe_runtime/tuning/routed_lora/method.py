@@ -81,5 +81,10 @@ METHOD = register(
         config_classes=_variant_options,
         make_config=settings_from_flags,
         check_model=_check_model,
+        unmergeable=(
+            "routed-LoRA terms are added beside the experts' nonlinear MLPs and weighted by a router "
+            "(the adapter's own, or the frozen one per expert), so no weight of the base model can hold them; "
+            "serve it with 'generate --adapter' instead"
+        ),
     )
 )
