@@ -51,3 +51,18 @@ def merged_copy(build, adapter_dir: Path | None) -> nn.Module:
         adapter.check(model, info)
         adapter.merge_into(model, info)
     return model.eval()
+
+
+def greedy_reference(model: nn.Module, request, device=None, **kwargs) -> tuple[list[int], torch.Tensor]:
+    """Plain transformers greedy generation of one request (prompt ids) -> (new token ids, logits
+    ``[new tokens, V]``): the reference a served row is compared with."""
+    out = model.generate(
+        torch.tensor([request.prompt], device=device),
+        max_new_tokens=request.max_new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **kwargs,
+    )
+    return out.sequences[0, len(request.prompt) :].tolist(), torch.cat(out.logits)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.routed_lora import write_random_lora
-from helpers.serving import make_adapter, merged_copy
+from helpers.serving import greedy_reference, make_adapter, merged_copy
 from helpers.variant_reference import attach_routed_reference, hybrid_reference, topk_reference
 
 from moe_runtime.models import find_moe_layers
@@ -74,15 +74,7 @@ def _reference(build, dirs, request: Request):
         model = build()
         lora = read_routed_lora(dirs[request.adapter]).build(model, find_moe_layers(model))
         attach_routed_reference(model, lora, ROUTES[request.adapter])
-    out = model.eval().generate(
-        torch.tensor([request.prompt]),
-        max_new_tokens=request.max_new_tokens,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-    )
-    return out.sequences[0, len(request.prompt) :].tolist(), torch.cat(out.logits)
+    return greedy_reference(model.eval(), request)
 
 
 def test_mixed_batch_equals_alone_and_reference(served):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.serving import make_adapter, merged_copy
+from helpers.serving import greedy_reference, make_adapter, merged_copy
 
 from moe_runtime.errors import AdapterError
 from moe_runtime.models import find_moe_layers
@@ -68,16 +68,7 @@ class Served:
         return self._references[key]
 
     def _generate(self, request: Request, **kwargs):
-        out = self.merged(request.adapter).generate(
-            torch.tensor([request.prompt], device=self.device),
-            max_new_tokens=request.max_new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-            **kwargs,
-        )
-        return out.sequences[0, len(request.prompt) :].tolist(), torch.cat(out.logits)
+        return greedy_reference(self.merged(request.adapter), request, self.device, **kwargs)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

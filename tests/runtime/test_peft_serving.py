@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers.peft_adapters import write_peft_adapter
 from helpers.routed_lora import write_random_lora
-from helpers.serving import make_adapter, merged_copy
+from helpers.serving import greedy_reference, make_adapter, merged_copy
 
 from moe_runtime.errors import AdapterError
 from moe_runtime.models import find_moe_layers, load_model
@@ -88,15 +88,7 @@ def _peft_reference(build, dirs):
 
 
 def _generate(model, request: Request):
-    out = model.generate(
-        input_ids=torch.tensor([request.prompt]),
-        max_new_tokens=request.max_new_tokens,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-    )
-    return out.sequences[0, len(request.prompt) :].tolist(), torch.cat(out.logits)
+    return greedy_reference(model, request)
 
 
 def test_peft_rows_of_a_mixed_batch_equal_peft_with_that_adapter_active(served):

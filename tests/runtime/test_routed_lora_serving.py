@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.routed_lora import attach_reference, write_random_lora
-from helpers.serving import make_adapter, merged_copy
+from helpers.serving import greedy_reference, make_adapter, merged_copy
 
 from moe_runtime.errors import AdapterError  # noqa: E402
 from moe_runtime.models import find_moe_layers  # noqa: E402
@@ -83,15 +83,7 @@ class Served:
         """Plain transformers generate, the request alone, LoRA math as a per-token loop."""
         if request.adapter not in self._references:
             self._references[request.adapter] = self.reference_model(request.adapter)
-        out = self._references[request.adapter].generate(
-            torch.tensor([request.prompt]),
-            max_new_tokens=request.max_new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
-        return out.sequences[0, len(request.prompt) :].tolist(), torch.cat(out.logits)
+        return greedy_reference(self._references[request.adapter], request)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
