@@ -77,7 +77,9 @@ def _first_line(text: str) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from ..data import read_examples
     from ..demo.tasks import DEMO_TASKS
+    from ..tuning.evaluate import mean_token_loss
 
     for flag in ("max_tokens", "tune_steps"):
         if getattr(args, flag) <= 0:
@@ -88,8 +90,13 @@ def run_demo(args: argparse.Namespace) -> int:
     model, tokenizer, files = _introduce(workdir)
     _profile_domains(model, tokenizer, files, workdir, args.max_tokens)
     selections = _select(model, tokenizer, files, workdir, DEMO_TASKS, args.max_tokens)
+    general = read_examples(files["general"])
+    base_general = mean_token_loss(model, tokenizer, general)[0]  # once: every adapter compares with it
     rows = [
-        _tune_one(name, selections[name], tokenizer, files, workdir, args.tune_steps) for name in DEMO_TASKS
+        _tune_one(
+            name, selections[name], model, tokenizer, files, workdir, args.tune_steps, general, base_general
+        )
+        for name in DEMO_TASKS
     ]
     requests, done = _serve_mixed(files, workdir, DEMO_TASKS)
     _serve_offloaded(workdir, DEMO_TASKS, requests, done)
@@ -166,8 +173,21 @@ def _select(model, tokenizer, files: dict, workdir: Path, names, max_tokens: int
     return selections
 
 
-def _tune_one(name: str, selection, tokenizer, files: dict, workdir: Path, steps: int) -> dict:
-    """Tune one ESFT adapter, then print its compact before/after table; returns the table's row."""
+def _tune_one(
+    name: str,
+    selection,
+    base,
+    tokenizer,
+    files: dict,
+    workdir: Path,
+    steps: int,
+    general: list,
+    base_general: float,
+) -> dict:
+    """Tune one ESFT adapter, then print its compact before/after table; returns the table's row.
+
+    ``base`` is the untouched base model and ``base_general`` its loss on ``general`` (the forgetting set).
+    """
     from ..data import read_examples
     from ..demo.tasks import TASK_RECIPE
     from ..models import find_moe_layers, load_model, pad_token_id
@@ -178,10 +198,7 @@ def _tune_one(name: str, selection, tokenizer, files: dict, workdir: Path, steps
 
     _step(f"4. tune an ESFT adapter for '{name}' ({steps} steps)")
     test = read_examples(files[f"{name}_test"])[:100]
-    general = read_examples(files["general"])
-    base = load_model("demo", dtype="float32")
     base_score = exact_match(base, tokenizer, test)[0]
-    base_general = mean_token_loss(base, tokenizer, general)[0]
     model = load_model("demo", dtype="float32")
     out = workdir / "adapters" / name
     log = workdir / "logs" / f"{name}.jsonl"
