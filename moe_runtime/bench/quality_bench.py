@@ -64,6 +64,12 @@ class QualitySettings:
     profile_tokens: int = 16384
     eval_examples: int = 100
     other_examples: int = 50
+    methods: tuple[str, ...] = ()
+    """Methods to run (empty: all of :data:`METHODS`); ``full`` is the reference of the ratios."""
+
+    def chosen(self) -> tuple[str, ...]:
+        """The methods this run trains, in :data:`METHODS` order."""
+        return tuple(m for m in METHODS if not self.methods or m in self.methods)
 
 
 Trainer = Callable[[TuneJob, dict], dict]
@@ -143,7 +149,8 @@ def bench_esft_quality(
     pad = pad_token_id(tokenizer)
     runs: list[dict] = []
     base_rows: dict[str, dict] = {}
-    bar = tqdm(total=len(tasks) * len(METHODS) * len(settings.seeds), desc="esft-quality", unit="run")
+    methods = settings.chosen()
+    bar = tqdm(total=len(tasks) * len(methods) * len(settings.seeds), desc="esft-quality", unit="run")
     with tempfile.TemporaryDirectory() as tmp:
         for task, (train_path, test_path) in tasks.items():
             train = read_examples(train_path)
@@ -161,7 +168,8 @@ def bench_esft_quality(
             summary = esft_summary(profiles[task], meta)
             features = encode_examples(tokenizer, train, 256, where=str(train_path))
             for seed in settings.seeds:
-                for method, trainer in TRAINERS.items():
+                for method in methods:
+                    trainer = TRAINERS[method]
                     model = load_model(model_arg, dtype="float32")
                     config = TrainConfig(
                         steps=settings.steps,
@@ -222,12 +230,12 @@ _FIGURES = (
 def _summarize(runs: list[dict], settings: QualitySettings, base_general, base_rows, base_other) -> dict:
     """Means over seeds of the task-averaged figures, their spreads, and ratios against ``full`` per seed."""
     out: dict = {
-        "settings": {**settings.__dict__, "seeds": list(settings.seeds)},
+        "settings": {**settings.__dict__, "seeds": list(settings.seeds), "methods": list(settings.chosen())},
         "base": {"general_loss": base_general, "tasks": base_rows, "other_tasks": base_other},
         "runs": runs,
     }
     per_seed: dict[str, dict[int, dict]] = {}
-    for method in METHODS:
+    for method in settings.chosen():
         per_seed[method] = {}
         for seed in settings.seeds:
             rows = [r for r in runs if r["method"] == method and r["seed"] == seed]
@@ -244,8 +252,8 @@ def _summarize(runs: list[dict], settings: QualitySettings, base_general, base_r
             if key not in ("trainable_params", "adapter_bytes"):
                 entry[f"{key}_spread"] = [min(values), max(values)]
         out[method] = entry
-    for method in METHODS:
-        if method == "full":
+    for method in settings.chosen():
+        if method == "full" or "full" not in per_seed:
             continue
         scores, forgetting = [], []
         for seed in settings.seeds:
@@ -287,7 +295,7 @@ def format_table(result: dict) -> str:
         f"{'other-task EM drop':<25} {'forgetting vs full (max)':<25} {'trainable':>11} {'adapter':>10}"
     )
     lines = [header]
-    for method in METHODS:
+    for method in result["settings"]["methods"]:
         entry = result[method]
         ratio = (
             f"{entry['score_vs_full']:.2f} ({entry['score_vs_full_min']:.2f})"

@@ -50,6 +50,20 @@ def register(sub) -> None:
         "--seed", type=int, default=None, help="esft-quality: one training seed (instead of --seeds)"
     )
     parser.add_argument(
+        "--methods",
+        default=None,
+        metavar="M,M,...",
+        help="esft-quality: methods to run (default all: full, lora, esft_gate, esft_token, routed_lora, "
+        "esft_lora, mola, dynmole; full is the reference of the ratios)",
+    )
+    parser.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="METHOD=X",
+        help="esft-quality: a method's learning rate (repeatable; defaults in docs/benchmarks.md)",
+    )
+    parser.add_argument(
         "--offload-size",
         choices=("full", "smoke"),
         default="full",
@@ -140,7 +154,7 @@ def _bench_quality(args: argparse.Namespace) -> dict:
     import tempfile
     from pathlib import Path
 
-    from ..bench.quality_bench import QualitySettings, bench_esft_quality
+    from ..bench.quality_bench import METHODS, QualitySettings, bench_esft_quality
     from ..demo.tasks import CONTINUATION_TASKS, TASK_DOMAINS, TASKS
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -154,6 +168,23 @@ def _bench_quality(args: argparse.Namespace) -> dict:
     except ValueError:
         raise UsageError(f"--seeds '{args.seeds}': give integers separated by commas, e.g. 0,1,2") from None
     settings = QualitySettings(steps=args.steps or 300, seeds=seeds)
+    if args.methods is not None:
+        settings.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        bad = [m for m in settings.methods if m not in METHODS]
+        if bad or not settings.methods:
+            raise UsageError(
+                f"--methods: unknown method '{bad[0] if bad else ''}' (choose from {', '.join(METHODS)})"
+            )
+    for item in args.lr:
+        method, sep, value = item.partition("=")
+        if not sep or method not in METHODS:
+            raise UsageError(f"--lr '{item}': expected METHOD=X with METHOD one of {', '.join(METHODS)}")
+        try:
+            settings.lr[method] = float(value)
+        except ValueError:
+            raise UsageError(f"--lr '{item}': '{value}' is not a number") from None
+        if not settings.lr[method] > 0:
+            raise UsageError(f"--lr '{item}': the learning rate must be positive")
     with tempfile.TemporaryDirectory() as tmp:
         files = _demo_tasks(Path(tmp) / "tasks")
         tasks = {t: (files[f"{t}_train"], files[f"{t}_test"]) for t in names}

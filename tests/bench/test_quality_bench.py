@@ -41,3 +41,26 @@ def test_every_method_and_seed_is_run_and_summarized(tmp_path):
     assert set(result["base"]["other_tasks"]) == {"cipher", "kv"}
     table = format_table(result)
     assert all(method in table for method in METHODS)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--methods", "full,nope"], "--methods: unknown method 'nope'"),
+        (["--lr", "esft_token"], "--lr 'esft_token': expected METHOD=X"),
+        (["--lr", "esft_token=fast"], "'fast' is not a number"),
+        (["--lr", "full=-1"], "must be positive"),
+    ],
+)
+def test_bad_method_flags_are_refused_before_training(flags, message, capsys):
+    from moe_runtime.cli import main
+
+    assert main(["bench", "esft-quality", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_method_subset_runs_in_the_canonical_order():
+    settings = QualitySettings(methods=("esft_token", "full"))
+    assert settings.chosen() == ("full", "esft_token")
+    assert QualitySettings().chosen() == METHODS
