@@ -87,15 +87,15 @@ def register(sub) -> None:
     parser.add_argument(
         "--requests",
         type=int,
-        default=48,
+        default=24,
         metavar="N",
-        help="serve: requests in the Poisson trace (default 48)",
+        help="serve: requests in the Poisson trace (default 24)",
     )
     parser.add_argument(
         "--loads",
-        default="0.5,2,6",
+        default="1,3,8",
         metavar="X,X,...",
-        help="serve: arrival rates as multiples of the single-request service rate (default 0.5,2,6: low, "
+        help="serve: arrival rates as multiples of the single-request service rate (default 1,3,8: low, "
         "moderate, high; the middle one is the moderate load of the targets)",
     )
     parser.add_argument(

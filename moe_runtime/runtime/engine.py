@@ -481,7 +481,8 @@ class MultiAdapterEngine:
                     row.config, row.seed_offset = row.config or config, i
         while not all(h.done for h in handles):
             if self.running:
-                next(h for h in handles if not h.done)._wait(lambda: False, 0.5)
+                waiting = next(h for h in handles if not h.done)
+                waiting._wait(lambda h=waiting: h.done, None)
             else:
                 self._check_open()
                 scheduler.step(config.max_batch_size)
@@ -494,10 +495,13 @@ class MultiAdapterEngine:
         self._submit(list(requests), config)
         return self.run(config)
 
-    def _choose_adapters(self, counts: dict[int, torch.Tensor]) -> list[tuple[str, int]]:
+    def _choose_adapters(self, counts: dict[int, torch.Tensor]) -> list[tuple[str | None, int]]:
         """For each prompt (``counts {layer index: [B, E]}`` expert selections on the base model), the
-        profiled adapter whose task routing profile is closest, and its owner id."""
+        profiled adapter whose task routing profile is closest, and its owner id (the base model if
+        none is loaded any more)."""
         names = self.profiled_adapters
+        if not names:  # the candidates were removed while these requests waited: the base model
+            return [(None, 0)] * next(iter(counts.values())).shape[0]
         profiles = [self._profiles[n] for n in names]
         chosen = closest_profile(counts, profiles)
         return [(names[i], self.arena.owner(names[i])) for i in chosen]

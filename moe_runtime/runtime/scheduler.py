@@ -361,7 +361,7 @@ class Scheduler:
         pad_id: int,
         unpadded: bool,
         threads: Callable[[], Any],
-        choose: Callable[[dict[int, torch.Tensor]], list[tuple[str, int]]],
+        choose: Callable[[dict[int, torch.Tensor]], list[tuple[str | None, int]]],
     ) -> None:
         self.model, self.executor, self.tokenizer = model, executor, tokenizer
         self.eos_ids_of, self.pad_id, self.unpadded = eos_ids, pad_id, unpadded

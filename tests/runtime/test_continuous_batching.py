@@ -20,6 +20,7 @@ from moe_runtime.errors import AdapterError, UsageError
 from moe_runtime.models import find_moe_layers, load_model
 from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
 from moe_runtime.runtime.offload import OffloadConfig
+from moe_runtime.runtime.profiles import RoutingProfile
 from moe_runtime.runtime.scheduler import TextStream
 from moe_runtime.testing.random_models import build_random_model
 from moe_runtime.tuning.routed_lora import RoutedLoraSettings
@@ -97,6 +98,38 @@ def test_arrivals_equal_one_at_a_time(checkpoint, offload, seed):
     if offload:
         assert engine.offload.stats.misses > 0
     assert engine.pending == 0 and engine._scheduler.live == 0
+
+
+def test_demo_model_arrivals_with_auto(tmp_path):
+    """The demo model (float32): ESFT adapters, the base and "auto" requests arriving at random steps."""
+    engine = MultiAdapterEngine.from_pretrained("demo")
+    info = engine.info
+    layers, experts = info.layer_indices, info.layers[0].num_experts
+    for i, name in enumerate(["a", "b"]):
+        chosen = {layer: [(2 * i + j) % experts for j in range(3)] for layer in layers}
+        path = make_adapter(engine.model, tmp_path / name, chosen, seed=i, scale=1.0, info=info)
+        frequencies = torch.full((len(layers), experts), 1.0)
+        frequencies[:, 2 * i] += 50.0  # "b" is the profile of prompts routed to expert 2
+        engine.add_adapter(name, path, profile=RoutingProfile.from_counts(layers, frequencies.numpy()))
+    prompts = ["12 + 35 =", "sort: 3 1 2 ->", "id=1 name=ana city=oslo", "def f(x):\n    return", "cmp 5 7 ="]
+    rng = random.Random(5)
+    plan = [
+        (
+            rng.randint(0, 5),
+            Request(rng.choice(prompts), rng.choice([None, "a", "b", "auto"]), rng.randint(2, 7), id=i),
+        )
+        for i in range(8)
+    ]
+    got, most = _serve_arrivals(engine, plan, one_group=True)
+    assert most >= 3
+    for _, request in plan:
+        done = got[request.id]
+        if request.adapter == "auto":
+            assert done.adapter in ("a", "b")
+        else:
+            assert done.adapter == request.adapter
+        alone = engine.generate([Request(request.prompt, done.adapter, request.max_new_tokens)])[0]
+        assert done.token_ids == alone.token_ids, request.id
 
 
 @pytest.mark.parametrize("family", ["jamba", "granitemoe_swa"])
