@@ -439,9 +439,21 @@ class MultiAdapterEngine:
         self._scheduler.step()
         return True
 
-    def stream(self, request: Request) -> Iterator[StreamEvent]:
-        """Submit ``request`` and yield its events (token ids and text deltas) as they are decoded."""
-        return self.submit(request).events()
+    def stream(self, request: Request, config: DecodeConfig | None = None) -> Iterator[StreamEvent]:
+        """Submit ``request`` and yield its events (token ids and text deltas) as they are decoded.
+
+        Closing the iterator before the final event (``break``, a client gone) cancels the request.
+        """
+        handle = self.submit(request, config)
+
+        def events() -> Iterator[StreamEvent]:
+            try:
+                yield from handle.events()
+            finally:
+                if not handle.done:
+                    handle.cancel()
+
+        return events()
 
     def _encode(self, request: Request) -> list[int]:
         if isinstance(request.prompt, str) and self.tokenizer is None:

@@ -210,6 +210,12 @@ def test_stream_events_add_up(checkpoint):
     assert events[-1].finish_reason == done.finish_reason and all(
         e.finish_reason is None for e in events[:-1]
     )
+    stream = engine.stream(Request("def f ( x ) : return", "rl", 10))
+    next(stream)
+    stream.close()  # a consumer gone mid-stream cancels its request: the row is freed at the next step
+    assert engine._scheduler.live == 1
+    engine.step()
+    assert engine._scheduler.live == 0 and engine.pending == 0
 
 
 def test_text_stream_holds_split_characters(demo_tokenizer):
@@ -258,8 +264,13 @@ def test_background_thread_and_bad_requests(checkpoint):
                 engine.remove_adapter("esft")
             else:
                 raise AdapterError("pending (finished too early to test)")
+        engine.add_adapter("again", checkpoint[1]["esft"])  # between steps, while requests run
+        assert live.next_event(timeout=60) is not None
+        again = engine.submit(Request("seven wizards", "again", 6)).result(timeout=120)
+        assert again.token_ids == alone[1] and again.adapter == "again"
+        engine.remove_adapter("again")
         live.cancel()
-        live.result(timeout=60)
+        assert live.result(timeout=60).finish_reason in ("cancelled", "stop")
     finally:
         engine.close()
     assert not engine.running
