@@ -34,19 +34,7 @@ def register(sub) -> None:
         ],
         func=run,
     )
-    parser.add_argument("--model", required=True, help="local checkpoint directory or 'demo'")
-    parser.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="NAME=DIR",
-        help="load an adapter directory (ESFT or routed LoRA) under NAME (repeatable)",
-    )
-    parser.add_argument(
-        "--allow-base-mismatch",
-        action="store_true",
-        help="load adapters tuned on other base weights (refused by default)",
-    )
+    add_model_flags(parser)
     parser.add_argument("--prompt", metavar="TEXT", help="one prompt; its completion is printed")
     parser.add_argument("--use", metavar="NAME", help="adapter for --prompt (default: the base model)")
     parser.add_argument("--requests", metavar="FILE", help="JSONL requests")
@@ -65,6 +53,28 @@ def register(sub) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=64, metavar="B", help="requests decoded together (default 64)"
     )
+    add_offload_flags(parser)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--model, --adapter NAME=DIR, --allow-base-mismatch (shared with ``serve``)."""
+    parser.add_argument("--model", required=True, help="local checkpoint directory or 'demo'")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="load an adapter directory (ESFT or routed LoRA) under NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="load adapters tuned on other base weights (refused by default)",
+    )
+
+
+def add_offload_flags(parser: argparse.ArgumentParser) -> None:
+    """--offload, --expert-budget, --cache-policy, --pin-profile, --prefetch (shared with ``serve``)."""
     parser.add_argument(
         "--offload",
         choices=("none", "cpu", "disk"),
@@ -123,10 +133,15 @@ def _check_args(args: argparse.Namespace) -> None:
         check_output_file(args.output)  # refused before the model loads, not after generation
     if args.prompt is not None and args.output:
         raise UsageError("--output goes with --requests (--prompt prints its completion)")
-    if args.allow_base_mismatch and not args.adapter:
-        raise UsageError("--allow-base-mismatch goes with --adapter")
     if args.use is not None and args.prompt is None:
         raise UsageError("--use goes with --prompt (requests name their adapter)")
+    check_engine_flags(args)
+
+
+def check_engine_flags(args: argparse.Namespace) -> None:
+    """The checks of :func:`add_model_flags` and :func:`add_offload_flags` flags (before anything loads)."""
+    if args.allow_base_mismatch and not args.adapter:
+        raise UsageError("--allow-base-mismatch goes with --adapter")
     if args.offload == "none" and (
         args.expert_budget is not None or args.prefetch or args.pin_profile or args.cache_policy != "lru"
     ):
@@ -163,9 +178,19 @@ def _offload_config(args: argparse.Namespace):
     return config
 
 
+def load_engine(args: argparse.Namespace, adapters: dict[str, str], offload):
+    """The engine of ``--model`` (offloaded as ``offload`` says) with ``adapters`` loaded and checked."""
+    from ..runtime import MultiAdapterEngine
+
+    engine = MultiAdapterEngine.from_pretrained(args.model, offload=offload)
+    for name, path in adapters.items():
+        engine.add_adapter(name, path, allow_base_mismatch=args.allow_base_mismatch)
+    return engine
+
+
 def run(args: argparse.Namespace) -> int:
     from ..io import write_json_lines
-    from ..runtime import DecodeConfig, MultiAdapterEngine, Request, read_requests
+    from ..runtime import DecodeConfig, Request, read_requests
 
     _check_args(args)
     adapters = _adapters(args.adapter)
@@ -186,9 +211,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         requests = read_requests(args.requests, adapters=adapters)
     offload = _offload_config(args)
-    engine = MultiAdapterEngine.from_pretrained(args.model, offload=offload)
-    for name, path in adapters.items():
-        engine.add_adapter(name, path, allow_base_mismatch=args.allow_base_mismatch)
+    engine = load_engine(args, adapters, offload)
     start = time.perf_counter()
     completions = engine.generate(requests, config)
     seconds = time.perf_counter() - start

@@ -1,0 +1,38 @@
+"""``moe-runtime serve`` refuses bad flags with exit 2 and one line, before loading the model."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from moe_runtime.cli import main
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--adapter", "auto=x"], "--adapter 'auto': the name is reserved"),
+        (["--adapter", "base=x"], "--adapter 'base': the name is reserved"),
+        (["--adapter", "noequals"], "expected NAME=DIR"),
+        (["--port", "70000"], "--port 70000: not a port number"),
+        (["--api-key", ""], "--api-key must not be empty"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+        (["--expert-budget", "10%"], "go with --offload disk or cpu"),
+        (["--allow-base-mismatch"], "--allow-base-mismatch goes with --adapter"),
+    ],
+)
+def test_bad_flags_exit_2(capsys, argv, message):
+    assert main(["serve", "--model", "demo", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_a_busy_port_exits_2_before_the_model_loads(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", "/nonexistent/model", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1, err
