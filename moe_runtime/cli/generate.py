@@ -24,19 +24,30 @@ def register(sub) -> None:
             "Greedy unless --sample. Adapters are checked against the base model first. With --offload disk "
             "the routed experts stay in the checkpoint files and only --expert-budget of them are cached in RAM; "
             "with --offload cpu they are all in host memory and --expert-budget of them on the GPU (same tokens "
-            "as without offloading either way); cache statistics go to stderr."
+            "as without offloading either way); cache statistics go to stderr. --stream prints the completion "
+            "of --prompt as it is decoded (text deltas, flushed; it goes with --prompt only, --requests writes "
+            "whole lines). A request's adapter (or --use) may be 'auto': the loaded adapter whose task routing "
+            "profile (stored by tune, or given with --adapter-profile) is closest to the prompt's own routing "
+            "serves it, and the output line names the adapter chosen."
         ),
         examples=[
             "moe-runtime generate --model demo --adapter arith=ad/arith --prompt '12 + 35 =' --use arith",
             "moe-runtime generate --model demo --adapter a=ad/a --adapter b=ad/b --requests req.jsonl --output out.jsonl",
             "moe-runtime generate --model ./olmoe --requests req.jsonl --output out.jsonl --sample --top-p 0.9 --seed 1",
             "moe-runtime generate --model ./olmoe --offload disk --expert-budget 25% --prefetch router --prompt 'Hi'",
+            "moe-runtime generate --model demo --adapter arith=ad/arith --prompt '12 + 35 =' --use arith --stream",
+            "moe-runtime generate --model demo --adapter a=ad/a --adapter b=ad/b --prompt '12 + 35 =' --use auto",
         ],
         func=run,
     )
     add_model_flags(parser)
     parser.add_argument("--prompt", metavar="TEXT", help="one prompt; its completion is printed")
-    parser.add_argument("--use", metavar="NAME", help="adapter for --prompt (default: the base model)")
+    parser.add_argument(
+        "--use", metavar="NAME", help="adapter for --prompt: a name, or 'auto' (default: the base model)"
+    )
+    parser.add_argument(
+        "--stream", action="store_true", help="print --prompt's completion as it is decoded (with --prompt)"
+    )
     parser.add_argument("--requests", metavar="FILE", help="JSONL requests")
     parser.add_argument("--output", metavar="FILE", help="JSONL completions (with --requests)")
     parser.add_argument(
@@ -57,7 +68,7 @@ def register(sub) -> None:
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """--model, --adapter NAME=DIR, --allow-base-mismatch (shared with ``serve``)."""
+    """--model, --adapter NAME=DIR, --adapter-profile, --allow-base-mismatch (shared with ``serve``)."""
     parser.add_argument("--model", required=True, help="local checkpoint directory or 'demo'")
     parser.add_argument(
         "--adapter",
@@ -65,6 +76,14 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=DIR",
         help="load an adapter directory (ESFT or routed LoRA) under NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--adapter-profile",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="task routing profile of adapter NAME for 'auto' (a profile's task directory PROFILE/TASK or a "
+        "routing_profile.json; default: the one tune stored in the adapter directory) (repeatable)",
     )
     parser.add_argument(
         "--allow-base-mismatch",
@@ -110,14 +129,16 @@ def add_offload_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _adapters(specs: list[str]) -> dict[str, str]:
+def _adapters(specs: list[str], flag: str = "--adapter") -> dict[str, str]:
     adapters: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise UsageError(f"--adapter '{spec}': expected NAME=DIR")
+            raise UsageError(f"{flag} '{spec}': expected NAME=DIR")
         if name in adapters:
-            raise UsageError(f"--adapter '{name}' given twice")
+            raise UsageError(f"{flag} '{name}' given twice")
+        if name == "auto" and flag == "--adapter":
+            raise UsageError("--adapter 'auto': the name 'auto' is reserved (it lets the engine choose)")
         adapters[name] = path
     return adapters
 
@@ -135,6 +156,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--output goes with --requests (--prompt prints its completion)")
     if args.use is not None and args.prompt is None:
         raise UsageError("--use goes with --prompt (requests name their adapter)")
+    if args.stream and args.prompt is None:
+        raise UsageError("--stream goes with --prompt (--requests writes whole JSONL lines)")
     check_engine_flags(args)
 
 
@@ -178,13 +201,24 @@ def _offload_config(args: argparse.Namespace):
     return config
 
 
-def load_engine(args: argparse.Namespace, adapters: dict[str, str], offload):
+def adapter_profiles(args: argparse.Namespace, adapters: dict[str, str]) -> dict[str, str]:
+    """``--adapter-profile NAME=DIR`` by adapter name (each naming an ``--adapter``)."""
+    profiles = _adapters(args.adapter_profile, "--adapter-profile")
+    unknown = sorted(set(profiles) - set(adapters))
+    if unknown:
+        raise UsageError(f"--adapter-profile '{unknown[0]}': no such --adapter")
+    return profiles
+
+
+def load_engine(args: argparse.Namespace, adapters: dict[str, str], profiles: dict[str, str], offload):
     """The engine of ``--model`` (offloaded as ``offload`` says) with ``adapters`` loaded and checked."""
     from ..runtime import MultiAdapterEngine
 
     engine = MultiAdapterEngine.from_pretrained(args.model, offload=offload)
     for name, path in adapters.items():
-        engine.add_adapter(name, path, allow_base_mismatch=args.allow_base_mismatch)
+        engine.add_adapter(
+            name, path, allow_base_mismatch=args.allow_base_mismatch, profile=profiles.get(name)
+        )
     return engine
 
 
@@ -204,20 +238,31 @@ def run(args: argparse.Namespace) -> int:
     )
     config.validate()
     if args.prompt is not None:
-        if args.use is not None and args.use not in adapters:
+        if args.use is not None and args.use != "auto" and args.use not in adapters:
             loaded = ", ".join(adapters) or "none"
             raise UsageError(f"--use '{args.use}': no such --adapter (loaded: {loaded})")
         requests = [Request(prompt=args.prompt, adapter=args.use, id=0)]
     else:
         requests = read_requests(args.requests, adapters=adapters)
+    profiles = adapter_profiles(args, adapters)
     offload = _offload_config(args)
-    engine = load_engine(args, adapters, offload)
+    engine = load_engine(args, adapters, profiles, offload)
     start = time.perf_counter()
-    completions = engine.generate(requests, config)
+    if args.stream:
+        handle = engine.submit(requests[0], config)
+        for event in handle.events():
+            print(event.text, end="", flush=True)
+        print(flush=True)
+        completions = [handle.result()]
+    else:
+        completions = engine.generate(requests, config)
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for c in completions)
     if args.prompt is not None:
-        print(completions[0].completion, flush=True)
+        if not args.stream:
+            print(completions[0].completion, flush=True)
+        if args.use == "auto":
+            print(f"adapter: {completions[0].adapter} (auto)", file=sys.stderr)
     else:
         write_json_lines(args.output, [c.to_json() for c in completions])
         print(

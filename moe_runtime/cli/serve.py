@@ -11,6 +11,7 @@ from ._common import add_verb
 from .generate import (
     _adapters,
     _offload_config,
+    adapter_profiles,
     add_model_flags,
     add_offload_flags,
     check_engine_flags,
@@ -94,9 +95,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"serve needs the 'serve' extra ({exc.name} is missing): pip install 'moe-runtime[serve]'"
         ) from None
+    profiles = adapter_profiles(args, adapters)
     offload = _offload_config(args)
     sock = bind(args.host, args.port)  # a busy port fails before the model loads
-    engine = load_engine(args, adapters, offload)
+    engine = load_engine(args, adapters, profiles, offload)
     try:
         app = create_app(
             engine,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from .arena import ArenaMemory, ExpertArena
-from .engine import MultiAdapterEngine
+from .engine import MultiAdapterEngine, RequestHandle
 from .executor import BaseExperts, ResidentExperts, SlotRoutedExecutor, TokenTerm
 from .generation import generate_batch
-from .requests import Completion, DecodeConfig, Request, read_requests
+from .profiles import RoutingProfile
+from .requests import Completion, DecodeConfig, Request, StreamEvent, read_requests
 
 __all__ = [
     "ArenaMemory",
@@ -15,6 +16,9 @@ __all__ = [
     "ExpertArena",
     "MultiAdapterEngine",
     "Request",
+    "RequestHandle",
+    "RoutingProfile",
+    "StreamEvent",
     "BaseExperts",
     "ResidentExperts",
     "SlotRoutedExecutor",

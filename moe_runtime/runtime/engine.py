@@ -7,15 +7,28 @@
     engine.remove_adapter("arith")                       # slots and owner row freed for reuse
 
 Requests of different adapters run together: the engine tells the slot-routed executor the owner of
-every row before each forward, and the generation loop drops finished rows from the batch. Adapters
-are read and handed over by their tuning method (``tuning.registry``); the base experts are the
-model's own or an offload tier's (``runtime.executor.BaseExperts``).
+every row before each forward. Adapters are read and handed over by their tuning method
+(``tuning.registry``); the base experts are the model's own or an offload tier's
+(``runtime.executor.BaseExperts``).
+
+Shape of the serving loop (continuous batching, :mod:`runtime.scheduler`): ``submit`` queues a
+request and returns a :class:`RequestHandle`; ``step()`` is one scheduling iteration (admit and
+prefill newcomers, one decode token for every live row, retire finished and cancelled rows) run in
+the caller's thread. ``start()`` runs ``step()`` in one background thread while there is work
+(``stop()`` joins it); without it, waiting on a handle, ``stream``, ``run`` and ``generate`` drive
+``step()`` in the waiting thread. One step runs at a time (a lock); adapters are added and removed
+between steps. ``submit``, ``cancel``, ``add_adapter`` and ``remove_adapter`` are safe from any thread.
+
+    handle = engine.submit(Request("12 + 35 =", adapter="auto", max_new_tokens=8))
+    for event in engine.stream(Request("def f(", temperature=0.7, seed=1, stop=["\\n"])):
+        print(event.text, end="", flush=True)
+    handle.result().adapter                                  # the adapter "auto" chose
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,13 +49,15 @@ from ..models import (
 from ..tuning.registry import method_of, read_adapter_dir
 from .arena import ArenaMemory, ExpertArena, TunedExperts
 from .executor import BaseExperts, ResidentExperts, SlotRoutedExecutor, TokenTerm
-from .generation import generate_batch, left_pad
+from .generation import left_pad
 from .linear_terms import LinearTerms
 from .offload import OffloadConfig, OffloadedExperts, load_offloaded_model
 from .offload.host import move_resident
-from .requests import Completion, DecodeConfig, Request
+from .profiles import RoutingProfile, closest_profile, load_routing_profile
+from .requests import AUTO, Completion, DecodeConfig, Request, StreamEvent, check_sampling
+from .scheduler import RequestHandle, Row, Scheduler
 
-__all__ = ["MultiAdapterEngine", "eos_ids_of", "pad_id_of"]
+__all__ = ["MultiAdapterEngine", "RequestHandle", "eos_ids_of", "pad_id_of"]
 
 
 def eos_ids_of(model: nn.Module, tokenizer=None) -> set[int]:
@@ -72,6 +87,7 @@ class MultiAdapterEngine:
         max_chunks: adapter chunks a layer may hold before it is repacked (see :class:`ExpertArena`).
         offload: base experts left on a slow tier (a model from :func:`load_offloaded_model`);
             None keeps them resident. See :meth:`from_pretrained`.
+        max_batch_size: requests decoded together at most; more wait for a free row.
     """
 
     def __init__(
@@ -82,7 +98,10 @@ class MultiAdapterEngine:
         info: MoEModelInfo | None = None,
         max_chunks: int | None = 1,
         offload: OffloadedExperts | None = None,
+        max_batch_size: int = 64,
     ) -> None:
+        if max_batch_size <= 0:
+            raise UsageError(f"max_batch_size must be positive, got {max_batch_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.info = install(model, info)
@@ -91,9 +110,20 @@ class MultiAdapterEngine:
         self.executor = SlotRoutedExecutor(self.arena, self.base)
         self.executor.attach()
         self.linear_terms = LinearTerms(model, lambda: self.executor.token_owner)
-        # with the prompt's token ids and the owner id (checked once, at submit; an adapter named by
-        # a pending request cannot be removed, so the id stays valid)
-        self._pending: list[tuple[Request, list[int], int]] = []
+        self._scheduler = Scheduler(
+            model,
+            self.executor,
+            tokenizer,
+            eos_ids=lambda: eos_ids_of(model, tokenizer),
+            pad_id=pad_id_of(model, tokenizer),
+            unpadded=self.info.model_type in UNPADDED_FAMILIES,
+            threads=self.base.threads,
+            choose=self._choose_adapters,
+        )
+        self._scheduler.max_batch_size = max_batch_size
+        self._profiles: dict[str, RoutingProfile] = {}  # task routing profiles of "auto" candidates
+        self._thread: threading.Thread | None = None
+        self._stopping = False
         self._base_fingerprint: str | None = None  # computed at the first adapter load
         self._closed = False
 
@@ -130,6 +160,7 @@ class MultiAdapterEngine:
         """
         if self._closed:
             return
+        self.stop()
         self._closed = True
         self.linear_terms.close()
         self.executor.close()
@@ -168,6 +199,7 @@ class MultiAdapterEngine:
         adapter: str | Path | Any,
         *,
         allow_base_mismatch: bool = False,
+        profile: str | Path | RoutingProfile | None = None,
     ) -> None:
         """Load an adapter (a directory, or an object a tuning method's ``read`` returned) as ``name``.
 
@@ -178,23 +210,49 @@ class MultiAdapterEngine:
         targets and low-rank terms on the linear layers it targets. Adapters with our metadata are refused on a base model other than the one they were tuned
         on (whole-model fingerprint) unless ``allow_base_mismatch``.
 
+        ``profile`` (a routing profile directory or file, or a :class:`RoutingProfile`) is the task
+        routing profile that makes the adapter a candidate for requests with adapter ``"auto"``;
+        without it, the one the adapter directory stores (``routing_profile.json``, written by
+        ``tune``) is used, if any.
+
         Raises:
             AdapterError: the name is taken, or the adapter is missing, corrupt, does not fit this
                 base model, or changes weights every request shares (full).
+            UsageError: an unreadable profile, or one of another model shape.
         """
         self._check_open()
+        if name == AUTO:
+            raise AdapterError(
+                f"adapter name '{AUTO}' is reserved (requests name it to let the engine choose)"
+            )
         self.arena.check_new_name(name)  # before any file is read
+        directory = Path(adapter) if isinstance(adapter, (str, Path)) else getattr(adapter, "path", None)
         if isinstance(adapter, (str, Path)):
             method, adapter = read_adapter_dir(adapter)
         else:
             method = method_of(adapter)
+        if profile is None and directory is not None:
+            profile = load_routing_profile(directory, missing_ok=True)
+        elif profile is not None and not isinstance(profile, RoutingProfile):
+            profile = load_routing_profile(profile)
+        if profile is not None:
+            profile.check(self.info)
         if method.serve is None:
             raise AdapterError(
                 f"adapter '{getattr(adapter, 'path', name)}': a '{method.stored_name}' adapter changes weights "
                 "shared by every request and cannot be served per request (serve esft, LoRA or "
                 "routed-lora adapters, or merge it into the model)"
             )
-        method.serve(self, name, adapter, allow_base_mismatch)
+        with self._scheduler.step_lock, self._scheduler.lock:  # between steps; no submit meanwhile
+            self.arena.check_new_name(name)
+            method.serve(self, name, adapter, allow_base_mismatch)
+            if profile is not None:
+                self._profiles[name] = profile
+
+    @property
+    def profiled_adapters(self) -> list[str]:
+        """Loaded adapters with a task routing profile: the candidates of ``"auto"`` requests."""
+        return [name for name in self.arena.names if name in self._profiles]
 
     # the methods' serving hooks call back these (tuning.registry.ServingTarget) ------------------
 
@@ -227,17 +285,19 @@ class MultiAdapterEngine:
         """Unload an adapter; its slots are reused by the next load.
 
         Raises:
-            AdapterError: it is not loaded, or a pending request names it.
+            AdapterError: it is not loaded, or a live or waiting request names it.
         """
-        waiting = [r.id for r, _, _ in self._pending if r.adapter == name]
-        if waiting:
-            raise AdapterError(
-                f"adapter '{name}' is named by {len(waiting)} pending request(s) (first id {waiting[0]!r}); "
-                "run or cancel them before removing it"
-            )
-        self.executor.terms.pop(self.arena.owner(name), None)
-        self.linear_terms.remove(self.arena.owner(name))
-        self.arena.remove(name)
+        with self._scheduler.step_lock, self._scheduler.lock:
+            named = self._scheduler.named_adapters_locked()
+            if name in named:
+                raise AdapterError(
+                    f"adapter '{name}' is named by {named[name]} pending request(s); "
+                    "let them finish or cancel them before removing it"
+                )
+            self.executor.terms.pop(self.arena.owner(name), None)
+            self.linear_terms.remove(self.arena.owner(name))
+            self.arena.remove(name)
+            self._profiles.pop(name, None)
 
     def compact(self) -> None:
         """Repack adapter slots so each layer holds exactly its live tuned experts in one chunk."""
@@ -256,29 +316,132 @@ class MultiAdapterEngine:
 
     @property
     def pending(self) -> int:
-        """Requests submitted and not yet served."""
-        return len(self._pending)
+        """Requests submitted and not yet finished (waiting or live)."""
+        return self._scheduler.outstanding()
 
-    def submit(self, requests: Request | Iterable[Request]) -> None:
-        """Queue requests for the next :meth:`run`.
+    @property
+    def max_batch_size(self) -> int:
+        """Requests decoded together at most (the background thread's and ``step()``'s limit)."""
+        return self._scheduler.max_batch_size
+
+    @max_batch_size.setter
+    def max_batch_size(self, value: int) -> None:
+        if value <= 0:
+            raise UsageError(f"max_batch_size must be positive, got {value}")
+        self._scheduler.max_batch_size = value
+
+    def submit(
+        self, requests: Request | Iterable[Request], config: DecodeConfig | None = None
+    ) -> RequestHandle | list[RequestHandle]:
+        """Queue requests; they join the running batch at the next step.
+
+        ``config`` gives the defaults of requests that do not set their own (token limit, sampling,
+        EOS stops, logits); request i of a list samples with seed ``config.seed + i`` unless it has
+        its own seed. Without it: 32 tokens, greedy unless the request sets a temperature.
+
+        Returns:
+            A :class:`RequestHandle` (a list of them for a list of requests).
 
         Raises:
-            AdapterError: a request names an adapter that is not loaded.
-            UsageError: a bad prompt or token limit.
+            AdapterError: a request names an adapter that is not loaded (or ``"auto"`` while no
+                loaded adapter has a routing profile).
+            UsageError: a bad prompt, token limit, temperature, top_p or stop list.
         """
+        if config is not None:
+            config.validate()
+        if isinstance(requests, Request):
+            return self._submit([requests], config)[0]
+        return self._submit(list(requests), config)
+
+    def _submit(self, batch: list[Request], config: DecodeConfig | None = None) -> list[RequestHandle]:
         self._check_open()
-        batch = [requests] if isinstance(requests, Request) else list(requests)
-        encoded = []
-        for request in batch:
-            owner = self.arena.owner(request.adapter)
-            if request.max_new_tokens is not None and request.max_new_tokens <= 0:
-                raise UsageError(f"request {request.id!r}: max_new_tokens must be positive")
-            encoded.append((request, self._encode(request), owner))
-        self._pending.extend(encoded)
+        rows = []
+        for offset, request in enumerate(batch):
+            if not isinstance(request, Request):
+                raise UsageError(f"expected a Request, got {type(request).__name__}")
+            check_sampling(request)
+            handle = RequestHandle(request, self._drive)
+            rows.append(Row(handle, self._encode(request), None, request.adapter, config, offset))
+            handle._row = rows[-1]
+        with self._scheduler.lock:  # adapters do not change meanwhile (add/remove take this lock)
+            for row in rows:
+                if row.adapter == AUTO:
+                    if not any(name in self._profiles for name in self.arena.names):
+                        raise AdapterError(
+                            f"request {row.request.id!r}: adapter 'auto' needs a loaded adapter with a "
+                            "routing profile (tune writes one; or add_adapter(..., profile=DIR))"
+                        )
+                    row.adapter = None
+                else:
+                    row.owner = self.arena.owner(row.adapter)
+            self._scheduler.enqueue_locked(rows)
+        return [row.handle for row in rows]
 
     def cancel_pending(self) -> None:
-        """Drop every queued request."""
-        self._pending.clear()
+        """Cancel every request not yet finished (waiting ones never start; live ones stop at the
+        next step)."""
+        for handle in self._scheduler.handles():
+            handle.cancel()
+
+    def step(self) -> int:
+        """One scheduling iteration in this thread: admit and prefill waiting requests, one decode
+        step for every live row, retire finished and cancelled ones.
+
+        Returns:
+            Requests still live or waiting.
+        """
+        self._check_open()
+        return self._scheduler.step()
+
+    def start(self) -> None:
+        """Run ``step()`` in one background thread while there is work (idle otherwise)."""
+        self._check_open()
+        with self._scheduler.lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="moe-runtime-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop and join the background thread (live requests stay; a later ``step()`` or ``start()``
+        goes on with them)."""
+        with self._scheduler.lock:
+            thread, self._stopping = self._thread, True
+            self._scheduler.lock.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._thread = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the background thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        scheduler = self._scheduler
+        while True:
+            with scheduler.lock:
+                while not self._stopping and not scheduler.has_work_locked():
+                    scheduler.lock.wait()
+                if self._stopping:
+                    return
+            try:
+                scheduler.step()
+            except Exception:  # the live requests failed with it (their handles raise it)
+                continue
+
+    def _drive(self) -> bool:
+        """Run one step in the calling thread unless the background thread runs; True if it did."""
+        if self.running:
+            return False
+        self._check_open()
+        self._scheduler.step()
+        return True
+
+    def stream(self, request: Request) -> Iterator[StreamEvent]:
+        """Submit ``request`` and yield its events (token ids and text deltas) as they are decoded."""
+        return self.submit(request).events()
 
     def _encode(self, request: Request) -> list[int]:
         if isinstance(request.prompt, str) and self.tokenizer is None:
@@ -300,63 +463,44 @@ class MultiAdapterEngine:
         return ids
 
     def run(self, config: DecodeConfig | None = None) -> list[Completion]:
-        """Serve every pending request in mixed batches; completions in submission order."""
+        """Serve every request submitted and not yet returned (nor read through its handle) to the
+        end; completions in submission order.
+
+        ``config`` gives the defaults of requests that do not set their own (token limit, sampling:
+        request i of the run samples with seed ``config.seed + i``) and the batch size.
+        """
         self._check_open()
         config = config or DecodeConfig()
         config.validate()
-        pending, self._pending = self._pending, []
-        try:
-            with self.base.threads():
-                return self._serve(*map(list, zip(*pending)), config) if pending else []
-        except BaseException:
-            self._pending = pending + self._pending
-            raise
+        scheduler = self._scheduler
+        with scheduler.step_lock:
+            handles = scheduler.take_unclaimed()
+            for i, handle in enumerate(handles):
+                row = handle._row
+                if row.text is None:  # not admitted yet
+                    row.config, row.seed_offset = row.config or config, i
+        while not all(h.done for h in handles):
+            if self.running:
+                next(h for h in handles if not h.done)._wait(lambda: False, 0.5)
+            else:
+                self._check_open()
+                scheduler.step(config.max_batch_size)
+        return [h.result() for h in handles]
 
     def generate(self, requests: Iterable[Request], config: DecodeConfig | None = None) -> list[Completion]:
         """Submit ``requests`` and serve them (with anything already pending, which comes first)."""
-        self.submit(requests)
+        config = config or DecodeConfig()
+        config.validate()
+        self._submit(list(requests), config)
         return self.run(config)
 
-    def _serve(
-        self, requests: list[Request], prompts: list[list[int]], owner_ids: list[int], config: DecodeConfig
-    ) -> list[Completion]:
-        device = next(self.model.parameters()).device
-        owners = torch.tensor(owner_ids, dtype=torch.int64, device=device)
-        limits = [r.max_new_tokens or config.max_new_tokens for r in requests]
-        eos, pad = eos_ids_of(self.model, self.tokenizer), pad_id_of(self.model, self.tokenizer)
-        order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
-        groups = [order]
-        if self.info.model_type in UNPADDED_FAMILIES:  # one prompt length per wave: no row is padded
-            groups = [list(g) for _, g in itertools.groupby(order, key=lambda i: len(prompts[i]))]
-        waves = [
-            g[s : s + config.max_batch_size] for g in groups for s in range(0, len(g), config.max_batch_size)
-        ]
-        results: list[Completion | None] = [None] * len(requests)
-        for wave in waves:
-            wave_owners = owners[torch.tensor(wave, device=device)]
-
-            def before_forward(rows: torch.Tensor, seq_len: int, wave_owners=wave_owners) -> None:
-                self.executor.set_owners(wave_owners[rows], seq_len)
-
-            try:
-                generated = generate_batch(
-                    self.model,
-                    [prompts[i] for i in wave],
-                    [limits[i] for i in wave],
-                    config=config,
-                    eos_ids=eos,
-                    pad_id=pad,
-                    before_forward=before_forward,
-                    seeds=[config.seed + i for i in wave],
-                )
-            finally:
-                self.executor.clear_owners()
-            for i, out in zip(wave, generated):
-                text = (
-                    self.tokenizer.decode(out.token_ids, skip_special_tokens=True) if self.tokenizer else ""
-                )
-                results[i] = Completion(requests[i].id, requests[i].adapter, text, out.token_ids, out.logits)
-        return results  # type: ignore[return-value]
+    def _choose_adapters(self, counts: dict[int, torch.Tensor]) -> list[tuple[str, int]]:
+        """For each prompt (``counts {layer index: [B, E]}`` expert selections on the base model), the
+        profiled adapter whose task routing profile is closest, and its owner id."""
+        names = self.profiled_adapters
+        profiles = [self._profiles[n] for n in names]
+        chosen = closest_profile(counts, profiles)
+        return [(names[i], self.arena.owner(names[i])) for i in chosen]
 
     @torch.no_grad()
     def prompt_logits(self, requests: list[Request]) -> list[torch.Tensor]:
@@ -370,10 +514,13 @@ class MultiAdapterEngine:
         prompts = [self._encode(r) for r in requests]
         device = next(self.model.parameters()).device
         input_ids, mask, positions = left_pad(prompts, pad_id_of(self.model, self.tokenizer), device)
-        self.executor.set_owners(torch.tensor(owners, device=device), input_ids.shape[1])
-        try:
-            with self.base.threads():
-                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
-        finally:
-            self.executor.clear_owners()
+        with self._scheduler.step_lock:
+            self.executor.set_owners(torch.tensor(owners, device=device), input_ids.shape[1])
+            try:
+                with self.base.threads():
+                    logits = self.model(
+                        input_ids=input_ids, attention_mask=mask, position_ids=positions
+                    ).logits
+            finally:
+                self.executor.clear_owners()
         return [logits[i, input_ids.shape[1] - len(p) :] for i, p in enumerate(prompts)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
@@ -116,6 +116,9 @@ class SlotRoutedExecutor:
         self.token_owner: torch.Tensor | None = None
         self.terms: dict[int, TokenTerm] = {}  # per-token terms by owner id (routed LoRA)
         self._term_rows: list[tuple[TokenTerm, torch.Tensor]] = []
+        # called as observer(layer index, top_k_index [T, K]) in every MoE layer while set (the
+        # engine measures a prompt's routing for automatic adapter choice)
+        self.observer: Callable[[int, torch.Tensor], None] | None = None
 
     @property
     def info(self) -> MoEModelInfo:
@@ -202,6 +205,8 @@ class SlotRoutedExecutor:
     ) -> torch.Tensor:
         """One layer: ``hidden [T, H]``, ``top_k_index [T, K]``, ``top_k_weights [T, K]`` -> ``[T, H]``."""
         owners = self.owners_for(slots.layer.index, hidden)
+        if self.observer is not None:
+            self.observer(slots.layer.index, top_k_index)
         out = None
         for table, segments in self.base.passes(slots, hidden, owners, top_k_index):
             partial = slot_routed_experts(

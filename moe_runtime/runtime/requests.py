@@ -1,14 +1,15 @@
 """Requests and completions of the serving engine, and the JSONL requests file of ``generate``.
 
-A requests line is ``{"id": ..., "prompt": "...", "adapter": "NAME" or null, "max_new_tokens": N}``
-(only ``prompt`` is required); an output line is ``{"id", "adapter", "completion", "token_ids"}``.
+A requests line is ``{"id": ..., "prompt": "...", "adapter": "NAME", "auto" or null, "max_new_tokens": N,
+"temperature": T, "top_p": P, "seed": S, "stop": [...]}`` (only ``prompt`` is required); an output line is
+``{"id", "adapter", "completion", "token_ids"}`` (``adapter``: the one used, also for ``"auto"``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ import torch
 
 from ..errors import UsageError
 
-__all__ = ["Completion", "DecodeConfig", "Request", "read_requests"]
+__all__ = ["AUTO", "Completion", "DecodeConfig", "Request", "StreamEvent", "check_sampling", "read_requests"]
+
+AUTO = "auto"
+"""The adapter name that lets the engine choose the adapter whose routing profile fits the prompt."""
 
 
 @dataclass
@@ -25,15 +29,43 @@ class Request:
 
     Attributes:
         prompt: text (tokenized as ``tokenizer(prompt)`` does) or token ids.
-        adapter: name of a loaded adapter, or None for the base model.
-        max_new_tokens: tokens to generate at most; None takes ``DecodeConfig.max_new_tokens``.
+        adapter: name of a loaded adapter, None for the base model, or ``"auto"`` (the loaded adapter
+            whose task routing profile is closest to the prompt's routing).
+        max_new_tokens: tokens to generate at most; None takes the default (``DecodeConfig``, 32).
         id: echoed in the completion.
+        temperature: None or 0: greedy (unless ``generate``'s ``DecodeConfig`` samples); > 0: sample.
+        top_p: nucleus mass for sampling (default 1).
+        seed: seed of this request's own sampling generator (default 0), so its tokens never depend
+            on what else is batched.
+        stop: strings that end generation; the completion text is cut before the first one found.
     """
 
     prompt: str | list[int]
     adapter: str | None = None
     max_new_tokens: int | None = None
     id: Any = None
+    _: KW_ONLY
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+
+
+@dataclass
+class StreamEvent:
+    """What one request produced since its previous event.
+
+    Attributes:
+        token_ids: the new token ids (may be empty in the final event).
+        text: the new text (a delta; "" while a multi-byte character is incomplete or while the text
+            might be the start of a stop string; never text of a stop string).
+        finish_reason: None until the final event, then ``"stop"`` (EOS or a stop string),
+            ``"length"`` or ``"cancelled"``.
+    """
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -41,10 +73,13 @@ class Completion:
     """The result of one request.
 
     Attributes:
-        id, adapter: as in the request.
-        completion: the generated text (special tokens skipped).
+        id: as in the request.
+        adapter: the adapter used (for ``"auto"``, the one chosen; None: the base model).
+        completion: the generated text (special tokens skipped; cut before a stop string).
         token_ids: generated ids only, ending with the EOS id when generation stopped on it.
         logits: ``[len(token_ids), V]`` logits each token was chosen from, when requested.
+        finish_reason: ``"stop"`` (EOS or a stop string), ``"length"`` or ``"cancelled"``.
+        prompt_tokens: tokens in the prompt.
     """
 
     id: Any
@@ -52,6 +87,8 @@ class Completion:
     completion: str
     token_ids: list[int]
     logits: torch.Tensor | None = field(default=None, repr=False)
+    finish_reason: str = "length"
+    prompt_tokens: int = 0
 
     def to_json(self) -> dict:
         """The output line of ``moe-runtime generate``."""
@@ -102,7 +139,8 @@ class DecodeConfig:
 def _request_of(obj: object, where: str) -> Request:
     if not isinstance(obj, dict):
         raise UsageError(f"{where}: expected a JSON object with a 'prompt'")
-    unknown = sorted(set(obj) - {"id", "prompt", "adapter", "max_new_tokens"})
+    known = {"id", "prompt", "adapter", "max_new_tokens", "temperature", "top_p", "seed", "stop"}
+    unknown = sorted(set(obj) - known)
     if unknown:
         raise UsageError(f"{where}: unknown key '{unknown[0]}'")
     prompt = obj.get("prompt")
@@ -110,11 +148,48 @@ def _request_of(obj: object, where: str) -> Request:
         raise UsageError(f"{where}: 'prompt' must be a string")
     adapter = obj.get("adapter")
     if adapter is not None and (not isinstance(adapter, str) or not adapter):
-        raise UsageError(f"{where}: 'adapter' must be an adapter name or null")
+        raise UsageError(f"{where}: 'adapter' must be an adapter name, 'auto' or null")
     max_new = obj.get("max_new_tokens")
     if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new <= 0):
         raise UsageError(f"{where}: 'max_new_tokens' must be a positive integer")
-    return Request(prompt=prompt, adapter=adapter, max_new_tokens=max_new, id=obj.get("id"))
+    numbers = {}
+    for key in ("temperature", "top_p"):
+        value = obj.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UsageError(f"{where}: '{key}' must be a number")
+        numbers[key] = None if value is None else float(value)
+    seed = obj.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise UsageError(f"{where}: 'seed' must be an integer")
+    stop = obj.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
+        raise UsageError(f"{where}: 'stop' must be a non-empty string or a list of them")
+    request = Request(prompt, adapter, max_new, obj.get("id"), seed=seed, stop=stop, **numbers)
+    try:
+        check_sampling(request)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    return request
+
+
+def check_sampling(request: Request) -> None:
+    """Raises UsageError naming the first bad sampling field or token limit of ``request``."""
+    if request.max_new_tokens is not None and (
+        isinstance(request.max_new_tokens, bool)
+        or not isinstance(request.max_new_tokens, int)
+        or request.max_new_tokens <= 0
+    ):
+        raise UsageError(f"request {request.id!r}: max_new_tokens must be a positive integer")
+    if request.temperature is not None and not (0 <= request.temperature < float("inf")):
+        raise UsageError(f"request {request.id!r}: temperature must be >= 0, got {request.temperature}")
+    if request.top_p is not None and not 0 < request.top_p <= 1:
+        raise UsageError(f"request {request.id!r}: top_p must lie in (0, 1], got {request.top_p}")
+    if request.stop is not None and (
+        isinstance(request.stop, str) or not all(isinstance(s, str) and s for s in request.stop)
+    ):
+        raise UsageError(f"request {request.id!r}: stop must be a list of non-empty strings")
 
 
 def read_requests(path: str | Path, *, adapters: Collection[str] | None = None) -> list[Request]:
@@ -145,7 +220,7 @@ def read_requests(path: str | Path, *, adapters: Collection[str] | None = None) 
         except ValueError as exc:
             raise UsageError(f"{where}: not valid JSON ({exc})") from None
         request = _request_of(obj, where)
-        if adapters is not None and request.adapter is not None and request.adapter not in adapters:
+        if adapters is not None and request.adapter not in (None, AUTO) and request.adapter not in adapters:
             loaded = ", ".join(adapters) or "none"
             raise UsageError(f"{where}: adapter '{request.adapter}' is not loaded (loaded: {loaded})")
         if request.id is None:

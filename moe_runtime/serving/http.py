@@ -318,7 +318,11 @@ class _Service:
             if chat:
                 yield _sse(chunk("", first=True, token_ids=[] if ids else None))
             while True:
-                events = await self._in_pool(_drain, handle, _POLL_S)
+                try:
+                    events = await self._in_pool(_drain, handle, _POLL_S)
+                except Exception as exc:  # noqa: BLE001 - the engine failed this request; report in band
+                    yield _sse(error_body(f"generation failed: {exc}", type="server_error"))
+                    break
                 final = events[-1] if events and events[-1].finish_reason is not None else None
                 body = events[:-1] if final is not None else events
                 text = "".join(e.text for e in body)

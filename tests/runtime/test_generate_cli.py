@@ -83,6 +83,8 @@ def test_prompt_and_use(capsys, tmp_path, checkpoint, adapters):
         run_cli(capsys, *common, "--requests", _write(tmp_path / "r.jsonl", rows), "--output", output)[0] == 0
     )
     assert out == json.loads(output.read_text())["completion"] + "\n"
+    streamed = run_cli(capsys, *common, "--prompt", PROMPTS[0], "--use", "a", "--stream")
+    assert streamed[0] == 0 and streamed[1] == out  # the deltas add up to the same text, one final newline
 
 
 @pytest.mark.parametrize(
@@ -100,6 +102,8 @@ def test_prompt_and_use(capsys, tmp_path, checkpoint, adapters):
         ("use_unknown", "--use 'zzz': no such --adapter"),
         ("bad_spec", "expected NAME=DIR"),
         ("offload", "working set"),
+        ("stream_requests", "--stream goes with --prompt"),
+        ("auto_without_profiles", "routing profile"),
     ],
 )
 def test_bad_input_exit_2_without_output(capsys, tmp_path, checkpoint, adapters, case, expect):
@@ -130,6 +134,10 @@ def test_bad_input_exit_2_without_output(capsys, tmp_path, checkpoint, adapters,
         spec = str(adapters["a"])
     elif case == "offload":
         tail = ["--offload", "cpu", "--expert-budget", "1%"]
+    elif case == "stream_requests":
+        tail = ["--stream"]
+    elif case == "auto_without_profiles":
+        rows[1]["adapter"] = "auto"
     requests, output = _write(tmp_path / "req.jsonl", rows), tmp_path / "out.jsonl"
     argv = ["generate", "--model", checkpoint, "--adapter", spec, "--requests", requests, "--output", output]
     if case == "no_output":

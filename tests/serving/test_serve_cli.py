@@ -12,7 +12,7 @@ from moe_runtime.cli import main
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--adapter", "auto=x"], "--adapter 'auto': the name is reserved"),
+        (["--adapter", "auto=x"], "--adapter 'auto': the name 'auto' is reserved"),
         (["--adapter", "base=x"], "--adapter 'base': the name is reserved"),
         (["--adapter", "noequals"], "expected NAME=DIR"),
         (["--port", "70000"], "--port 70000: not a port number"),
