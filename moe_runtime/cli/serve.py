@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 
 from ..errors import UsageError
 from ._common import add_verb
@@ -113,7 +116,27 @@ def run(args: argparse.Namespace) -> int:
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
             print(f"note: listening on {args.host} without --api-key: anyone who can reach it may use it",
                   file=sys.stderr)  # fmt: skip
-        server.run()
+        with _sigterm_as_interrupt():
+            server.run()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: uvicorn has shut down gracefully, then re-raised it
+        print("moe-runtime serve: stopped", file=sys.stderr)
     finally:
         engine.close()
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops the server as Ctrl-C does (uvicorn re-raises the signal after its shutdown)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -23,20 +23,6 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz "
 
 
 @dataclass
-class FakeRequest:
-    """The contract's ``Request`` (used while the real one lacks the sampling fields)."""
-
-    prompt: Any
-    adapter: str | None = None
-    max_new_tokens: int | None = None
-    id: Any = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: list[str] | None = None
-
-
-@dataclass
 class FakeCompletion:
     id: Any
     adapter: str | None

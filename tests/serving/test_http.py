@@ -7,25 +7,15 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import fields
 
 import httpx
 import openai
 import pytest
-from helpers.fake_engine import EOS, FakeEngine, FakeRequest, FakeTokenizer, expected_tokens
+from helpers.fake_engine import EOS, FakeEngine, FakeTokenizer, expected_tokens
 
 from moe_runtime.serving.http import BoundServer, create_app
 
 TEMPLATE = "role: content lines"  # the fake tokenizer's own template (any non-empty string enables chat)
-
-
-@pytest.fixture(autouse=True)
-def contract_request(monkeypatch):
-    """Until the engine's ``Request`` has the sampling fields, requests are built as the contract's."""
-    from moe_runtime.runtime import requests
-
-    if "temperature" not in {f.name for f in fields(requests.Request)}:
-        monkeypatch.setattr(requests, "Request", FakeRequest)
 
 
 @contextlib.contextmanager
