@@ -7,14 +7,14 @@ import argparse
 from ..errors import UsageError
 from ._common import add_verb, budget_flag
 
-BENCHES = ("profile", "tune", "reroute", "offload", "esft-quality", "peft-mixed")
+BENCHES = ("profile", "tune", "reroute", "offload", "esft-quality", "peft-mixed", "serve", "auto-adapter")
 
 
 def register(sub) -> None:
     parser = add_verb(
         sub,
         "bench",
-        help="run a benchmark (profile, tune, reroute, offload, esft-quality, peft-mixed)",
+        help="run a benchmark (profile, tune, reroute, offload, esft-quality, peft-mixed, serve, auto-adapter)",
         description=(
             "Run one benchmark on the embedded model (or --model) and print a table; --json writes the "
             "numbers. Every figure is compared with a baseline measured in the same run."
@@ -26,6 +26,9 @@ def register(sub) -> None:
             "moe-runtime bench reroute --device cuda --dtype bfloat16 --json reroute_gpu.json",
             "moe-runtime bench offload --tier cpu --device cuda --json offload_gpu.json",
             "moe-runtime bench peft-mixed --repeats 3 --json bench_peft.json",
+            "moe-runtime bench serve --json bench_serve.json   # continuous vs static batching, Poisson arrivals",
+            "moe-runtime bench serve --requests 8 --loads 1,4 --serve-tokens 4,8 --adapter-steps 1   # seconds",
+            "moe-runtime bench auto-adapter --json bench_auto.json   # adapter 'auto' accuracy, 6 adapters",
         ],
         func=run,
     )
@@ -81,6 +84,46 @@ def register(sub) -> None:
         help="reroute: the model's dtype (default auto: the checkpoint's)",
     )
     parser.add_argument("--adapters", type=int, default=4, help="peft-mixed: peft LoRA adapters (default 4)")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=48,
+        metavar="N",
+        help="serve: requests in the Poisson trace (default 48)",
+    )
+    parser.add_argument(
+        "--loads",
+        default="0.5,2,6",
+        metavar="X,X,...",
+        help="serve: arrival rates as multiples of the single-request service rate (default 0.5,2,6: low, "
+        "moderate, high; the middle one is the moderate load of the targets)",
+    )
+    parser.add_argument(
+        "--serve-tokens",
+        default="16,32",
+        metavar="MIN,MAX",
+        help="serve: new tokens per request drawn from MIN..MAX, EOS ignored (default 16,32)",
+    )
+    parser.add_argument(
+        "--adapter-steps",
+        type=int,
+        default=3,
+        metavar="N",
+        help="serve, auto-adapter: ESFT steps of each of the six domain adapters (default 3)",
+    )
+    parser.add_argument(
+        "--auto-prompts",
+        type=int,
+        default=25,
+        metavar="N",
+        help="auto-adapter: held-out prompts per task (default 25, 8 tasks)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        help="serve, auto-adapter: keep the tuned adapters and task files here and reuse them (default: a "
+        "temporary directory)",
+    )
     parser.add_argument(
         "--new-tokens", type=int, default=16, help="peft-mixed: tokens generated per request (default 16)"
     )
@@ -187,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
         result = _bench_quality(args)
     elif args.name == "offload":
         result = _bench_offload(args)
+    elif args.name in ("serve", "auto-adapter"):
+        result = _bench_serving(args)
     elif args.name == "peft-mixed":
         from ..bench.peft_bench import bench_peft_mixed
 
@@ -204,11 +249,60 @@ def run(args: argparse.Namespace) -> int:
         from ..bench.quality_bench import format_table
 
         print(format_table(result))
+    elif args.name in ("serve", "auto-adapter"):
+        from ..bench.serve_bench import format_auto_table, format_serve_table
+
+        print(format_serve_table(result) if args.name == "serve" else format_auto_table(result))
     else:
         print(_table(result))
     if args.json:
         atomic_write_json(args.json, result)
     return 0
+
+
+def _serve_settings(args: argparse.Namespace):
+    from ..bench.serve_bench import ServeSettings
+
+    try:
+        loads = tuple(float(x) for x in args.loads.split(","))
+    except ValueError:
+        raise UsageError(f"--loads '{args.loads}': give numbers separated by commas, e.g. 0.5,2,6") from None
+    try:
+        low, high = (int(x) for x in args.serve_tokens.split(","))
+    except ValueError:
+        raise UsageError(f"--serve-tokens '{args.serve_tokens}': give MIN,MAX, e.g. 16,32") from None
+    if not loads or any(not x > 0 for x in loads):
+        raise UsageError(f"--loads '{args.loads}': loads must be positive")
+    if not 0 < low <= high:
+        raise UsageError(f"--serve-tokens '{args.serve_tokens}': need 0 < MIN <= MAX")
+    for flag, value in (("--requests", args.requests), ("--adapter-steps", args.adapter_steps),
+                        ("--auto-prompts", args.auto_prompts)):  # fmt: skip
+        if value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    return ServeSettings(
+        requests=args.requests,
+        loads=loads,
+        min_new_tokens=low,
+        max_new_tokens=high,
+        adapter_steps=args.adapter_steps,
+        auto_prompts=args.auto_prompts,
+    )
+
+
+def _bench_serving(args: argparse.Namespace) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    from ..bench.serve_bench import bench_auto_adapter, bench_serve
+
+    if args.model != "demo":
+        raise UsageError(f"--model {args.model}: bench {args.name} runs on the demo model and its tasks")
+    settings = _serve_settings(args)
+    run_bench = bench_serve if args.name == "serve" else bench_auto_adapter
+    if args.work_dir:
+        return run_bench(Path(args.work_dir), settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_bench(Path(tmp), settings)
 
 
 def _check_device(args: argparse.Namespace) -> None:

@@ -23,7 +23,10 @@ def register(sub) -> None:
             "--lora-top-k; perft-e: a LoRA per routed expert, frozen router; esft-lora: perft-e on the "
             "experts of --experts only; perft-s / perft-d: one / several always-on LoRAs), on the layers "
             "of --layers ('all', '12-23', or 'all:4,12-23:8' for more LoRA experts in higher layers). "
-            "Runs data-parallel under torchrun (rank 0 writes); --batch-size is the global batch."
+            "Runs data-parallel under torchrun (rank 0 writes); --batch-size is the global batch. The adapter "
+            "directory also gets routing_profile.json: the base model's expert frequencies on up to "
+            "--profile-tokens tokens of the training data, which 'auto' requests of generate/serve match "
+            "prompts against."
         ),
         examples=[
             "moe-runtime tune --model demo --data arith_train.jsonl --method esft --experts arith_cfg.json --out ad/",
@@ -41,6 +44,14 @@ def register(sub) -> None:
     parser.add_argument("--data", required=True, metavar="PATH", help="training JSONL")
     parser.add_argument("--out", required=True, metavar="DIR", help="adapter directory to write")
     parser.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps (default 100)")
+    parser.add_argument(
+        "--profile-tokens",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="training tokens whose base-model routing is stored as the adapter's routing profile, for "
+        "'auto' serving (0: none) (default 4096)",
+    )
     parser.add_argument(
         "--lr", type=float, default=1e-4, metavar="LR", help="peak learning rate (default 1e-4)"
     )
@@ -215,6 +226,9 @@ def _run_tune(method, args: argparse.Namespace) -> int:
         method.check_model(config, info)  # refused before any training
     tokenizer = load_tokenizer(args.model)
     features = encode_examples(tokenizer, examples, train.max_length, where=args.data)
+    if args.profile_tokens < 0:
+        raise UsageError(f"--profile-tokens must be >= 0, got {args.profile_tokens}")
+    routing = _routing_profile(model, tokenizer, examples, args) if args.profile_tokens else None
     init_distributed()
     job = TuneJob(
         model=model,
@@ -227,6 +241,10 @@ def _run_tune(method, args: argparse.Namespace) -> int:
         write=is_rank_zero(),
     )
     summary = method.tune(job, config)
+    if is_rank_zero() and routing is not None:
+        from ..runtime.profiles import write_routing_profile
+
+        write_routing_profile(args.out, routing)
     if is_rank_zero():
         print(
             f"trained {summary['what']} ({summary['trainable_params']:,} parameters) for "
@@ -234,6 +252,17 @@ def _run_tune(method, args: argparse.Namespace) -> int:
             f"adapter {summary['adapter_bytes'] / 1e6:.2f} MB -> {args.out}"
         )
     return 0
+
+
+def _routing_profile(model, tokenizer, examples, args: argparse.Namespace):
+    """The base model's routing on the training data (before training changes any weight)."""
+    from ..profiler import ProfileConfig, profile_model
+    from ..runtime.profiles import RoutingProfile
+
+    config = ProfileConfig(max_tokens=args.profile_tokens, max_length=args.max_length, progress=False)
+    meta, profiles = profile_model(model, tokenizer, {"task": examples}, config)
+    task = profiles["task"]
+    return RoutingProfile.from_counts(meta.layers, task.counts, task.tokens, task=Path(args.data).stem)
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -97,6 +97,11 @@ class RequestHandle:
 
     Without the engine's background thread, waiting on a handle (``result``, ``events``,
     ``next_event``) runs the engine's steps in the waiting thread.
+
+    Attributes:
+        request: the request.
+        submitted_at, first_token_at, finished_at: ``time.perf_counter()`` at submission, at its
+            first token and at its final event (None until then).
     """
 
     def __init__(self, request: Request, driver: Callable[[], bool]) -> None:
@@ -108,6 +113,9 @@ class RequestHandle:
         self._error: BaseException | None = None
         self._cancelled = False
         self._claimed = False  # read by its owner: not returned by the engine's run()
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
 
     @property
     def done(self) -> bool:
@@ -169,6 +177,11 @@ class RequestHandle:
                     self._cond.wait(0.5 if remaining is None else min(remaining, 0.5))
 
     def _push(self, event: StreamEvent, completion: Completion | None = None) -> None:
+        now = time.perf_counter()
+        if self.first_token_at is None and event.token_ids:
+            self.first_token_at = now
+        if completion is not None:
+            self.finished_at = now
         with self._cond:
             self._events.append(event)
             if completion is not None:

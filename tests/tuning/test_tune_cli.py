@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers.torchrun import run_torchrun
@@ -82,6 +83,22 @@ def test_tune_then_eval_lowers_loss(capsys, tmp_path, f32_checkpoint, data, expe
     assert tuned["loss"] < base["loss"]
     assert json.loads((tmp_path / "e.json").read_text())["loss"] == tuned["loss"]
     assert not (tmp_path / "ad.checkpoints").exists()
+    if method == "esft":  # the routing profile 'auto' serving matches prompts against: the profiler's own
+        from moe_runtime.data import read_examples
+        from moe_runtime.models import find_moe_layers, load_model, load_tokenizer
+        from moe_runtime.profiler import ProfileConfig, profile_model
+        from moe_runtime.runtime.profiles import RoutingProfile, load_routing_profile
+
+        stored = load_routing_profile(tmp_path / "ad")
+        model = load_model(f32_checkpoint)
+        stored.check(find_moe_layers(model))
+        config = ProfileConfig(max_tokens=4096, max_length=512, progress=False)
+        meta, profiles = profile_model(
+            model, load_tokenizer(f32_checkpoint), {"t": read_examples(data)}, config
+        )
+        expected = RoutingProfile.from_counts(meta.layers, profiles["t"].counts)
+        assert stored.layers == expected.layers and stored.tokens == profiles["t"].tokens
+        np.testing.assert_allclose(stored.frequencies, expected.frequencies, atol=1e-7)
 
 
 def test_resume_gives_the_uninterrupted_adapter(tmp_path, f32_checkpoint, data, experts_cfg):
