@@ -190,6 +190,11 @@ BAD = [
     ("stop of numbers", {"model": "base", "prompt": "hi", "stop": [1]}, "'stop' must be"),
     ("n > 1", {"model": "base", "prompt": "hi", "n": 2}, "'n' must be 1"),
     (
+        "stream_options without stream",
+        {"model": "base", "prompt": "hi", "stream_options": {"include_usage": True}},
+        "'stream_options' goes with 'stream': true",
+    ),
+    (
         "penalty",
         {"model": "base", "prompt": "hi", "presence_penalty": 0.5},
         "'presence_penalty' is not supported",
@@ -364,3 +369,24 @@ def test_concurrent_clients_get_their_own_tokens(server):
 
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(one, range(24)))
+
+
+def test_other_accepted_shapes(server):
+    """A batch of one prompt, chat content as text parts, ignored harmless fields."""
+    want = text_of(expected_tokens(FakeTokenizer()("hi")["input_ids"], None, 3))
+    for prompt in (["hi"], [[b + 1 for b in b"hi"]]):
+        body = {"model": "base", "prompt": prompt, "max_tokens": 3, "temperature": 0, "user": "u", "n": 1}
+        assert httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]["text"] == want
+    parts = [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]
+    body = {
+        "model": "base",
+        "messages": [{"role": "user", "content": parts}],
+        "max_tokens": 3,
+        "temperature": 0,
+    }
+    plain = dict(body, messages=[{"role": "user", "content": "hello"}])
+    answer = httpx.post(server.url + "/v1/chat/completions", json=body).json()
+    assert (
+        answer["choices"][0]["message"]
+        == httpx.post(server.url + "/v1/chat/completions", json=plain).json()["choices"][0]["message"]
+    )

@@ -36,3 +36,21 @@ def test_a_busy_port_exits_2_before_the_model_loads(capsys):
         assert main(["serve", "--model", "/nonexistent/model", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1, err
+
+
+def test_the_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
+    from moe_runtime.cli import build_parser
+    from moe_runtime.cli.serve import API_KEY_ENV, _check_args
+
+    parse = build_parser().parse_args
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    args = parse(["serve", "--model", "demo"])
+    _check_args(args)
+    assert args.api_key is None
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    args = parse(["serve", "--model", "demo"])
+    _check_args(args)
+    assert args.api_key == "from-env"
+    args = parse(["serve", "--model", "demo", "--api-key", "from-flag"])
+    _check_args(args)
+    assert args.api_key == "from-flag"
