@@ -61,8 +61,10 @@ def test_the_check_finds_a_concrete_import():
     "path",
     [
         *sorted((PACKAGE / "runtime").rglob("*.py")),
+        *sorted((PACKAGE / "serving").rglob("*.py")),
         PACKAGE / "cli" / "tune.py",
         PACKAGE / "cli" / "generate.py",
+        PACKAGE / "cli" / "serve.py",
     ],
     ids=lambda p: str(p.relative_to(PACKAGE)),
 )

@@ -12,12 +12,12 @@ import traceback
 import warnings
 
 from ..errors import UsageError
-from . import bench, convert, demo, export, generate, profile, select, simulate, tune
+from . import bench, convert, demo, export, generate, profile, select, serve, simulate, tune
 from ._common import close_distributed
 
 __all__ = ["main", "build_parser"]
 
-_VERBS = (demo, profile, select, tune, generate, export, convert, simulate, bench)
+_VERBS = (demo, profile, select, tune, generate, serve, export, convert, simulate, bench)
 
 EPILOG = """examples:
   moe-runtime demo
@@ -25,6 +25,7 @@ EPILOG = """examples:
   moe-runtime profile --model demo --task arith=arith.jsonl --task code=code.jsonl --out prof/ --trace
   moe-runtime select --profile prof/ --task arith --score token --out arith_cfg.json
   moe-runtime generate --model demo --offload disk --expert-budget 25% --prompt '12 + 35 ='
+  moe-runtime serve --model demo --adapter arith=ad/arith --port 8000
   moe-runtime simulate --trace prof/ --budget 25%
   moe-runtime export --model ./base --adapter ./arith-esft --out ./base-arith
   moe-runtime convert --adapter ./my-lora --to peft --out ./my-lora-peft

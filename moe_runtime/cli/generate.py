@@ -40,28 +40,8 @@ def register(sub) -> None:
         ],
         func=run,
     )
-    parser.add_argument("--model", required=True, help="local checkpoint directory or 'demo'")
-    parser.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="NAME=DIR",
-        help="load an adapter directory (ESFT or routed LoRA) under NAME (repeatable)",
-    )
-    parser.add_argument(
-        "--allow-base-mismatch",
-        action="store_true",
-        help="load adapters tuned on other base weights (refused by default)",
-    )
+    add_model_flags(parser)
     parser.add_argument("--prompt", metavar="TEXT", help="one prompt; its completion is printed")
-    parser.add_argument(
-        "--adapter-profile",
-        action="append",
-        default=[],
-        metavar="NAME=DIR",
-        help="task routing profile of adapter NAME for 'auto' (a profile's task directory PROFILE/TASK or a "
-        "routing_profile.json; default: the one tune stored in the adapter directory) (repeatable)",
-    )
     parser.add_argument(
         "--use", metavar="NAME", help="adapter for --prompt: a name, or 'auto' (default: the base model)"
     )
@@ -84,6 +64,36 @@ def register(sub) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=64, metavar="B", help="requests decoded together (default 64)"
     )
+    add_offload_flags(parser)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--model, --adapter NAME=DIR, --adapter-profile, --allow-base-mismatch (shared with ``serve``)."""
+    parser.add_argument("--model", required=True, help="local checkpoint directory or 'demo'")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="load an adapter directory (ESFT or routed LoRA) under NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--adapter-profile",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="task routing profile of adapter NAME for 'auto' (a profile's task directory PROFILE/TASK or a "
+        "routing_profile.json; default: the one tune stored in the adapter directory) (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="load adapters tuned on other base weights (refused by default)",
+    )
+
+
+def add_offload_flags(parser: argparse.ArgumentParser) -> None:
+    """--offload, --expert-budget, --cache-policy, --pin-profile, --prefetch (shared with ``serve``)."""
     parser.add_argument(
         "--offload",
         choices=("none", "cpu", "disk"),
@@ -144,12 +154,17 @@ def _check_args(args: argparse.Namespace) -> None:
         check_output_file(args.output)  # refused before the model loads, not after generation
     if args.prompt is not None and args.output:
         raise UsageError("--output goes with --requests (--prompt prints its completion)")
-    if args.allow_base_mismatch and not args.adapter:
-        raise UsageError("--allow-base-mismatch goes with --adapter")
     if args.use is not None and args.prompt is None:
         raise UsageError("--use goes with --prompt (requests name their adapter)")
     if args.stream and args.prompt is None:
         raise UsageError("--stream goes with --prompt (--requests writes whole JSONL lines)")
+    check_engine_flags(args)
+
+
+def check_engine_flags(args: argparse.Namespace) -> None:
+    """The checks of :func:`add_model_flags` and :func:`add_offload_flags` flags (before anything loads)."""
+    if args.allow_base_mismatch and not args.adapter:
+        raise UsageError("--allow-base-mismatch goes with --adapter")
     if args.offload == "none" and (
         args.expert_budget is not None or args.prefetch or args.pin_profile or args.cache_policy != "lru"
     ):
@@ -186,9 +201,30 @@ def _offload_config(args: argparse.Namespace):
     return config
 
 
+def adapter_profiles(args: argparse.Namespace, adapters: dict[str, str]) -> dict[str, str]:
+    """``--adapter-profile NAME=DIR`` by adapter name (each naming an ``--adapter``)."""
+    profiles = _adapters(args.adapter_profile, "--adapter-profile")
+    unknown = sorted(set(profiles) - set(adapters))
+    if unknown:
+        raise UsageError(f"--adapter-profile '{unknown[0]}': no such --adapter")
+    return profiles
+
+
+def load_engine(args: argparse.Namespace, adapters: dict[str, str], profiles: dict[str, str], offload):
+    """The engine of ``--model`` (offloaded as ``offload`` says) with ``adapters`` loaded and checked."""
+    from ..runtime import MultiAdapterEngine
+
+    engine = MultiAdapterEngine.from_pretrained(args.model, offload=offload)
+    for name, path in adapters.items():
+        engine.add_adapter(
+            name, path, allow_base_mismatch=args.allow_base_mismatch, profile=profiles.get(name)
+        )
+    return engine
+
+
 def run(args: argparse.Namespace) -> int:
     from ..io import write_json_lines
-    from ..runtime import DecodeConfig, MultiAdapterEngine, Request, read_requests
+    from ..runtime import DecodeConfig, Request, read_requests
 
     _check_args(args)
     adapters = _adapters(args.adapter)
@@ -208,16 +244,9 @@ def run(args: argparse.Namespace) -> int:
         requests = [Request(prompt=args.prompt, adapter=args.use, id=0)]
     else:
         requests = read_requests(args.requests, adapters=adapters)
-    profiles = _adapters(args.adapter_profile, "--adapter-profile")
-    unknown = sorted(set(profiles) - set(adapters))
-    if unknown:
-        raise UsageError(f"--adapter-profile '{unknown[0]}': no such --adapter")
+    profiles = adapter_profiles(args, adapters)
     offload = _offload_config(args)
-    engine = MultiAdapterEngine.from_pretrained(args.model, offload=offload)
-    for name, path in adapters.items():
-        engine.add_adapter(
-            name, path, allow_base_mismatch=args.allow_base_mismatch, profile=profiles.get(name)
-        )
+    engine = load_engine(args, adapters, profiles, offload)
     start = time.perf_counter()
     if args.stream:
         handle = engine.submit(requests[0], config)
