@@ -1,14 +1,17 @@
 """Merge an adapter into its base model and write a standard checkpoint (``moe-runtime export``).
 
-    base checkpoint dir --load--> model --method.merge(adapter)--> changed parameters
+    base checkpoint dir --meta skeleton (LazyCheckpoint)--> method.merge(adapter) reads only the
+        parameters it changes (safe_open + transformers' conversion), merges into them
         changed parameters --transformers' reverse conversion--> the checkpoint's own names and layout
         (per-expert ``experts.<e>.w1.weight`` or fused ``experts.gate_up_proj``, as the base stores them)
     source shards, tensor by tensor (safe_open) --replace changed / copy the rest--> shards of at most
         max_shard_bytes, each written as soon as it is full, + model.safetensors.index.json
     config.json (dtype), generation_config.json, tokenizer and other small files are copied
 
-The output loads with ``AutoModelForCausalLM.from_pretrained`` alone. Only the base model and one
-output shard are in memory at a time. Everything is written under a temporary name and renamed into
+The output loads with ``AutoModelForCausalLM.from_pretrained`` alone. In memory at a time: the
+changed parameters and one output shard (the base fingerprint check reads the rest one tensor at a
+time); the base model is never loaded whole, unless its model holds tensors the files do not store
+(buffers made at init), then it is. Everything is written under a temporary name and renamed into
 place at the end.
 """
 
@@ -151,6 +154,21 @@ def _copy_small_files(source: Path, out: Path, dtype: torch.dtype | None) -> Non
             shutil.copy2(file, out / file.name)
 
 
+def _merge_target(source: Path, model: str | Path, files: dict[str, list[str]], dtype: torch.dtype | None):
+    """The base model as a :class:`LazyCheckpoint` (nothing read yet), or loaded whole when its model
+    holds tensors the files do not store."""
+    from .lazy import LazyCheckpoint, LoadedCheckpoint
+
+    try:
+        lazy = LazyCheckpoint(source, [source / name for name in files], dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UsageError(f"model '{model}': cannot build the model from its config ({first})") from None
+    if lazy.stores_everything():
+        return lazy
+    return LoadedCheckpoint(load_model(source, dtype=dtype))
+
+
 def export_merged(
     model: str | Path,
     adapter: str | Path,
@@ -188,8 +206,8 @@ def export_merged(
         )
     source = resolve_model_path(model)
     files = _source_weights(source)
-    net = load_model(source, dtype=target_dtype)
-    net, changed_names = method.merge(net, loaded, allow_base_mismatch)
+    target = _merge_target(source, model, files, target_dtype)
+    net, changed_names = method.merge(target, loaded, allow_base_mismatch)
     params = dict(net.named_parameters())
     with torch.no_grad():
         changed = _to_checkpoint_names(net, {name: params[name].detach() for name in changed_names})

@@ -57,17 +57,25 @@ def _apply(model: nn.Module, adapter: ESFTAdapter, allow_base_mismatch: bool) ->
     return model
 
 
-def _merge(model: nn.Module, adapter: ESFTAdapter, allow_base_mismatch: bool) -> tuple[nn.Module, list[str]]:
-    """Merge the tuned experts in place; the changed parameters are the fused expert parameters of
-    every layer with a tuned expert, and the shared-expert / non-expert weights the adapter holds."""
-    info = find_moe_layers(model)
-    _apply(model, adapter, allow_base_mismatch)
-    changed = sorted(
+def _merge(target, adapter: ESFTAdapter, allow_base_mismatch: bool) -> tuple[nn.Module, list[str]]:
+    """Read the fused expert parameters of every layer with a tuned expert and the shared-expert /
+    non-expert weights the adapter holds, then merge into them (those are the changed parameters)."""
+    info, model = target.info, target.model
+    adapter.check_selection(info)
+    params = dict(model.named_parameters())
+    experts = sorted(
         f"{info.by_index(layer).experts_name}.{name}"
-        for layer in {layer for layer, _ in adapter.experts}
+        for layer, ids in adapter.selection.experts.items()
+        if ids
         for name in info.by_index(layer).layout.param_names()
     )
-    return model, changed + sorted(adapter.others)
+    others = sorted({name for key in adapter.tensors for name in (key, f"model.{key}") if name in params})
+    target.materialize(experts + others)
+    adapter.check(
+        model, info, base_fingerprint=target.base_fingerprint, allow_base_mismatch=allow_base_mismatch
+    )
+    adapter.merge_into(model, info)
+    return model, experts + sorted(adapter.others)
 
 
 def _serve(target, name: str, adapter: ESFTAdapter, allow_base_mismatch: bool) -> None:

@@ -110,13 +110,17 @@ def apply_lora(model: nn.Module, adapter: LoraAdapter, allow_base_mismatch: bool
 
 
 def merge_lora(
-    model: nn.Module, adapter: LoraAdapter, allow_base_mismatch: bool = False
+    target, adapter: LoraAdapter, allow_base_mismatch: bool = False
 ) -> tuple[nn.Module, list[str]]:
-    """Merge into ``model`` (checked against the base fingerprint); the changed parameter names too."""
-    from ..peft_lora import PeftLoraAdapter, merge_peft, read_peft_config
+    """Merge into ``target.model`` (a registry ``MergeTarget``, checked against the base fingerprint);
+    the changed parameter names too."""
+    from ..peft_lora import PeftLoraAdapter, merge_peft_target, read_peft_config
 
-    check_base(adapter.meta, model, adapter.path, allow_base_mismatch=allow_base_mismatch)
-    return merge_peft(model, PeftLoraAdapter(adapter.path, read_peft_config(adapter.path), adapter.meta))
+    if not allow_base_mismatch and adapter.meta.get("base_fingerprint") != target.base_fingerprint():
+        raise AdapterError(f"adapter '{adapter.path}': tuned from different base weights than this model")
+    return merge_peft_target(
+        target, PeftLoraAdapter(adapter.path, read_peft_config(adapter.path), adapter.meta)
+    )
 
 
 def _serve(target, name: str, adapter: LoraAdapter, allow_base_mismatch: bool) -> None:
