@@ -27,8 +27,9 @@ from safetensors.torch import save_file
 
 from ..errors import AdapterError, UsageError
 from ..io import atomic_dir, atomic_write_json, check_output_dir
-from ..models import load_model, resolve_model_path
+from ..models import resolve_model_path
 from ..tuning.registry import read_adapter_dir
+from .lazy import open_base
 
 __all__ = ["DTYPES", "export_merged", "parse_size"]
 
@@ -64,7 +65,7 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _source_weights(path: Path) -> dict[str, list[str]]:
+def source_weights(path: Path) -> dict[str, list[str]]:
     """Source safetensors files in order, each with its tensor names in file order."""
     index = path / INDEX
     if index.exists():
@@ -154,21 +155,6 @@ def _copy_small_files(source: Path, out: Path, dtype: torch.dtype | None) -> Non
             shutil.copy2(file, out / file.name)
 
 
-def _merge_target(source: Path, model: str | Path, files: dict[str, list[str]], dtype: torch.dtype | None):
-    """The base model as a :class:`LazyCheckpoint` (nothing read yet), or loaded whole when its model
-    holds tensors the files do not store."""
-    from .lazy import LazyCheckpoint, LoadedCheckpoint
-
-    try:
-        lazy = LazyCheckpoint(source, [source / name for name in files], dtype)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise UsageError(f"model '{model}': cannot build the model from its config ({first})") from None
-    if lazy.stores_everything():
-        return lazy
-    return LoadedCheckpoint(load_model(source, dtype=dtype))
-
-
 def export_merged(
     model: str | Path,
     adapter: str | Path,
@@ -205,8 +191,8 @@ def export_merged(
             f"adapter '{adapter}': a {method.stored_name} adapter cannot be exported: {method.unmergeable}"
         )
     source = resolve_model_path(model)
-    files = _source_weights(source)
-    target = _merge_target(source, model, files, target_dtype)
+    files = source_weights(source)
+    target = open_base(model, [source / name for name in files], target_dtype)
     net, changed_names = method.merge(target, loaded, allow_base_mismatch)
     params = dict(net.named_parameters())
     with torch.no_grad():

@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import UsageError
 from ..models import MoEModelInfo, find_moe_layers, model_fingerprint
 
-__all__ = ["LazyCheckpoint", "LoadedCheckpoint", "NotStored"]
+__all__ = ["LazyCheckpoint", "LoadedCheckpoint", "NotStored", "open_base"]
 
 _FINGERPRINT_SKIPPED = ("inv_freq", "original_inv_freq")
 
@@ -168,3 +168,23 @@ class LoadedCheckpoint:
         if not hasattr(self, "_fingerprint"):
             self._fingerprint = model_fingerprint(self.model)
         return self._fingerprint
+
+
+def open_base(model: str | Path, files: list[Path], dtype: torch.dtype | None = None):
+    """The base model as a :class:`LazyCheckpoint` (nothing read yet), or a :class:`LoadedCheckpoint`
+    when its model holds tensors the files do not store.
+
+    Raises:
+        UsageError: the model cannot be built from its config.
+    """
+    from ..models import load_model, resolve_model_path
+
+    source = resolve_model_path(model)
+    try:
+        lazy = LazyCheckpoint(source, files, dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UsageError(f"model '{model}': cannot build the model from its config ({first})") from None
+    if lazy.stores_everything():
+        return lazy
+    return LoadedCheckpoint(load_model(source, dtype=dtype))
