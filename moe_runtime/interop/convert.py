@@ -99,8 +99,8 @@ def _official_to_ours(adapter, model: str | Path, out: Path) -> None:
 
 
 def _esft_lora_to_official(adapter, model: str | Path, out: Path) -> None:
-    """The merged experts of an esft-lora-merge adapter as an official ESFT directory (reads only
-    the base experts of the selected layers)."""
+    """The merged experts of an esft-lora-merge adapter as an official ESFT directory (holds one
+    layer's base experts at a time)."""
     from safetensors.torch import save_file
 
     from ..io import atomic_write_json
@@ -111,18 +111,17 @@ def _esft_lora_to_official(adapter, model: str | Path, out: Path) -> None:
     target = open_base(model, [source / name for name in source_weights(source)])
     info = target.info
     adapter.check_selection(info)
-    target.materialize(
-        f"{info.by_index(layer).experts_name}.{name}"
-        for layer, ids in adapter.selection.experts.items()
-        if ids
-        for name in info.by_index(layer).layout.param_names()
-    )
-    adapter.check(target.model, info, base_fingerprint=target.base_fingerprint)
-    tensors = {
-        f"{info.by_index(layer).experts_name}.{expert}.{name}": tensor.contiguous()
-        for (layer, expert), classic in adapter.merge_experts(info).items()
-        for name, tensor in classic.items()
-    }
+    adapter.check(target.model, info, base_fingerprint=target.base_fingerprint, parts=target.parts)
+    tensors = {}
+    for index in sorted({layer for layer, _ in adapter.factors}):  # one layer's experts in memory at a time
+        layer = info.by_index(index)
+        names = [f"{layer.experts_name}.{name}" for name in layer.layout.param_names()]
+        target.materialize(names)
+        for layer_index, expert in sorted(adapter.factors):
+            if layer_index == index:
+                for name, tensor in adapter.merged_expert(info, index, expert).items():
+                    tensors[f"{layer.experts_name}.{expert}.{name}"] = tensor.contiguous()
+        target.release(names)
     with atomic_dir(out) as tmp:
         atomic_write_json(tmp / "expert_cfg.json", adapter.selection.to_json())
         save_file(tensors, str(tmp / "adapter.safetensors"), metadata={"format": "pt", "method": "esft"})

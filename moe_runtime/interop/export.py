@@ -155,6 +155,31 @@ def _copy_small_files(source: Path, out: Path, dtype: torch.dtype | None) -> Non
             shutil.copy2(file, out / file.name)
 
 
+def _changed_only(
+    source: Path, model: str | Path, converted: dict[str, torch.Tensor], stored: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """The merged tensors (checkpoint names) that differ from the stored ones, as copies; tensors equal
+    to the stored ones (experts of a merged layer the adapter did not tune) are left to the copy pass."""
+    unknown = sorted(set(converted) - set(stored))
+    if unknown:
+        raise UsageError(
+            f"model '{model}': merged weight {unknown[0]} has no tensor of that name in the checkpoint files "
+            "(the checkpoint uses names this transformers version does not convert back to)"
+        )
+    out = {}
+    for name, value in converted.items():
+        with safe_open(str(source / stored[name]), "pt") as handle:
+            original = handle.get_tensor(name)
+        if tuple(value.shape) != tuple(original.shape):
+            raise UsageError(
+                f"model '{model}': merged weight {name} has shape {tuple(value.shape)}, "
+                f"the checkpoint stores {tuple(original.shape)}"
+            )
+        if not torch.equal(value, original.to(value.dtype)):
+            out[name] = value.clone()
+    return out
+
+
 def export_merged(
     model: str | Path,
     adapter: str | Path,
@@ -193,33 +218,26 @@ def export_merged(
     source = resolve_model_path(model)
     files = source_weights(source)
     target = open_base(model, [source / name for name in files], target_dtype)
-    net, changed_names = method.merge(target, loaded, allow_base_mismatch)
-    params = dict(net.named_parameters())
-    with torch.no_grad():
-        changed = _to_checkpoint_names(net, {name: params[name].detach() for name in changed_names})
     stored = {name: file for file, names in files.items() for name in names}
-    unknown = sorted(set(changed) - set(stored))
-    if unknown:
-        raise UsageError(
-            f"model '{model}': merged weight {unknown[0]} has no tensor of that name in the checkpoint files "
-            "(the checkpoint uses names this transformers version does not convert back to)"
-        )
+    changed: dict[str, torch.Tensor] = {}
+    for net, names in method.merge(target, loaded, allow_base_mismatch):
+        params = dict(net.named_parameters())
+        with torch.no_grad():
+            converted = _to_checkpoint_names(net, {name: params[name].detach() for name in names})
+        changed.update(_changed_only(source, model, converted, stored))
+        del converted, params
+        target.release(names)
+    net, changed_count = target.model, len(changed)
     with atomic_dir(out) as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes)
         for file, names in files.items():
             with safe_open(str(source / file), "pt") as handle:
                 for name in names:
-                    original = handle.get_slice(name)
-                    value = changed.get(name)
+                    value = changed.pop(name, None)
                     if value is None:
                         value = handle.get_tensor(name)
-                    elif tuple(value.shape) != tuple(original.get_shape()):
-                        raise UsageError(
-                            f"model '{model}': merged weight {name} has shape {tuple(value.shape)}, "
-                            f"the checkpoint stores {tuple(original.get_shape())}"
-                        )
                     elif target_dtype is None:
-                        value = value.to(_SAFETENSORS_DTYPES[original.get_dtype()])
+                        value = value.to(_SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()])
                     if target_dtype is not None and value.is_floating_point():
                         value = value.to(target_dtype)
                     writer.add(name, value)
@@ -232,7 +250,7 @@ def export_merged(
     return {
         "out": str(out),
         "method": method.name,
-        "changed_tensors": len(changed),
+        "changed_tensors": changed_count,
         "shards": shards,
         "total_bytes": writer.total,
     }

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..models import MoEModelInfo, find_moe_layers, model_fingerprint
+from ..models.weights import split_slices
 
 __all__ = ["LazyCheckpoint", "LoadedCheckpoint", "NotStored", "open_base"]
 
@@ -80,6 +81,7 @@ class LazyCheckpoint:
                     self._sources.setdefault(renamed, []).append(_Source(key, str(file), pattern))
         # what from_pretrained records, so that the reverse conversion (saving) matches the files
         net._weight_conversions = [m for m in mapping if m.was_used()]
+        self._layer: tuple[int, dict[str, torch.Tensor]] | None = None
         self.model = net.eval()
         self.info = find_moe_layers(net)
 
@@ -131,6 +133,7 @@ class LazyCheckpoint:
 
     def materialize(self, names: Iterable[str]) -> None:
         """Read these parameters (or buffers) into the model, in place (already read ones are kept)."""
+        self._layer = None
         for name in dict.fromkeys(names):
             owner_name, _, attr = name.rpartition(".")
             owner = self.model.get_submodule(owner_name)
@@ -142,6 +145,32 @@ class LazyCheckpoint:
                 owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
             else:
                 owner._buffers[attr] = value
+
+    def release(self, names: Iterable[str]) -> None:
+        """Put these parameters (or buffers) back on the meta device, freeing their memory."""
+        for name in dict.fromkeys(names):
+            owner_name, _, attr = name.rpartition(".")
+            owner = self.model.get_submodule(owner_name)
+            current = getattr(owner, attr)
+            empty = torch.empty_like(current, device="meta")
+            if isinstance(current, nn.Parameter):
+                owner._parameters[attr] = nn.Parameter(empty, requires_grad=False)
+            else:
+                owner._buffers[attr] = empty
+
+    def parts(self, name: str, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """The base contents of a model tensor, or of one routed expert's classic tensor
+        (``<experts>.<e>.gate_proj.weight``, read with its layer's experts, one layer cached at a time)."""
+        for layer in self.info.layers:
+            expert, _, classic = name.removeprefix(f"{layer.experts_name}.").partition(".")
+            if name.startswith(f"{layer.experts_name}.") and expert.isdigit():
+                if self._layer is None or self._layer[0] != layer.index:
+                    self._layer = None  # the previous layer's experts are freed first
+                    fused = {p: self.read(f"{layer.experts_name}.{p}") for p in layer.layout.param_names()}
+                    self._layer = (layer.index, fused)
+                slices = {p: t[int(expert)] for p, t in self._layer[1].items()}
+                return [split_slices(layer.layout, slices)[classic]]
+        return [self.read(name)]
 
     def base_fingerprint(self) -> str:
         """The whole model's fingerprint, equal to that of the model loaded by ``from_pretrained``."""
@@ -163,6 +192,12 @@ class LoadedCheckpoint:
 
     def materialize(self, names: Iterable[str]) -> None:
         pass
+
+    def release(self, names: Iterable[str]) -> None:
+        pass
+
+    def parts(self, name: str, tensor: torch.Tensor) -> list[torch.Tensor]:
+        raise ValueError(f"{name}: every tensor of a loaded model is in memory")
 
     def base_fingerprint(self) -> str:
         if not hasattr(self, "_fingerprint"):

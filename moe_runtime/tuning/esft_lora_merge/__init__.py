@@ -11,6 +11,7 @@ slots (like ESFT), merged by ``eval`` and ``export``, converted to an official E
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,25 +127,28 @@ def _apply(model: nn.Module, adapter: EsftLoraAdapter, allow_base_mismatch: bool
     return model
 
 
-def _merge(target, adapter: EsftLoraAdapter, allow_base_mismatch: bool) -> tuple[nn.Module, list[str]]:
-    """Read the fused expert parameters of the layers with selected experts, merge into them."""
-    info = target.info
+def _merge(
+    target, adapter: EsftLoraAdapter, allow_base_mismatch: bool
+) -> Iterator[tuple[nn.Module, list[str]]]:
+    """Check against the base (its experts read only for the fingerprint), then one layer at a time:
+    read its fused expert parameters, merge the selected experts' updates into them, yield their names."""
+    info, model = target.info, target.model
     adapter.check_selection(info)
-    changed = sorted(
-        f"{info.by_index(layer).experts_name}.{name}"
-        for layer, ids in adapter.selection.experts.items()
-        if ids
-        for name in info.by_index(layer).layout.param_names()
-    )
-    target.materialize(changed)
     adapter.check(
-        target.model,
+        model,
         info,
         base_fingerprint=target.base_fingerprint,
         allow_base_mismatch=allow_base_mismatch,
+        parts=target.parts,
     )
-    adapter.merge_into(info)
-    return target.model, changed
+    for index in sorted({layer for layer, _ in adapter.factors}):
+        names = [
+            f"{info.by_index(index).experts_name}.{name}"
+            for name in info.by_index(index).layout.param_names()
+        ]
+        target.materialize(names)
+        adapter.merge_layer(info, index)
+        yield model, names
 
 
 def _serve(target, name: str, adapter: EsftLoraAdapter, allow_base_mismatch: bool) -> None:

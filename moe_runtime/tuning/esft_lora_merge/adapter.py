@@ -29,6 +29,7 @@ from torch import nn
 from ...errors import AdapterError
 from ...io import atomic_dir, atomic_write_json
 from ...models import MoEModelInfo, model_fingerprint, split_expert
+from ...models.fingerprint import Parts
 from ...models.weights import merge_expert
 from ..esft import replaced_fingerprint
 from ..esft.config import ExpertSelection, parse_expert_config
@@ -99,13 +100,16 @@ class EsftLoraAdapter:
         *,
         base_fingerprint: str | Callable[[], str] | None = None,
         allow_base_mismatch: bool = False,
+        parts: Parts | None = None,
     ) -> None:
         """Match every factor to the selected experts of ``model`` (names, shapes, finite values)
-        and the base fingerprints; fills :attr:`factors`. The selected experts must be readable.
+        and the base fingerprints; fills :attr:`factors`. Only the shapes of the base experts are
+        needed, and their values for the fingerprint (in memory, or read through ``parts``).
 
         Args:
             base_fingerprint: the whole base model's fingerprint, or a function computing it.
             allow_base_mismatch: accept an adapter tuned on other base weights.
+            parts: reads base experts that are not in memory (meta), by classic name.
 
         Raises:
             AdapterError: naming the adapter, the key and what does not fit.
@@ -158,7 +162,7 @@ class EsftLoraAdapter:
                     factors[(layer_index, expert)][name] = (a, b)
         if not allow_base_mismatch:
             expected = self.meta.get("replaced_fingerprint")
-            actual = replaced_fingerprint(model, info, self.selection)
+            actual = replaced_fingerprint(model, info, self.selection, parts=parts)
             if expected != actual:
                 raise AdapterError(
                     f"{where}: tuned on different base weights (fingerprint {expected} != base {actual})"
@@ -173,22 +177,31 @@ class EsftLoraAdapter:
                     )
         self.factors = factors
 
+    def merged_expert(self, info: MoEModelInfo, layer_index: int, expert: int) -> dict[str, torch.Tensor]:
+        """One selected expert with its updates, classic tensors (after :meth:`check`; that base
+        expert must be in memory)."""
+        tensors = split_expert(info.by_index(layer_index), expert)
+        for name, (a, b) in self.factors[(layer_index, expert)].items():
+            tensors[name] = merged_weight(tensors[name], a, b, self.scale)
+        return tensors
+
     def merge_experts(self, info: MoEModelInfo) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
-        """The selected experts with their updates, classic tensors (after :meth:`check`; the base
-        experts must be readable); also kept in :attr:`experts`."""
-        merged = {}
-        for (layer_index, expert), pairs in sorted(self.factors.items()):
-            tensors = split_expert(info.by_index(layer_index), expert)
-            for name, (a, b) in pairs.items():
-                tensors[name] = merged_weight(tensors[name], a, b, self.scale)
-            merged[(layer_index, expert)] = tensors
-        self.experts = merged
-        return merged
+        """Every selected expert merged (:meth:`merged_expert`); also kept in :attr:`experts`, which
+        the serving arena takes as an ESFT adapter's tuned experts."""
+        self.experts = {key: self.merged_expert(info, *key) for key in sorted(self.factors)}
+        return self.experts
+
+    def merge_layer(self, info: MoEModelInfo, layer_index: int) -> None:
+        """Write one layer's selected experts, merged, into its fused expert weights, in place."""
+        layer = info.by_index(layer_index)
+        for index, expert in sorted(self.factors):
+            if index == layer_index:
+                merge_expert(layer, expert, self.merged_expert(info, index, expert))
 
     def merge_into(self, info: MoEModelInfo) -> None:
-        """Write the merged experts into the model's own expert weights, in place (after :meth:`check`)."""
-        for (layer_index, expert), tensors in self.merge_experts(info).items():
-            merge_expert(info.by_index(layer_index), expert, tensors)
+        """Write every merged expert into the model's own expert weights, in place (after :meth:`check`)."""
+        for layer_index in sorted({layer for layer, _ in self.factors}):
+            self.merge_layer(info, layer_index)
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())

@@ -22,6 +22,7 @@ other peft types) are refused. Dropout only acts in training and is accepted.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -283,8 +284,10 @@ def merge_peft_target(target, adapter: PeftLoraAdapter) -> tuple[nn.Module, list
     return merge_peft(model, adapter)
 
 
-def _merge(target, adapter: PeftLoraAdapter, allow_base_mismatch: bool) -> tuple[nn.Module, list[str]]:
-    return merge_peft_target(target, adapter)
+def _merge(
+    target, adapter: PeftLoraAdapter, allow_base_mismatch: bool
+) -> Iterator[tuple[nn.Module, list[str]]]:
+    yield merge_peft_target(target, adapter)
 
 
 @dataclass
