@@ -7,14 +7,14 @@ import argparse
 from ..errors import UsageError
 from ._common import add_verb, budget_flag
 
-BENCHES = ("profile", "tune", "reroute", "offload", "esft-quality", "peft-mixed")
+BENCHES = ("profile", "tune", "reroute", "offload", "esft-quality", "peft-mixed", "export")
 
 
 def register(sub) -> None:
     parser = add_verb(
         sub,
         "bench",
-        help="run a benchmark (profile, tune, reroute, offload, esft-quality, peft-mixed)",
+        help="run a benchmark (profile, tune, reroute, offload, esft-quality, peft-mixed, export)",
         description=(
             "Run one benchmark on the embedded model (or --model) and print a table; --json writes the "
             "numbers. Every figure is compared with a baseline measured in the same run."
@@ -26,6 +26,7 @@ def register(sub) -> None:
             "moe-runtime bench reroute --device cuda --dtype bfloat16 --json reroute_gpu.json",
             "moe-runtime bench offload --tier cpu --device cuda --json offload_gpu.json",
             "moe-runtime bench peft-mixed --repeats 3 --json bench_peft.json",
+            "moe-runtime bench export --json bench_export.json   # peak RSS of export vs checkpoint size",
         ],
         func=run,
     )
@@ -67,7 +68,7 @@ def register(sub) -> None:
         "--offload-size",
         choices=("full", "smoke"),
         default="full",
-        help="offload: 'full' = a ~480 MB random checkpoint, 'smoke' = a tiny one (seconds)",
+        help="offload, export: 'full' = a ~480 MB random checkpoint, 'smoke' = a tiny one (seconds)",
     )
     parser.add_argument(
         "--expert-budget", default="25%", metavar="X", help="offload: share of experts (default 25%%)"
@@ -218,6 +219,10 @@ def run(args: argparse.Namespace) -> int:
         result = _bench_quality(args)
     elif args.name == "offload":
         result = _bench_offload(args)
+    elif args.name == "export":
+        from ..bench.export_bench import bench_export
+
+        result = {"bench": "export", **bench_export(smoke=args.offload_size == "smoke")}
     elif args.name == "peft-mixed":
         from ..bench.peft_bench import bench_peft_mixed
 

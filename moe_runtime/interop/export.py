@@ -188,6 +188,7 @@ def export_merged(
     dtype: str = "auto",
     max_shard_bytes: int = 5 * 10**9,
     allow_base_mismatch: bool = False,
+    load_whole: bool = False,
 ) -> dict:
     """Write ``model`` with ``adapter`` merged as a standard checkpoint directory ``out``.
 
@@ -198,6 +199,8 @@ def export_merged(
         dtype: ``auto`` keeps every tensor's stored dtype; otherwise floating tensors are cast.
         max_shard_bytes: the largest shard written.
         allow_base_mismatch: merge an adapter tuned from other base weights.
+        load_whole: load the whole base model first, as is done anyway when its model holds
+            tensors the files do not store (``bench export`` compares the two).
 
     Returns:
         ``{"out", "method", "changed_tensors", "shards", "total_bytes"}``.
@@ -217,7 +220,7 @@ def export_merged(
         )
     source = resolve_model_path(model)
     files = source_weights(source)
-    target = open_base(model, [source / name for name in files], target_dtype)
+    target = open_base(model, [source / name for name in files], target_dtype, load_whole=load_whole)
     stored = {name: file for file, names in files.items() for name in names}
     changed: dict[str, torch.Tensor] = {}
     for net, names in method.merge(target, loaded, allow_base_mismatch):

@@ -205,9 +205,11 @@ class LoadedCheckpoint:
         return self._fingerprint
 
 
-def open_base(model: str | Path, files: list[Path], dtype: torch.dtype | None = None):
+def open_base(
+    model: str | Path, files: list[Path], dtype: torch.dtype | None = None, *, load_whole: bool = False
+):
     """The base model as a :class:`LazyCheckpoint` (nothing read yet), or a :class:`LoadedCheckpoint`
-    when its model holds tensors the files do not store.
+    when its model holds tensors the files do not store (or ``load_whole``).
 
     Raises:
         UsageError: the model cannot be built from its config.
@@ -220,6 +222,6 @@ def open_base(model: str | Path, files: list[Path], dtype: torch.dtype | None = 
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise UsageError(f"model '{model}': cannot build the model from its config ({first})") from None
-    if lazy.stores_everything():
+    if lazy.stores_everything() and not load_whole:
         return lazy
     return LoadedCheckpoint(load_model(source, dtype=dtype))
