@@ -1,18 +1,21 @@
 """Merge an adapter into its base model and write a standard checkpoint (``moe-runtime export``).
 
-    base checkpoint dir --meta skeleton (LazyCheckpoint)--> method.merge(adapter) reads only the
-        parameters it changes (safe_open + transformers' conversion), merges into them
-        changed parameters --transformers' reverse conversion--> the checkpoint's own names and layout
-        (per-expert ``experts.<e>.w1.weight`` or fused ``experts.gate_up_proj``, as the base stores them)
-    source shards, tensor by tensor (safe_open) --replace changed / copy the rest--> shards of at most
+    base checkpoint dir --meta skeleton (LazyCheckpoint)--> method.merge(adapter), step by step
+        (ESFT: one MoE layer per step): read the parameters of the step (plain reads + transformers'
+        conversion), merge into them
+        step's parameters --transformers' reverse conversion--> the checkpoint's own names and layout
+        (per-expert ``experts.<e>.w1.weight`` or fused ``experts.gate_up_proj``, as the base stores
+        them) --keep those that differ from the stored tensors--> changed; the step is released
+    source shards, tensor by tensor (pread) --replace changed / copy the rest--> shards of at most
         max_shard_bytes, each written as soon as it is full, + model.safetensors.index.json
     config.json (dtype), generation_config.json, tokenizer and other small files are copied
 
 The output loads with ``AutoModelForCausalLM.from_pretrained`` alone. In memory at a time: the
-changed parameters and one output shard (the base fingerprint check reads the rest one tensor at a
-time); the base model is never loaded whole, unless its model holds tensors the files do not store
-(buffers made at init), then it is. Everything is written under a temporary name and renamed into
-place at the end.
+changed tensors, one step's parameters and one output shard (fingerprint checks read the rest one
+tensor at a time); the base model is never loaded whole, unless its model holds tensors the files
+do not store (buffers made at init), then it is. Files are read with ``pread``, not memory-mapped
+(a mapped file stays resident as it is read). Everything is written under a temporary name and
+renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -23,25 +26,19 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..errors import AdapterError, UsageError
 from ..io import atomic_dir, atomic_write_json, check_output_dir
 from ..models import resolve_model_path
 from ..tuning.registry import read_adapter_dir
 from .lazy import open_base
+from .tensor_files import TensorFile, write_tensors
 
 __all__ = ["DTYPES", "export_merged", "parse_size"]
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INDEX = "model.safetensors.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -122,7 +119,7 @@ class _ShardWriter:
         if not self.current:
             return
         file = self.directory / f".shard-{len(self.files):05d}.safetensors"
-        save_file(self.current, str(file), metadata={"format": "pt"})
+        write_tensors(file, self.current, metadata={"format": "pt"})
         self.files.append((file, list(self.current)))
         self.current, self.current_bytes = {}, 0
 
@@ -168,8 +165,7 @@ def _changed_only(
         )
     out = {}
     for name, value in converted.items():
-        with safe_open(str(source / stored[name]), "pt") as handle:
-            original = handle.get_tensor(name)
+        original = TensorFile(source / stored[name]).read(name)
         if tuple(value.shape) != tuple(original.shape):
             raise UsageError(
                 f"model '{model}': merged weight {name} has shape {tuple(value.shape)}, "
@@ -234,16 +230,16 @@ def export_merged(
     with atomic_dir(out) as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes)
         for file, names in files.items():
-            with safe_open(str(source / file), "pt") as handle:
-                for name in names:
-                    value = changed.pop(name, None)
-                    if value is None:
-                        value = handle.get_tensor(name)
-                    elif target_dtype is None:
-                        value = value.to(_SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()])
-                    if target_dtype is not None and value.is_floating_point():
-                        value = value.to(target_dtype)
-                    writer.add(name, value)
+            stored_file = TensorFile(source / file)
+            for name in names:
+                value = changed.pop(name, None)
+                if value is None:
+                    value = stored_file.read(name)
+                elif target_dtype is None:
+                    value = value.to(stored_file.dtype(name))
+                if target_dtype is not None and value.is_floating_point():
+                    value = value.to(target_dtype)
+                writer.add(name, value)
         shards = writer.finish()
         _copy_small_files(source, tmp, target_dtype)
         if not (tmp / "generation_config.json").exists():

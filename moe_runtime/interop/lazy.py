@@ -2,7 +2,7 @@
 
     config.json --from_config on the meta device--> skeleton (no weights, no RAM)
     checkpoint keys --transformers' renamings / converters--> {model tensor name: source keys}
-    materialize(names): read those source keys (safe_open), convert them exactly as
+    materialize(names): read those source keys (pread, not memory-mapped), convert them exactly as
         from_pretrained would (per-expert tensors -> fused parameters), put them in the skeleton
     base_fingerprint(): every tensor read and hashed one at a time, then dropped
 
@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import UsageError
 from ..models import MoEModelInfo, find_moe_layers, model_fingerprint
 from ..models.weights import split_slices
+from .tensor_files import TensorFile
 
 __all__ = ["LazyCheckpoint", "LoadedCheckpoint", "NotStored", "open_base"]
 
@@ -82,6 +83,7 @@ class LazyCheckpoint:
         # what from_pretrained records, so that the reverse conversion (saving) matches the files
         net._weight_conversions = [m for m in mapping if m.was_used()]
         self._layer: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._files: dict[str, TensorFile] = {}
         self.model = net.eval()
         self.info = find_moe_layers(net)
 
@@ -109,8 +111,8 @@ class LazyCheckpoint:
         for source in sources:
             by_file.setdefault(source.file, []).append(source)
         for file, items in by_file.items():
-            with safe_open(file, framework="pt") as handle:
-                loaded += [(item, handle.get_tensor(item.key)) for item in items]
+            stored = self._files.setdefault(file, TensorFile(file))
+            loaded += [(item, stored.read(item.key)) for item in items]
         loaded.sort(key=lambda pair: dot_natural_key(pair[0].key))
         pattern = loaded[0][0].pattern
         if pattern is None:
