@@ -1,10 +1,11 @@
 """``bench export``: peak memory of ``export`` against the size of the checkpoint it merges into.
 
-    checkpoint  the random float32 Mixtral-architecture model of ``bench offload`` (~480 MB, per-expert
-                tensors on disk), built once into the cache
+    checkpoint  a random float32 Mixtral-architecture model, 12 layers of 16 experts (hidden and expert
+                width 512), ~610 MB with per-expert tensors on disk, built once into the cache
     adapters    esft (2 tuned experts in every MoE layer) and esft-lora-merge (the same experts,
                 rank 8), made once beside it
-    runs        each in its own process, peak RSS = VmHWM of that process:
+    runs        each in its own process, as the ``export`` command runs (``unmap_freed_tensors``),
+                peak RSS = VmHWM of that process:
                 floor      python, torch and transformers imported, the model built on the meta device
                 streaming  ``export`` as it is: one MoE layer's experts read at a time
                 loaded     the same merge into the whole base model loaded first (how ``export`` worked
@@ -79,7 +80,9 @@ def _make_adapters(ckpt: Path, out: Path) -> dict[str, str]:
 
 
 def _child(mode: str, ckpt: str, adapter: str, out: str, max_shard_bytes: int) -> dict:
-    from ..interop.export import export_merged, source_weights
+    from ..interop.export import export_merged, source_weights, unmap_freed_tensors
+
+    unmap_freed_tensors()  # as the export command does
 
     start = time.perf_counter()
     if mode == "floor":
@@ -124,7 +127,13 @@ def bench_export(
     from ..runtime.offload.store import default_cache_dir
     from .offload_bench import OffloadBenchSettings, _checkpoint
 
-    settings = OffloadBenchSettings.smoke() if smoke else OffloadBenchSettings()
+    settings = (
+        OffloadBenchSettings.smoke()
+        if smoke
+        else OffloadBenchSettings(
+            hidden_size=512, intermediate_size=512, num_hidden_layers=12, num_experts=16
+        )
+    )
     max_shard_bytes = max_shard_bytes or (100_000 if smoke else 100 * 10**6)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir().parent / "bench"
     cache.mkdir(parents=True, exist_ok=True)

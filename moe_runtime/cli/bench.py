@@ -68,7 +68,8 @@ def register(sub) -> None:
         "--offload-size",
         choices=("full", "smoke"),
         default="full",
-        help="offload, export: 'full' = a ~480 MB random checkpoint, 'smoke' = a tiny one (seconds)",
+        help="offload, export: 'full' = a random checkpoint of ~480 MB (offload) / ~610 MB (export), "
+        "'smoke' = a tiny one (seconds)",
     )
     parser.add_argument(
         "--expert-budget", default="25%", metavar="X", help="offload: share of experts (default 25%%)"

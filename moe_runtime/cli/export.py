@@ -59,12 +59,13 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
-    from ..interop.export import export_merged, parse_size
+    from ..interop.export import export_merged, parse_size, unmap_freed_tensors
 
     try:
         max_bytes = parse_size(args.max_shard_size)
     except UsageError as exc:
         raise UsageError(f"--max-shard-size: {exc}") from None
+    unmap_freed_tensors()
     summary = export_merged(
         args.model,
         args.adapter,

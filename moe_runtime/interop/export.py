@@ -34,12 +34,29 @@ from ..tuning.registry import read_adapter_dir
 from .lazy import open_base
 from .tensor_files import TensorFile, write_tensors
 
-__all__ = ["DTYPES", "export_merged", "parse_size"]
+__all__ = ["DTYPES", "export_merged", "parse_size", "unmap_freed_tensors"]
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INDEX = "model.safetensors.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def unmap_freed_tensors(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve allocations of ``threshold`` bytes and more with their own memory maps, which
+    go back to the system when freed (process-wide; the ``export`` command calls it first).
+
+    By default glibc raises that threshold as large blocks are freed and then serves them from its
+    heap, which it keeps: streaming a checkpoint tensor by tensor would then grow the process by
+    every differently sized tensor it ever held. Returns False where this is not glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def parse_size(text: str) -> int:

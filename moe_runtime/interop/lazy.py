@@ -34,6 +34,15 @@ class NotStored(Exception):
     """The model holds a tensor the checkpoint files do not store (e.g. a buffer made at init)."""
 
 
+def _pieces(tensor: torch.Tensor, piece_bytes: int = 8 << 20) -> list[torch.Tensor]:
+    """``tensor`` in consecutive pieces along dim 0 of about ``piece_bytes`` (hashing makes copies of
+    each piece, not of the whole tensor)."""
+    if tensor.dim() == 0:
+        return [tensor]
+    row = max(1, tensor[0].numel() * tensor.element_size())
+    return list(torch.split(tensor, max(1, piece_bytes // row)))
+
+
 @dataclass
 class _Source:
     key: str
@@ -172,12 +181,12 @@ class LazyCheckpoint:
                     self._layer = (layer.index, fused)
                 slices = {p: t[int(expert)] for p, t in self._layer[1].items()}
                 return [split_slices(layer.layout, slices)[classic]]
-        return [self.read(name)]
+        return _pieces(self.read(name))
 
     def base_fingerprint(self) -> str:
         """The whole model's fingerprint, equal to that of the model loaded by ``from_pretrained``."""
         if not hasattr(self, "_fingerprint"):
-            self._fingerprint = model_fingerprint(self.model, lambda name, tensor: [self.read(name)])
+            self._fingerprint = model_fingerprint(self.model, lambda name, tensor: _pieces(self.read(name)))
         return self._fingerprint
 
 
