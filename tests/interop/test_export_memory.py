@@ -88,3 +88,15 @@ def test_an_attention_lora_export_never_reads_an_expert(tmp_path, base, held):
     assert [k for k in source if not torch.equal(out[k], source[k])] == sorted(
         f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(3) for p in "qv"
     )
+
+
+def test_bench_export_runs_and_both_ways_write_the_same_checkpoint(tmp_path):
+    from moe_runtime.bench.export_bench import ADAPTERS, bench_export
+
+    result = bench_export(smoke=True, cache_dir=tmp_path)
+    assert set(result["adapters"]) == set(ADAPTERS)
+    for run in result["adapters"].values():
+        assert run["outputs_identical"]
+        assert run["shards"] > 1 and run["changed_tensors"] > 0
+        assert set(run["peak_rss_bytes"]) == {"streaming", "loaded"}
+        assert all(v > result["floor_peak_rss_bytes"] for v in run["peak_rss_bytes"].values())
