@@ -74,9 +74,18 @@ def test_no_concrete_method_package_imported(path):
 
 def test_every_method_package_registers_itself():
     registered = methods()
-    assert set(registered) == {"esft", "full", "lora", "peft-lora", "routed-lora"}
+    assert set(registered) == {"esft", "esft-lora-merge", "full", "lora", "peft-lora", "routed-lora"}
     assert {"mola", "dynmole"} <= set(VARIANTS)  # variant folders register routed-LoRA variants
-    assert set(METHOD_PACKAGES) == {"esft", "full", "lora", "peft_lora", "routed_lora", "mola", "dynmole"}
+    assert set(METHOD_PACKAGES) == {
+        "esft",
+        "esft_lora_merge",
+        "full",
+        "lora",
+        "peft_lora",
+        "routed_lora",
+        "mola",
+        "dynmole",
+    }
 
 
 def test_tune_flags_come_from_the_method_configs():

@@ -7,14 +7,24 @@ import argparse
 from ..errors import UsageError
 from ._common import add_verb, budget_flag
 
-BENCHES = ("profile", "tune", "reroute", "offload", "esft-quality", "peft-mixed", "serve", "auto-adapter")
+BENCHES = (
+    "profile",
+    "tune",
+    "reroute",
+    "offload",
+    "esft-quality",
+    "peft-mixed",
+    "serve",
+    "auto-adapter",
+    "export",
+)
 
 
 def register(sub) -> None:
     parser = add_verb(
         sub,
         "bench",
-        help="run a benchmark (profile, tune, reroute, offload, esft-quality, peft-mixed, serve, auto-adapter)",
+        help="run a benchmark (profile, tune, reroute, offload, esft-quality, peft-mixed, serve, auto-adapter, export)",
         description=(
             "Run one benchmark on the embedded model (or --model) and print a table; --json writes the "
             "numbers. Every figure is compared with a baseline measured in the same run."
@@ -29,6 +39,7 @@ def register(sub) -> None:
             "moe-runtime bench serve --json bench_serve.json   # continuous vs static batching, Poisson arrivals",
             "moe-runtime bench serve --requests 8 --loads 1,4 --serve-tokens 4,8 --adapter-steps 1   # seconds",
             "moe-runtime bench auto-adapter --json bench_auto.json   # adapter 'auto' accuracy, 6 adapters",
+            "moe-runtime bench export --json bench_export.json   # peak RSS of export vs checkpoint size",
         ],
         func=run,
     )
@@ -70,7 +81,8 @@ def register(sub) -> None:
         "--offload-size",
         choices=("full", "smoke"),
         default="full",
-        help="offload: 'full' = a ~480 MB random checkpoint, 'smoke' = a tiny one (seconds)",
+        help="offload, export: 'full' = a random checkpoint of ~480 MB (offload) / ~610 MB (export), "
+        "'smoke' = a tiny one (seconds)",
     )
     parser.add_argument(
         "--expert-budget", default="25%", metavar="X", help="offload: share of experts (default 25%%)"
@@ -263,6 +275,10 @@ def run(args: argparse.Namespace) -> int:
         result = _bench_offload(args)
     elif args.name in ("serve", "auto-adapter"):
         result = _bench_serving(args)
+    elif args.name == "export":
+        from ..bench.export_bench import bench_export
+
+        result = {"bench": "export", **bench_export(smoke=args.offload_size == "smoke")}
     elif args.name == "peft-mixed":
         from ..bench.peft_bench import bench_peft_mixed
 

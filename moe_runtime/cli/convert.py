@@ -18,13 +18,15 @@ def register(sub) -> None:
             "other tool's files, byte for byte, without our metadata. --to moe-runtime reads a peft LoRA "
             "or official ESFT adapter, checks it against --model and adds our metadata (the base "
             "model's fingerprint), so generate/eval/export refuse it on any other base. A round trip "
-            "gives byte-identical weight and config files."
+            "gives byte-identical weight and config files. An esft-lora-merge adapter converts one way "
+            "to esft-official (needs --model): its selected experts with the low-rank updates merged."
         ),
         examples=[
             "moe-runtime convert --adapter ./my-lora --to peft --out ./my-lora-peft",
             "moe-runtime convert --adapter ./peft-adapter --to moe-runtime --model ./base --out ./ours",
             "moe-runtime convert --adapter ./arith-esft --to esft-official --out ./arith-official",
             "moe-runtime convert --adapter ./official-esft --to moe-runtime --model ./base --out ./arith",
+            "moe-runtime convert --adapter ./arith-esft-lora --to esft-official --model ./base --out ./arith-official",
         ],
         func=run,
     )
@@ -34,7 +36,9 @@ def register(sub) -> None:
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="directory to create (absent or empty)")
     parser.add_argument(
-        "--model", default=None, help="base checkpoint directory or 'demo' (needed for --to moe-runtime)"
+        "--model",
+        default=None,
+        help="base checkpoint directory or 'demo' (needed for --to moe-runtime, and for esft-lora-merge adapters)",
     )
 
 

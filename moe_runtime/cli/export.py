@@ -13,11 +13,12 @@ def register(sub) -> None:
         "export",
         help="merge an adapter into the base and write a standard checkpoint",
         description=(
-            "Merge an ESFT or LoRA adapter (ours or a peft LoRA directory) into the base model and write a "
+            "Merge an ESFT, esft-lora-merge or LoRA adapter (ours or a peft LoRA directory) into the base model and write a "
             "checkpoint that transformers' AutoModelForCausalLM.from_pretrained loads without moe-runtime: "
             "config, generation config, tokenizer, sharded safetensors and model.safetensors.index.json. "
             "Tensors keep the base checkpoint's names and layout (per-expert or fused experts) and, with "
-            "--dtype auto, their stored dtype. Shards are written as they fill. Routed-LoRA adapters "
+            "--dtype auto, their stored dtype. Only the tensors the adapter changes are read into memory; the "
+            "rest is copied tensor by tensor, shards written as they fill. Routed-LoRA adapters "
             "cannot be merged (their LoRA terms are routed beside the experts) and are refused."
         ),
         examples=[
@@ -29,7 +30,10 @@ def register(sub) -> None:
     )
     parser.add_argument("--model", required=True, help="local checkpoint directory or 'demo'")
     parser.add_argument(
-        "--adapter", required=True, metavar="DIR", help="adapter directory (esft, lora, peft LoRA)"
+        "--adapter",
+        required=True,
+        metavar="DIR",
+        help="adapter directory (esft, esft-lora-merge, lora, peft LoRA)",
     )
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="checkpoint directory to create (absent or empty)"
@@ -55,12 +59,13 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
-    from ..interop.export import export_merged, parse_size
+    from ..interop.export import export_merged, parse_size, unmap_freed_tensors
 
     try:
         max_bytes = parse_size(args.max_shard_size)
     except UsageError as exc:
         raise UsageError(f"--max-shard-size: {exc}") from None
+    unmap_freed_tensors()
     summary = export_merged(
         args.model,
         args.adapter,

@@ -23,6 +23,8 @@ def register(sub) -> None:
             "--lora-top-k; perft-e: a LoRA per routed expert, frozen router; esft-lora: perft-e on the "
             "experts of --experts only; perft-s / perft-d: one / several always-on LoRAs), on the layers "
             "of --layers ('all', '12-23', or 'all:4,12-23:8' for more LoRA experts in higher layers). "
+            "'esft-lora-merge' trains low-rank updates W + (alpha/r) B A of the --experts' own weights "
+            "(router and everything else frozen): a small adapter that merges (export) and serves like ESFT. "
             "Runs data-parallel under torchrun (rank 0 writes); --batch-size is the global batch. The adapter "
             "directory also gets routing_profile.json: the base model's expert frequencies on up to "
             "--profile-tokens tokens of the training data, which 'auto' requests of generate/serve match "
@@ -33,6 +35,7 @@ def register(sub) -> None:
             "moe-runtime tune --model demo --data arith_train.jsonl --method routed-lora --out rl/   # perft-r, 4 LoRA experts, top-2",
             "moe-runtime tune --model demo --data d.jsonl --method routed-lora --variant perft-r --layers all:2,3-5:8 --lora-rank 4 --out rl/",
             "moe-runtime tune --model demo --data d.jsonl --method routed-lora --variant esft-lora --experts cfg.json --out rl/",
+            "moe-runtime tune --model demo --data d.jsonl --method esft-lora-merge --experts cfg.json --lora-rank 4 --out el/",
             "moe-runtime tune --model demo --data d.jsonl --method routed-lora --variant mola --experts-per-layer 2,2,4,4,8,8 --out rl/",
             "moe-runtime tune --model demo --data d.jsonl --method routed-lora --variant dynmole --lora-top-p 0.75 --out rl/",
             "torchrun --nproc-per-node 2 -m moe_runtime tune --model demo --data d.jsonl --method esft --experts cfg.json --out ad/",

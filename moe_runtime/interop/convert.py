@@ -12,6 +12,9 @@ ours: esft          esft-official                              our metadata file
 official ESFT       moe-runtime (needs the base ``model``)     the files are copied; metadata (fingerprints
                                                                of the base and of the experts it replaces)
                                                                added after the adapter was checked
+ours: esft-lora-    esft-official (needs the base ``model``)   one way: the selected experts with their
+merge                                                          low-rank updates merged (``W + s * B @ A``),
+                                                               written as whole experts
 ==================  =========================================  ===========================================
 
 Our LoRA adapters are peft directories already (peft >= 0.17 naming, ``target_parameters`` for
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from ..errors import AdapterError, UsageError
 from ..io import atomic_dir, check_output_dir
+from ..models import resolve_model_path
 from ..tuning.meta import META_FILE, write_meta
 from ..tuning.registry import read_adapter_dir
 
@@ -94,6 +98,35 @@ def _official_to_ours(adapter, model: str | Path, out: Path) -> None:
         )
 
 
+def _esft_lora_to_official(adapter, model: str | Path, out: Path) -> None:
+    """The merged experts of an esft-lora-merge adapter as an official ESFT directory (holds one
+    layer's base experts at a time)."""
+    from safetensors.torch import save_file
+
+    from ..io import atomic_write_json
+    from .export import source_weights
+    from .lazy import open_base
+
+    source = resolve_model_path(model)
+    target = open_base(model, [source / name for name in source_weights(source)])
+    info = target.info
+    adapter.check_selection(info)
+    adapter.check(target.model, info, base_fingerprint=target.base_fingerprint, parts=target.parts)
+    tensors = {}
+    for index in sorted({layer for layer, _ in adapter.factors}):  # one layer's experts in memory at a time
+        layer = info.by_index(index)
+        names = [f"{layer.experts_name}.{name}" for name in layer.layout.param_names()]
+        target.materialize(names)
+        for layer_index, expert in sorted(adapter.factors):
+            if layer_index == index:
+                for name, tensor in adapter.merged_expert(info, index, expert).items():
+                    tensors[f"{layer.experts_name}.{expert}.{name}"] = tensor.contiguous()
+        target.release(names)
+    with atomic_dir(out) as tmp:
+        atomic_write_json(tmp / "expert_cfg.json", adapter.selection.to_json())
+        save_file(tensors, str(tmp / "adapter.safetensors"), metadata={"format": "pt", "method": "esft"})
+
+
 def convert_adapter(adapter: str | Path, to: str, out: str | Path, *, model: str | Path | None = None) -> str:
     """Convert an adapter directory to another format.
 
@@ -104,7 +137,7 @@ def convert_adapter(adapter: str | Path, to: str, out: str | Path, *, model: str
         model: the base model; needed to convert into ``moe-runtime`` (its fingerprint is recorded).
 
     Returns:
-        The source format's name (``lora``, ``peft``, ``esft``, ``esft-official``).
+        The source format's name (``lora``, ``peft``, ``esft``, ``esft-official``, ``esft-lora-merge``).
 
     Raises:
         UsageError / AdapterError: an unknown target, an adapter that has no such format (routed
@@ -116,11 +149,27 @@ def convert_adapter(adapter: str | Path, to: str, out: str | Path, *, model: str
     out = check_output_dir(out)
     method, loaded = read_adapter_dir(adapter)
     ours = getattr(loaded, "meta", None) is not None
-    kind = {"lora": "lora", "peft-lora": "peft", "esft": "esft" if ours else "esft-official"}.get(method.name)
+    kind = {
+        "lora": "lora",
+        "peft-lora": "peft",
+        "esft": "esft" if ours else "esft-official",
+        "esft-lora-merge": "esft-lora-merge",
+    }.get(method.name)
     if kind is None:
         raise AdapterError(
             f"adapter '{adapter}': a {method.stored_name} adapter has no {to} format (only LoRA and ESFT adapters convert)"
         )
+    if kind == "esft-lora-merge":
+        if to != "esft-official":
+            raise AdapterError(
+                f"adapter '{adapter}': an esft-lora-merge adapter converts only to esft-official (its merged experts)"
+            )
+        if model is None:
+            raise UsageError(
+                "--to esft-official: an esft-lora-merge adapter needs --model, the base its factors update"
+            )
+        _esft_lora_to_official(loaded, model, out)
+        return kind
     lora_like = kind in ("lora", "peft")
     if to == "esft-official" and lora_like or to == "peft" and not lora_like:
         raise AdapterError(

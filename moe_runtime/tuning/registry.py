@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ from .meta import META_FILE, read_meta
 
 __all__ = [
     "ConfigError",
+    "MergeTarget",
     "Method",
     "ServingTarget",
     "TuneJob",
@@ -150,6 +151,31 @@ class ServingTarget(Protocol):
         """Serve ``name`` with the base experts plus a per-token term (``term.layer(index)``)."""
 
 
+class MergeTarget(Protocol):
+    """What ``export`` offers a method's merge: the base model, possibly not in memory.
+
+    Attributes:
+        model: the base model; parameters not asked for may be on the meta device (not read).
+        info: its MoE layers.
+    """
+
+    model: nn.Module
+    info: Any
+
+    def materialize(self, names: Iterable[str]) -> None:
+        """Read these parameters (full names) from the checkpoint into ``model``, in place."""
+
+    def release(self, names: Iterable[str]) -> None:
+        """Drop these parameters from memory again (after the caller saved what it needs)."""
+
+    def parts(self, name: str, tensor: Any) -> Iterable[Any]:
+        """The contents of a tensor not in memory (a model parameter, or one routed expert's classic
+        tensor ``<experts>.<e>.gate_proj.weight``), for fingerprints (``models.fingerprint.Parts``)."""
+
+    def base_fingerprint(self) -> str:
+        """The whole base model's fingerprint (what is not in memory is read piece by piece)."""
+
+
 @dataclass(frozen=True)
 class Method:
     """One tuning method.
@@ -172,9 +198,12 @@ class Method:
         make_config: ``make_config(values) -> config`` from parsed flag values by field name
             (default: ``config(**values)``).
         check_model: ``check_model(config, info)``: checks that need the model, run before training.
-        merge: ``merge(model, adapter, allow_base_mismatch) -> (model, changed)``: the base with the
-            adapter merged into its weights (``export``) and the names of the parameters it changed;
-            None when the adapter cannot live in the base weights (``unmergeable`` says why).
+        merge: ``merge(target, adapter, allow_base_mismatch) -> iterator of (model, changed)`` for
+            ``export``: ``target`` is a :class:`MergeTarget`; the method checks the adapter, then
+            materializes the parameters it changes and merges into them, in as many steps as it
+            likes (e.g. one MoE layer each), yielding the model and the names merged in that step;
+            the caller saves them and releases them before the next step. None when the
+            adapter cannot live in the base weights (``unmergeable`` says why).
         unmergeable: why adapters of this method cannot be merged (shown when ``merge`` is None).
     """
 
@@ -190,7 +219,7 @@ class Method:
     config_classes: Callable[[], list[type]] | None = None
     make_config: Callable[[dict[str, Any]], Any] | None = None
     check_model: Callable[[Any, Any], None] | None = None
-    merge: Callable[[nn.Module, Any, bool], tuple[nn.Module, list[str]]] | None = None
+    merge: Callable[[MergeTarget, Any, bool], Iterator[tuple[nn.Module, list[str]]]] | None = None
     unmergeable: str = "its weights cannot be merged into the base model"
 
     @property

@@ -66,3 +66,50 @@ def greedy_reference(model: nn.Module, request, device=None, **kwargs) -> tuple[
         **kwargs,
     )
     return out.sequences[0, len(request.prompt) :].tolist(), torch.cat(out.logits)
+
+
+def make_esft_lora_adapter(
+    model: nn.Module,
+    out: Path,
+    experts: dict[int, list[int]],
+    *,
+    seed: int,
+    rank: int = 2,
+    alpha: float = 4.0,
+    info: MoEModelInfo | None = None,
+) -> Path:
+    """Write an esft-lora-merge adapter with random factors whose update ``(alpha / r) B A`` is about
+    the size of each expert weight (in the model's dtype)."""
+    from moe_runtime.tuning.esft_lora_merge import write_adapter as write_esft_lora
+    from moe_runtime.tuning.esft_lora_merge.trainable import weight_names
+
+    info = info or find_moe_layers(model)
+    selection = ExpertSelection(experts={layer: sorted(ids) for layer, ids in experts.items()})
+    generator = torch.Generator().manual_seed(seed)
+    factors = {}
+    for layer, ids in selection.experts.items():
+        moe = info.by_index(layer)
+        for expert in ids:
+            classic = split_expert(moe, expert)
+            pairs = {}
+            for name in [*weight_names(moe), "down_proj.weight"]:
+                weight = classic[name].float()
+                a = torch.randn((rank, weight.shape[1]), generator=generator)
+                b = (
+                    torch.randn((weight.shape[0], rank), generator=generator)
+                    * weight.std()
+                    / (alpha / rank)
+                    / rank**0.5
+                )
+                pairs[name] = (a.to(classic[name].dtype), b.to(classic[name].dtype))
+            factors[(layer, expert)] = pairs
+    return write_esft_lora(
+        out,
+        info=info,
+        selection=selection,
+        factors=factors,
+        rank=rank,
+        alpha=alpha,
+        replaced=replaced_fingerprint(model, info, selection),
+        base_fingerprint=model_fingerprint(model),
+    )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers.peft_adapters import write_peft_adapter
 from helpers.routed_lora import write_random_lora
-from helpers.serving import make_adapter
+from helpers.serving import make_adapter, make_esft_lora_adapter
 
 from moe_runtime.cli import main
 from moe_runtime.models import find_moe_layers, load_model
@@ -42,6 +42,12 @@ def adapters(base, tmp_path_factory) -> dict[str, Path]:
         "peft": write_peft_adapter(lambda: load_model(base), root / "peft", seed=3),
         "routed": write_random_lora(
             model, root / "routed", RoutedLoraSettings(variant="perft-e", rank=4), seed=4
+        ),
+        "esft-lora-merge": make_esft_lora_adapter(
+            model,
+            root / "esft-lora-merge",
+            {info.layer_indices[0]: [0, 3], info.layer_indices[-1]: [5]},
+            seed=6,
         ),
         "esft-lora": write_random_lora(
             model,
@@ -113,7 +119,19 @@ REFUSALS = {
     ),
     "esft-lora export": (
         ["export", "--adapter", "{esft-lora}", "--out", "{out}"],
-        "cannot be exported: routed-LoRA",
+        "'tune --method esft-lora-merge'",
+    ),
+    "esft-lora-merge to peft": (
+        ["convert", "--adapter", "{esft-lora-merge}", "--to", "peft", "--out", "{out}"],
+        "converts only to esft-official",
+    ),
+    "esft-lora-merge without model": (
+        ["convert", "--adapter", "{esft-lora-merge}", "--to", "esft-official", "--out", "{out}"],
+        "needs --model",
+    ),
+    "esft-lora-merge of another base": (
+        ["export", "--adapter", "{esft-lora-merge}", "--out", "{out}", "--model", "{other}"],
+        "tuned on different base weights",
     ),
     "corrupt esft export": (
         ["export", "--adapter", "{corrupt-esft}", "--out", "{out}"],
@@ -214,3 +232,32 @@ def test_export_keeps_a_requested_dtype(capsys, tmp_path, base, adapters):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for file in sorted(directory.glob("*.safetensors")) for k, v in load_file(file).items()}
+
+
+def test_esft_lora_merge_to_official_is_its_merged_experts(capsys, tmp_path, base, adapters):
+    """One way: the official directory holds the merged experts; read back as an ESFT adapter it
+    exports to the same checkpoint, tensor for tensor, as the esft-lora-merge adapter itself."""
+    official, ours = tmp_path / "official", tmp_path / "ours"
+    source = adapters["esft-lora-merge"]
+    assert run_cli(capsys, "convert", "--adapter", source, "--to", "esft-official", "--model", base, "--out", official)[0] == 0  # fmt: skip
+    assert not (official / META_FILE).exists()
+    assert json.loads((official / "expert_cfg.json").read_text()) == json.loads(
+        (source / "expert_cfg.json").read_text()
+    )
+    assert run_cli(capsys, "convert", "--adapter", official, "--to", "moe-runtime", "--model", base, "--out", ours)[0] == 0  # fmt: skip
+    exports = {}
+    for name, adapter in (("direct", source), ("via-official", ours)):
+        exports[name] = tmp_path / f"export-{name}"
+        assert (
+            run_cli(capsys, "export", "--model", base, "--adapter", adapter, "--out", exports[name])[0] == 0
+        )
+    direct, via = _tensors(exports["direct"]), _tensors(exports["via-official"])
+    assert direct.keys() == via.keys()
+    assert all(torch.equal(direct[k], via[k]) for k in direct)
+    assert any(not torch.equal(direct[k], v) for k, v in _tensors(base).items())  # it did change the base

@@ -23,7 +23,7 @@ import pytest
 import torch
 from helpers.checkpoints import make_tokenizer
 from helpers.peft_adapters import write_peft_adapter
-from helpers.serving import make_adapter
+from helpers.serving import make_adapter, make_esft_lora_adapter
 from safetensors import safe_open
 
 from moe_runtime.cli import main
@@ -33,16 +33,20 @@ from moe_runtime.testing import build_random_model
 from moe_runtime.tuning.adapters import apply_adapter
 
 TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.bfloat16: {"atol": 1e-2, "rtol": 1e-2}}
-# family -> adapter kind: esft (served by the engine), lora (ours, peft files + metadata), peft (peft's only)
-FAMILIES = {
-    "mixtral": "esft",
-    "qwen2_moe": "esft",
-    "gpt_oss": "esft",
-    "deepseek_v2": "esft",
-    "granitemoe": "esft",
-    "olmoe": "lora",
-    "qwen3_moe": "peft",
-}
+# (family, adapter kind): esft and esft-lora-merge (served by the engine), lora (ours, peft files +
+# metadata), peft (peft's only)
+CASES = [
+    ("mixtral", "esft"),
+    ("qwen2_moe", "esft"),
+    ("gpt_oss", "esft"),
+    ("deepseek_v2", "esft"),
+    ("granitemoe", "esft"),
+    ("olmoe", "lora"),
+    ("qwen3_moe", "peft"),
+    ("mixtral", "esft-lora-merge"),
+    ("gpt_oss", "esft-lora-merge"),
+]
+SERVED = ("esft", "esft-lora-merge")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NEW_TOKENS = 5
 PROMPTS = [[5, 17, 40, 99, 23, 8, 61], [12, 3, 77]]
@@ -82,7 +86,7 @@ def _key_dtypes(directory: Path) -> dict[str, str]:
 def _reference(base: Path, adapter: Path, kind: str) -> list[dict]:
     """Per prompt: logits and greedy tokens from our engine (esft) or the peft-merged model (lora)."""
     model = load_model(base)
-    if kind == "esft":
+    if kind in SERVED:
         engine = MultiAdapterEngine(model)
         engine.add_adapter("a", adapter)
         requests = [Request(p, "a") for p in PROMPTS]
@@ -108,9 +112,9 @@ def exported(tmp_path_factory):
     tokenizer_dir = root / "tokenizer"
     tokenizer = make_tokenizer(tokenizer_dir)
     cases = {}
-    for family, kind in FAMILIES.items():
+    for family, kind in CASES:
         for dtype_name, dtype in DTYPES.items():
-            case = root / f"{family}-{dtype_name}"
+            case = root / f"{family}-{kind}-{dtype_name}"
             base = case / "base"
 
             def build(family=family, dtype=dtype):
@@ -121,11 +125,14 @@ def exported(tmp_path_factory):
             model.save_pretrained(base)
             for file in tokenizer_dir.iterdir():
                 shutil.copy(file, base / file.name)
-            if kind == "esft":
+            if kind in SERVED:
                 info = find_moe_layers(model)
                 layers = info.layer_indices
                 experts = {layers[0]: [0, 2, 5], layers[-1]: [1, 6]}
-                adapter = make_adapter(model, case / "adapter", experts, seed=3, scale=1.0, info=info)
+                make = make_adapter if kind == "esft" else make_esft_lora_adapter
+                extra = {"scale": 1.0} if kind == "esft" else {}
+                seed = 3 if kind == "esft" else 5
+                adapter = make(model, case / "adapter", experts, seed=seed, info=info, **extra)
             else:
                 adapter = write_peft_adapter(
                     lambda base=base: load_model(base),
@@ -137,7 +144,7 @@ def exported(tmp_path_factory):
             out = case / "merged"
             assert main(["export", "--model", str(base), "--adapter", str(adapter), "--out", str(out),
                          "--max-shard-size", "150KB"]) == 0  # fmt: skip
-            cases[(family, dtype_name)] = (base, adapter, out, kind)
+            cases[(family, kind, dtype_name)] = (base, adapter, out, kind)
     jobs = [{"dir": str(out), "prompts": PROMPTS, "new": NEW_TOKENS} for _, _, out, _ in cases.values()]
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -149,10 +156,10 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_exported_checkpoint_equals_the_served_adapter(exported, family, dtype_name):
+@pytest.mark.parametrize(("family", "kind"), CASES, ids=[f"{f}-{k}" for f, k in CASES])
+def test_exported_checkpoint_equals_the_served_adapter(exported, family, kind, dtype_name):
     cases, plain = exported
-    base, adapter, out, kind = cases[(family, dtype_name)]
+    base, adapter, out, kind = cases[(family, kind, dtype_name)]
     # the family's own layout and the stored dtype, several shards and an index, tokenizer and configs
     assert _key_dtypes(out) == _key_dtypes(base)
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1

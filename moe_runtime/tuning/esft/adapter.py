@@ -29,6 +29,7 @@ from torch import nn
 from ...errors import AdapterError, AdapterWarning
 from ...io import atomic_dir, atomic_write_json
 from ...models import MoEModelInfo, fingerprint_tensors, model_fingerprint, split_expert
+from ...models.fingerprint import Parts
 from ...models.weights import expert_tensor_names, merge_expert
 from ..meta import META_FILE, read_meta, write_meta
 from .config import ExpertSelection, parse_expert_config
@@ -90,6 +91,7 @@ class ESFTAdapter:
         *,
         base_fingerprint: str | Callable[[], str] | None = None,
         allow_base_mismatch: bool = False,
+        parts: Parts | None = None,
     ) -> None:
         """Match every tensor to the base model: names, shapes, expert ids, base fingerprint.
 
@@ -103,6 +105,8 @@ class ESFTAdapter:
             base_fingerprint: ``model_fingerprint(model)``, or a function computing it, if the
                 caller caches it (computed here otherwise).
             allow_base_mismatch: accept an adapter tuned on other base weights.
+            parts: reads base experts that are not in memory (meta), for the fingerprint of the
+                experts it replaces (only shapes are needed otherwise).
 
         Raises:
             AdapterError: naming the adapter, the key and what does not fit.
@@ -175,7 +179,7 @@ class ESFTAdapter:
             )
         elif not allow_base_mismatch:
             expected = self.meta.get("replaced_fingerprint")
-            actual = replaced_fingerprint(model, info, self.selection, others)
+            actual = replaced_fingerprint(model, info, self.selection, others, parts=parts)
             if expected != actual:
                 raise AdapterError(
                     f"{where}: tuned on different base weights (fingerprint {expected} != base {actual})"
@@ -204,9 +208,15 @@ class ESFTAdapter:
 
 
 def replaced_fingerprint(
-    model: nn.Module, info: MoEModelInfo, selection: ExpertSelection, other_names: dict | list | None = None
+    model: nn.Module,
+    info: MoEModelInfo,
+    selection: ExpertSelection,
+    other_names: dict | list | None = None,
+    *,
+    parts: Parts | None = None,
 ) -> str:
-    """Fingerprint of exactly the base weights an adapter replaces (selected experts + other params)."""
+    """Fingerprint of exactly the base weights an adapter replaces (selected experts + other params);
+    ``parts`` reads experts that are not in memory, by their classic name (``<experts>.<e>.<tensor>``)."""
     named = []
     for layer_index, ids in selection.experts.items():
         layer = info.by_index(layer_index)
@@ -216,7 +226,7 @@ def replaced_fingerprint(
             ]
     params = dict(model.named_parameters())
     named += [(name, params[name]) for name in sorted(other_names or [])]
-    return fingerprint_tensors(named)
+    return fingerprint_tensors(named, parts)
 
 
 _UNREAD = object()

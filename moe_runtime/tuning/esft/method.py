@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ...errors import UsageError
 from ...models import MoEModelInfo, find_moe_layers
+from ...models.weights import merge_expert
 from ..registry import ConfigError, Method, TuneJob, option, register
 from .adapter import ESFTAdapter, read_adapter
 from .config import ExpertSelection, read_expert_config
@@ -57,17 +60,36 @@ def _apply(model: nn.Module, adapter: ESFTAdapter, allow_base_mismatch: bool) ->
     return model
 
 
-def _merge(model: nn.Module, adapter: ESFTAdapter, allow_base_mismatch: bool) -> tuple[nn.Module, list[str]]:
-    """Merge the tuned experts in place; the changed parameters are the fused expert parameters of
-    every layer with a tuned expert, and the shared-expert / non-expert weights the adapter holds."""
-    info = find_moe_layers(model)
-    _apply(model, adapter, allow_base_mismatch)
-    changed = sorted(
-        f"{info.by_index(layer).experts_name}.{name}"
-        for layer in {layer for layer, _ in adapter.experts}
-        for name in info.by_index(layer).layout.param_names()
+def _merge(target, adapter: ESFTAdapter, allow_base_mismatch: bool) -> Iterator[tuple[nn.Module, list[str]]]:
+    """Check against the base (its experts read only for the fingerprint), then merge one layer at a
+    time: read that layer's fused expert parameters, write the tuned experts into them, yield their
+    names; last the shared-expert / non-expert weights the adapter holds."""
+    info, model = target.info, target.model
+    adapter.check_selection(info)
+    params = dict(model.named_parameters())
+    others = sorted({name for key in adapter.tensors for name in (key, f"model.{key}") if name in params})
+    target.materialize(others)
+    adapter.check(
+        model,
+        info,
+        base_fingerprint=target.base_fingerprint,
+        allow_base_mismatch=allow_base_mismatch,
+        parts=target.parts,
     )
-    return model, changed + sorted(adapter.others)
+    for index in sorted(layer for layer, ids in adapter.selection.experts.items() if ids):
+        layer = info.by_index(index)
+        names = [f"{layer.experts_name}.{name}" for name in layer.layout.param_names()]
+        target.materialize(names)
+        for (layer_index, expert), tensors in adapter.experts.items():
+            if layer_index == index:
+                merge_expert(layer, expert, tensors)
+        yield model, names
+    if adapter.others:
+        with torch.no_grad():
+            for name, tensor in adapter.others.items():
+                params = dict(model.named_parameters())
+                params[name].copy_(tensor.to(params[name].dtype))
+        yield model, sorted(adapter.others)
 
 
 def _serve(target, name: str, adapter: ESFTAdapter, allow_base_mismatch: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,13 +111,17 @@ def apply_lora(model: nn.Module, adapter: LoraAdapter, allow_base_mismatch: bool
 
 
 def merge_lora(
-    model: nn.Module, adapter: LoraAdapter, allow_base_mismatch: bool = False
-) -> tuple[nn.Module, list[str]]:
-    """Merge into ``model`` (checked against the base fingerprint); the changed parameter names too."""
-    from ..peft_lora import PeftLoraAdapter, merge_peft, read_peft_config
+    target, adapter: LoraAdapter, allow_base_mismatch: bool = False
+) -> Iterator[tuple[nn.Module, list[str]]]:
+    """Merge into ``target.model`` (a registry ``MergeTarget``, checked against the base fingerprint);
+    yields the model and the changed parameter names, once."""
+    from ..peft_lora import PeftLoraAdapter, merge_peft_target, read_peft_config
 
-    check_base(adapter.meta, model, adapter.path, allow_base_mismatch=allow_base_mismatch)
-    return merge_peft(model, PeftLoraAdapter(adapter.path, read_peft_config(adapter.path), adapter.meta))
+    if not allow_base_mismatch and adapter.meta.get("base_fingerprint") != target.base_fingerprint():
+        raise AdapterError(f"adapter '{adapter.path}': tuned from different base weights than this model")
+    yield merge_peft_target(
+        target, PeftLoraAdapter(adapter.path, read_peft_config(adapter.path), adapter.meta)
+    )
 
 
 def _serve(target, name: str, adapter: LoraAdapter, allow_base_mismatch: bool) -> None:

@@ -22,6 +22,7 @@ other peft types) are refused. Dropout only acts in training and is accepted.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ __all__ = [
     "PEFT_WEIGHTS",
     "PeftLoraAdapter",
     "merge_peft",
+    "merge_peft_target",
     "read_peft_config",
     "serve_peft",
 ]
@@ -258,10 +260,34 @@ def _apply(model: nn.Module, adapter: PeftLoraAdapter, allow_base_mismatch: bool
     return merge_peft(model, adapter)[0]
 
 
-def _merge(
-    model: nn.Module, adapter: PeftLoraAdapter, allow_base_mismatch: bool
-) -> tuple[nn.Module, list[str]]:
+def _targeted_modules(adapter: PeftLoraAdapter, model: nn.Module) -> list[str]:
+    """The modules the adapter's weights name (``...q_proj``, ``...mlp.experts``), from its keys."""
+    with safe_open(str(adapter.path / PEFT_WEIGHTS), "pt") as handle:
+        keys = list(handle.keys())
+    modules = dict(model.named_modules())
+    found = set()
+    for key in keys:
+        stem = key.removeprefix("base_model.model.").split(".lora_", 1)[0].replace(".base_layer", "")
+        if stem in modules:
+            found.add(stem)
+    return sorted(found)
+
+
+def merge_peft_target(target, adapter: PeftLoraAdapter) -> tuple[nn.Module, list[str]]:
+    """:func:`merge_peft` into a registry ``MergeTarget``: only the targeted modules' weights are read."""
+    model = target.model
+    target.materialize(
+        f"{name}.{param}"
+        for name in _targeted_modules(adapter, model)
+        for param, _ in model.get_submodule(name).named_parameters(recurse=False)
+    )
     return merge_peft(model, adapter)
+
+
+def _merge(
+    target, adapter: PeftLoraAdapter, allow_base_mismatch: bool
+) -> Iterator[tuple[nn.Module, list[str]]]:
+    yield merge_peft_target(target, adapter)
 
 
 @dataclass

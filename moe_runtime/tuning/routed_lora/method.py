@@ -84,7 +84,8 @@ METHOD = register(
         unmergeable=(
             "routed-LoRA terms are added beside the experts' nonlinear MLPs and weighted by a router "
             "(the adapter's own, or the frozen one per expert), so no weight of the base model can hold them; "
-            "serve it with 'generate --adapter' instead"
+            "serve it with 'generate --adapter' instead (for ESFT with LoRA that exports, train "
+            "'tune --method esft-lora-merge': low-rank updates inside the selected experts)"
         ),
     )
 )
