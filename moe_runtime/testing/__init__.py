@@ -8,5 +8,14 @@ transformers v5 (:mod:`.random_models`) and the family support table built from 
 from __future__ import annotations
 
 from .random_models import FAMILIES, build_random_model, save_random_checkpoint, tiny_config
+from .shapes import SHAPES, shape_config, write_checkpoint
 
-__all__ = ["FAMILIES", "build_random_model", "save_random_checkpoint", "tiny_config"]
+__all__ = [
+    "FAMILIES",
+    "SHAPES",
+    "build_random_model",
+    "save_random_checkpoint",
+    "shape_config",
+    "tiny_config",
+    "write_checkpoint",
+]
