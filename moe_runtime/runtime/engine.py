@@ -27,6 +27,7 @@ from ..errors import AdapterError, UsageError
 from ..models import (
     UNPADDED_FAMILIES,
     MoEModelInfo,
+    compute_dtype,
     install,
     load_model,
     load_tokenizer,
@@ -109,14 +110,19 @@ class MultiAdapterEngine:
 
         With ``offload`` the routed experts stay on disk (tier ``disk``: never materialized in RAM)
         or in host memory (tier ``cpu``), and a budget of them is cached per layer on the compute
-        device; see :mod:`moe_runtime.runtime.offload`.
+        device; see :mod:`moe_runtime.runtime.offload`. ``dtype`` is the compute dtype of every
+        weight (``"auto"``: see :func:`~moe_runtime.models.compute_dtype`; None keeps the
+        checkpoint's); offloaded experts stored narrower are widened as they are read.
         """
         if offload is not None:
             offload.validate()
-            net, info, store = load_offloaded_model(model, dtype=dtype, cache_dir=offload.cache_dir)
+            dtype = compute_dtype(dtype, offload.device())
+            net, info, store = load_offloaded_model(
+                model, dtype=dtype, cache_dir=offload.cache_dir, pack=offload.pack
+            )
             move_resident(net, offload.device())
             return cls(net, load_tokenizer(model), info=info, offload=OffloadedExperts(store, offload))
-        return cls(load_model(model, dtype=dtype), load_tokenizer(model))
+        return cls(load_model(model, dtype=compute_dtype(dtype, torch.device("cpu"))), load_tokenizer(model))
 
     @property
     def offload(self):

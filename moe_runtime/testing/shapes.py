@@ -34,7 +34,15 @@ import torch
 
 from ..errors import UsageError
 
-__all__ = ["SHAPES", "TensorSpec", "checkpoint_plan", "shape_config", "write_checkpoint", "main"]
+__all__ = [
+    "SHAPES",
+    "TINY_WIDTHS",
+    "TensorSpec",
+    "checkpoint_plan",
+    "shape_config",
+    "write_checkpoint",
+    "main",
+]
 
 # The public config.json of each model (hub ids in the comments), every field as published.
 # fmt: off
@@ -90,6 +98,22 @@ SHAPES: dict[str, dict] = {
         "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
         "vocab_size": 32000,
     },
+}
+# fmt: on
+
+# Test widths: every shape shrunk to a few hundred KB through the same writer and layout (the real
+# widths are GBs even at 2 layers); features kept (MLA, shared experts, dense first layer, qk norms).
+# fmt: off
+TINY_WIDTHS: dict[str, dict] = {
+    "olmoe-1b-7b": dict(hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=4,
+                        num_experts=16, vocab_size=300),
+    "deepseek-v2-lite": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, kv_lora_rank=16,
+                             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
+                             num_attention_heads=4, num_key_value_heads=4, vocab_size=300),
+    "qwen3-30b-a3b": dict(hidden_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=96, moe_intermediate_size=32, num_experts=16, vocab_size=300),
+    "mixtral-8x7b": dict(hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=300),
 }
 # fmt: on
 

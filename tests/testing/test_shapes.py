@@ -14,18 +14,7 @@ from moe_runtime.testing import shapes
 # Published total parameter counts (billions), from the model cards / papers.
 PUBLISHED = {"olmoe-1b-7b": 6.92, "deepseek-v2-lite": 15.7, "qwen3-30b-a3b": 30.5, "mixtral-8x7b": 46.7}
 
-# Widths shrunk through the same writer (the real ones are GBs even at 2 layers); layouts and features kept.
-TINY = {
-    "olmoe-1b-7b": dict(hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=4,
-                        num_experts=16, vocab_size=300),
-    "deepseek-v2-lite": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, kv_lora_rank=16,
-                             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
-                             num_attention_heads=4, num_key_value_heads=4, vocab_size=300),
-    "qwen3-30b-a3b": dict(hidden_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=96, moe_intermediate_size=32, num_experts=16, vocab_size=300),
-    "mixtral-8x7b": dict(hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=300),
-}  # fmt: skip
+TINY = shapes.TINY_WIDTHS
 
 
 @pytest.mark.parametrize("shape", sorted(shapes.SHAPES))
