@@ -7,7 +7,7 @@ import sys
 import time
 
 from ..errors import UsageError
-from ._common import add_verb, budget_flag
+from ._common import COMPUTE_DTYPES, add_verb, budget_flag
 
 
 def register(sub) -> None:
@@ -31,6 +31,8 @@ def register(sub) -> None:
             "moe-runtime generate --model demo --adapter a=ad/a --adapter b=ad/b --requests req.jsonl --output out.jsonl",
             "moe-runtime generate --model ./olmoe --requests req.jsonl --output out.jsonl --sample --top-p 0.9 --seed 1",
             "moe-runtime generate --model ./olmoe --offload disk --expert-budget 25% --prefetch router --prompt 'Hi'",
+            "moe-runtime generate --model ./dsv2-lite --offload disk --expert-budget 4GB --plan",
+            "moe-runtime generate --model ./dsv2-lite --offload disk --compute-dtype bfloat16 --prompt 'Hi'",
         ],
         func=run,
     )
@@ -69,8 +71,8 @@ def register(sub) -> None:
         "--offload",
         choices=("none", "cpu", "disk"),
         default="none",
-        help="expert offloading: 'disk' reads routed experts on demand from the checkpoint files (or from a "
-        "packed copy made once under ~/.cache/moe_runtime when the checkpoint stores experts one by one), "
+        help="expert offloading: 'disk' reads routed experts on demand straight from the checkpoint's "
+        "safetensors files (fused or one tensor per expert; --pack-experts reads a packed copy instead), "
         "keeping --expert-budget of them in RAM; 'cpu' keeps every expert in host memory and --expert-budget "
         "of them on the GPU (without a GPU the slots are RAM too: no memory saved) (default none)",
     )
@@ -79,6 +81,27 @@ def register(sub) -> None:
         metavar="X",
         help="fast-tier share ('25%%', default) or bytes ('2GB') of routed experts, or a share of the fast "
         "tier's free memory ('80%%free': GPU memory with --offload cpu on a GPU)",
+    )
+    parser.add_argument(
+        "--pack-experts",
+        action="store_true",
+        help="with --offload disk: read the experts from a packed copy (one aligned record per expert, made "
+        "once under ~/.cache/moe_runtime or $MOE_RUNTIME_CACHE; costs the experts' bytes again on disk) "
+        "instead of the checkpoint's files",
+    )
+    parser.add_argument(
+        "--compute-dtype",
+        choices=COMPUTE_DTYPES,
+        default="auto",
+        help="dtype every weight is computed in; experts stored narrower (bf16 on disk) are widened as they "
+        "are read. auto (default): float32 on a CPU for 16-bit checkpoints (bf16 matmuls are >10x slower "
+        "without bf16 instructions; the RAM held per weight doubles), the checkpoint's dtype otherwise",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the RAM, disk and bytes read per token the budget implies (JSON, from config.json and the "
+        "safetensors headers only: no weights loaded) and exit",
     )
     parser.add_argument(
         "--cache-policy",
@@ -113,6 +136,12 @@ def _adapters(specs: list[str]) -> dict[str, str]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.pack_experts and args.offload != "disk":
+        raise UsageError("--pack-experts goes with --offload disk")
+    if args.plan:
+        if args.prompt is not None or args.requests is not None or args.adapter:
+            raise UsageError("--plan reads no prompts or adapters (it only sizes the model and budget)")
+        return
     if (args.prompt is None) == (args.requests is None):
         raise UsageError("give exactly one of --prompt TEXT or --requests FILE")
     if args.requests is not None and not args.output:
@@ -158,6 +187,7 @@ def _offload_config(args: argparse.Namespace):
         policy=args.cache_policy,
         prefetch=tuple(args.prefetch),
         profile_scores=scores,
+        pack=args.pack_experts,
     )
     config.validate()
     return config
@@ -168,6 +198,13 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime import DecodeConfig, MultiAdapterEngine, Request, read_requests
 
     _check_args(args)
+    if args.plan:
+        import json
+
+        from ..runtime.offload.plan import plan_memory
+
+        print(json.dumps(plan_memory(args.model, _offload_config(args), args.compute_dtype), indent=2))
+        return 0
     adapters = _adapters(args.adapter)
     config = DecodeConfig(
         max_new_tokens=args.max_new_tokens,
@@ -186,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         requests = read_requests(args.requests, adapters=adapters)
     offload = _offload_config(args)
-    engine = MultiAdapterEngine.from_pretrained(args.model, offload=offload)
+    engine = MultiAdapterEngine.from_pretrained(args.model, dtype=args.compute_dtype, offload=offload)
     for name, path in adapters.items():
         engine.add_adapter(name, path, allow_base_mismatch=args.allow_base_mismatch)
     start = time.perf_counter()

@@ -13,6 +13,7 @@ from .loading import (
     load_tokenizer,
     pad_token_id,
     resolve_model_path,
+    stored_dtype,
 )
 from .weights import expert_tensor_names, merge_expert, split_expert
 
@@ -37,5 +38,6 @@ __all__ = [
     "resolve_model_path",
     "split_expert",
     "state_of",
+    "stored_dtype",
     "uninstall",
 ]

@@ -32,6 +32,7 @@ from ..models import (
     load_model,
     load_tokenizer,
     model_fingerprint,
+    stored_dtype,
     uninstall,
 )
 from ..tuning.registry import method_of, read_adapter_dir
@@ -61,6 +62,11 @@ def pad_id_of(model: nn.Module, tokenizer=None) -> int:
     candidates = [getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)]
     candidates.append(getattr(getattr(model, "generation_config", None), "pad_token_id", None))
     return next((int(c) for c in candidates if isinstance(c, int)), 0)
+
+
+def _stored(model: str | Path, dtype) -> torch.dtype | None:
+    """The checkpoint's dtype, read only when ``dtype`` is ``"auto"`` (it depends on it)."""
+    return stored_dtype(model) if dtype == "auto" else None
 
 
 class MultiAdapterEngine:
@@ -116,13 +122,14 @@ class MultiAdapterEngine:
         """
         if offload is not None:
             offload.validate()
-            dtype = compute_dtype(dtype, offload.device())
+            dtype = compute_dtype(dtype, offload.device(), _stored(model, dtype))
             net, info, store = load_offloaded_model(
                 model, dtype=dtype, cache_dir=offload.cache_dir, pack=offload.pack
             )
             move_resident(net, offload.device())
             return cls(net, load_tokenizer(model), info=info, offload=OffloadedExperts(store, offload))
-        return cls(load_model(model, dtype=compute_dtype(dtype, torch.device("cpu"))), load_tokenizer(model))
+        dtype = compute_dtype(dtype, torch.device("cpu"), _stored(model, dtype))
+        return cls(load_model(model, dtype=dtype), load_tokenizer(model))
 
     @property
     def offload(self):

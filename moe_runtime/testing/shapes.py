@@ -106,14 +106,14 @@ SHAPES: dict[str, dict] = {
 # fmt: off
 TINY_WIDTHS: dict[str, dict] = {
     "olmoe-1b-7b": dict(hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=4,
-                        num_experts=16, vocab_size=300),
+                        num_experts=16, vocab_size=1024),
     "deepseek-v2-lite": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, kv_lora_rank=16,
                              qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
-                             num_attention_heads=4, num_key_value_heads=4, vocab_size=300),
+                             num_attention_heads=4, num_key_value_heads=4, vocab_size=1024),
     "qwen3-30b-a3b": dict(hidden_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=96, moe_intermediate_size=32, num_experts=16, vocab_size=300),
+                          intermediate_size=96, moe_intermediate_size=32, num_experts=16, vocab_size=1024),
     "mixtral-8x7b": dict(hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=300),
+                         vocab_size=1024),
 }
 # fmt: on
 
@@ -276,11 +276,14 @@ def write_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = False,
+    sparse: bool = False,
 ) -> Path:
     """Write a random checkpoint of ``config`` (see :func:`shape_config`) to the directory ``out``.
 
     Streams shard by shard, tensor by tensor (memory stays at one block of values). Checks free
     disk first; writes into a temporary sibling directory renamed to ``out`` at the end.
+    ``sparse`` writes the headers and leaves the data as holes (all zeros, no disk used): a
+    full-size checkpoint for what reads headers only (sizing plans), not for running.
 
     Raises:
         UsageError: ``out`` exists, or its file system has not enough free space.
@@ -298,7 +301,7 @@ def write_checkpoint(
     shards = _shards(specs, itemsize, shard_bytes)
     total = sum(spec.numel for spec in specs) * itemsize
     free = shutil.disk_usage(parent).free
-    if total + _DISK_MARGIN > free:
+    if not sparse and total + _DISK_MARGIN > free:
         raise UsageError(
             f"not enough disk for '{out}': the checkpoint needs {total / 1e9:.2f} GB "
             f"(+{_DISK_MARGIN / 1e9:.2f} GB margin), {free / 1e9:.2f} GB free on its file system"
@@ -310,12 +313,15 @@ def write_checkpoint(
         weight_map = {}
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for index, (shard, file_name) in enumerate(zip(shards, names)):
-            header, _ = _header(shard, dtype)
+            header, size = _header(shard, dtype)
             with open(tmp / file_name, "wb") as f:
                 f.write(header)
                 for spec in shard:
-                    _write_tensor(f, spec, dtype, seed)
+                    if not sparse:
+                        _write_tensor(f, spec, dtype, seed)
                     weight_map[spec.name] = file_name
+                if sparse:
+                    f.truncate(len(header) + size)
             if progress:
                 print(f"shard {index + 1}/{len(shards)} written", file=sys.stderr, flush=True)
         index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
