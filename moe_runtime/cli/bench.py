@@ -116,7 +116,9 @@ def register(sub) -> None:
     scale.add_argument("--keep", action="store_true", help="keep the written checkpoint")
     scale.add_argument("--write-only", metavar="DIR", help="only write the checkpoint to DIR and exit")
     scale.add_argument(
-        "--pack-experts", action="store_true", help="also build a packed copy (time, disk) and serve from it"
+        "--pack-experts",
+        action="store_true",
+        help="also build the opt-in packed copy (time, disk) and serve from it too",
     )
     scale.add_argument(
         "--no-resident", action="store_true", help="skip the resident run (tokens check, compute time)"

@@ -14,7 +14,7 @@ def test_scale_shapes_are_the_writers():
 def test_bench_scale_smoke(tmp_path):
     settings = ScaleBenchSettings(
         shape="deepseek-v2-lite", layers=3, budget="50%", widths=shapes.TINY_WIDTHS["deepseek-v2-lite"],
-        prompts=2, prompt_len=6, new_tokens=3,
+        prompts=2, prompt_len=6, new_tokens=3, pack=True,
     )  # fmt: skip
     result = bench_scale(settings, workdir=tmp_path)
     for field in ("shape", "checkpoint_bytes", "budget_bytes", "peak_rss_bytes", "tokens_per_s",
@@ -22,5 +22,8 @@ def test_bench_scale_smoke(tmp_path):
         assert result[field] is not None, field
     assert result["tokens_equal_resident"] is True
     assert result["prefill_bytes_read"] > 0 and result["store"] == "checkpoint"
+    assert (
+        result["tokens_equal_packed"] is True and result["pack_disk_bytes"] > 0 and result["pack_build_s"] > 0
+    )
     assert result["layers"] == 3 and result["compute_dtype"] == "float32"
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # written checkpoint and caches deleted
