@@ -9,8 +9,9 @@
                  prefill (the prompt's forward) and decode (one token per forward)
     [pack]       with pack: build the packed copy (its time and disk bytes), then the offload run
                  again served from it (``tokens_per_s_packed``)
-    [resident]   the same requests with every weight in RAM, if it fits in half the available
-                 memory: tokens must be equal; its decode time is the compute time of the bound
+    [resident]   the same requests with every weight in RAM (if twice its weights fit in 80% of the
+                 available memory: loading peaks at about twice), with the offload run's compute
+                 threads: tokens must be equal; its decode time is the compute time of the bound
     [accelerate] transformers + accelerate disk offload with the same RAM (max_memory)
     bound        decode tokens / (compute time + decode bytes read / cold bandwidth);
                  compute time = the resident run's decode time, else the offload run's decode time
@@ -151,8 +152,11 @@ def _child_offload(ckpt: Path, settings: ScaleBenchSettings, cache_dir: str) -> 
 
 
 def _child_resident(ckpt: Path, settings: ScaleBenchSettings, cache_dir: str) -> dict:
+    import torch
+
     from ..runtime import MultiAdapterEngine
 
+    torch.set_num_threads(int(os.environ["MOE_BENCH_THREADS"]))  # the offload run's compute threads
     engine = MultiAdapterEngine.from_pretrained(ckpt, dtype=settings.compute_dtype)
     return _measured_generate(engine, settings, ckpt)
 
@@ -282,10 +286,12 @@ def bench_scale(
         if settings.pack:  # the opt-in packed copy: its cost, and the same run served from it
             pack = _run_child("pack", ckpt, settings, cache)
             packed = _run_child("offload", ckpt, settings, cache)
+        # loading widens bf16 to float32 through a second copy: the peak is about twice the weights
         resident_ram = plan["non_expert_bytes"] + plan["routed_expert_bytes"]
         resident = None
-        if settings.resident and resident_ram < 0.5 * psutil.virtual_memory().available:
-            resident = _run_child("resident", ckpt, settings, cache)
+        if settings.resident and 2 * resident_ram < 0.8 * psutil.virtual_memory().available:
+            threads = {"MOE_BENCH_THREADS": str(offload["compute_threads"])}
+            resident = _run_child("resident", ckpt, settings, cache, threads)
         accelerate = None
         if settings.accelerate:
             env = {"MOE_BENCH_RAM": str(plan["ram_bytes"])}
@@ -320,6 +326,7 @@ def bench_scale(
         "bound_tokens_per_s": bound,
         "bound_fraction": tokens_per_s / bound if bound else 0.0,
         "compute_source": source,
+        "compute_s_offload": offload["decode_s"] - offload["decode_stall_s"],
         "cold_bandwidth_bytes_per_s": bandwidth["bandwidth_bytes_per_s"],
         "prefill_bytes_read": offload["prefill_bytes_read"],
         "decode_bytes_read": offload["decode_bytes_read"],
