@@ -2,7 +2,7 @@
 
     checkpoint  a random float32 Mixtral-architecture model whose routed experts dominate its size
                 (~480 MB by default), built once into a cache directory
-    prepare     packed expert file (if needed); disk bandwidth: every expert read once, random
+    prepare     packed expert file (if the layout needs one); disk bandwidth: every expert read once, random
                 order, through the same loader, from a cold page cache
     (a) resident     the whole model in RAM, same engine                       -> t_resident
     offload          --offload disk at the budget, cold page cache             -> t_offload, hits, bytes

@@ -14,7 +14,7 @@ from moe_runtime.models import find_moe_layers, load_model, load_tokenizer
 from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
 from moe_runtime.runtime.offload import Budget, OffloadConfig, load_offloaded_model, parse_budget
 
-# (family, overrides): qwen2_moe / mixtral / deepseek_v3 save per-expert keys (packed file), gpt_oss fused ones.
+# (family, overrides): qwen2_moe / mixtral / deepseek_v3 save per-expert keys (read as byte ranges), gpt_oss fused ones.
 FAMILIES = {
     "qwen2_moe": {},
     "mixtral": {},

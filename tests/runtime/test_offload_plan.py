@@ -103,3 +103,19 @@ def test_compute_dtype_flag(tiny, capsys):
     assert code == 0, err
     code, _, err = _run(capsys, "generate", "--model", tiny, "--pack-experts", "--prompt", "x")
     assert code == 2 and "--pack-experts goes with --offload disk" in err
+
+
+def test_profile_plan_and_compute_dtype(tiny, tmp_path, capsys):
+    code, out, err = _run(capsys, "profile", "--model", tiny, "--plan")
+    plan = json.loads(out)
+    assert code == 0 and plan["offload"] is None and plan["compute_dtype"] == "float32", err
+    assert plan["ram_bytes"] == plan["non_expert_bytes"] + plan["routed_expert_bytes"]
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the quick brown fox {i}"}) + "\n" for i in range(4)))
+    for choice in ("auto", "bfloat16"):
+        out_dir = tmp_path / f"prof-{choice}"
+        code, _, err = _run(capsys, "profile", "--model", tiny, "--task", f"t={data}", "--out", out_dir,
+                            "--compute-dtype", choice, "--no-plots")  # fmt: skip
+        assert code == 0 and (out_dir / "t" / "summary.json").exists(), err
+    code, _, err = _run(capsys, "profile", "--model", tiny, "--task", f"t={data}")
+    assert code == 2 and "--out DIR is required" in err
