@@ -238,12 +238,12 @@ class FlakyLoader:
         self.inner, self.fail_priority, self.failed = ExpertLoader(1), fail_priority, set()
         self._next = -1
 
-    def submit(self, path, ranges, dest, priority=0):
+    def submit(self, path, ranges, dest, priority=0, **kwargs):
         if priority == self.fail_priority:
             self._next -= 1
             self.failed.add(self._next)
             return self._next
-        return self.inner.submit(path, ranges, dest, priority)
+        return self.inner.submit(path, ranges, dest, priority, **kwargs)
 
     def wait(self, ticket, timeout_s=None):
         if ticket in self.failed:

@@ -9,9 +9,9 @@ import torch
 from helpers.checkpoints import save_checkpoint
 from helpers.serving import greedy_reference
 
+from moe_runtime.ops.loader import widen_in_place
 from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
 from moe_runtime.runtime.offload import OffloadConfig
-from moe_runtime.runtime.offload.store import widen_in_place
 from moe_runtime.testing import shapes
 
 PROMPTS = [[5, 17, 42, 7, 99, 12], [3, 250, 11], [64, 1, 2, 3, 4, 5, 6, 7]]

@@ -30,6 +30,7 @@ from ...io import atomic_write_json
 from ...models import MoEModelInfo, find_moe_layers
 from ...models.checkpoint_files import ShardHeader, check_shards
 from ...models.discovery import MoELayer
+from ...ops.loader import widen_in_place
 
 __all__ = [
     "ALIGN",
@@ -78,28 +79,6 @@ class PendingRead:
     tickets: list[int]
     nbytes: int
     finish: Callable[[], None] | None = None
-
-
-def widen_in_place(dest: torch.Tensor, stored: torch.dtype) -> None:
-    """Widen the ``dest.numel()`` values of the narrower dtype ``stored`` held in the last bytes of
-    ``dest`` into ``dest`` itself.
-
-    A float32 slot of ``n`` values has room for its ``n`` bf16 values in its upper half: reading them
-    there and widening front to back needs no staging memory. Each step converts a block whose
-    source lies wholly past its destination (``(n - done) * (wide - narrow) // wide`` values), so
-    no value is overwritten before it is read: about log2(n) steps.
-    """
-    n = dest.numel()
-    flat = dest.view(-1)
-    raw = flat.view(torch.uint8)
-    wide, narrow = flat.element_size(), torch.empty(0, dtype=stored).element_size()
-    source = raw[raw.numel() - n * narrow :].view(stored)
-    done = 0
-    while (count := (n - done) * (wide - narrow) // wide) >= 1:
-        flat[done : done + count].copy_(source[done : done + count])
-        done += count
-    for index in range(done, n):  # at most one value left: read before it is overwritten
-        flat[index] = source[index].clone()
 
 
 @dataclass
@@ -171,12 +150,23 @@ class ExpertStore:
         """Queue the reads of one expert's slice of ``name`` into ``dest`` (a slot, compute dtype)."""
         ranges = self.ranges[layer][name][expert]
         nbytes = sum(r.nbytes for r in ranges)
+        if (
+            self.widens
+            and self.storage_dtype in (torch.bfloat16, torch.float16)
+            and dest.dtype == torch.float32
+            and len({r.path for r in ranges}) == 1
+        ):  # one file: the loader's reader thread reads and widens
+            spans = [(r.offset, r.nbytes) for r in ranges]
+            ticket = loader.submit(ranges[0].path, spans, dest, priority, widen_from=self.storage_dtype)
+            return PendingRead([ticket], nbytes)
         finish = None
         if not self.widens:
             raw = dest.view(-1).view(torch.uint8)
         elif torch.empty(0, dtype=self.storage_dtype).element_size() <= dest.element_size():
+            # ranges in several files (a slice across a shard boundary): read into the slot's last
+            # bytes, widened in place once all arrived
             raw = dest.view(-1).view(torch.uint8)
-            raw = raw[raw.numel() - nbytes :]  # stored values in the slot's last bytes, widened in place
+            raw = raw[raw.numel() - nbytes :]
 
             def finish() -> None:
                 widen_in_place(dest, self.storage_dtype)
