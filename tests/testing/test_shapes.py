@@ -65,6 +65,12 @@ def test_not_enough_disk_is_refused_before_writing(tmp_path, monkeypatch, capsys
     assert shapes.main(["--shape", "olmoe-1b-7b", "--layers", "1", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not enough disk" in err[0]
+    from moe_runtime.cli import main
+
+    argv = ["bench", "scale", "--shape", "olmoe-1b-7b", "--layers", "1", "--write-only", str(tmp_path / "y")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not enough disk" in err[0]
     assert list(tmp_path.iterdir()) == []
 
 
