@@ -1,12 +1,17 @@
 """By-hand check at real widths: HF float32 greedy tokens vs moe-runtime --offload disk (bf16 on disk, float32 compute)."""
 
-import gc, json, shutil, sys, time
+import gc
+import json
+import shutil
+import sys
 from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM
-from moe_runtime.testing import shapes
-from moe_runtime.runtime import MultiAdapterEngine, Request, DecodeConfig
+
+from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
 from moe_runtime.runtime.offload import OffloadConfig
+from moe_runtime.testing import shapes
 
 torch.set_num_threads(1)
 shape, layers = sys.argv[1], int(sys.argv[2])
