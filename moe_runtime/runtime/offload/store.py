@@ -1,35 +1,33 @@
 """The slow tier: where every routed expert lives on disk, and a model loaded without them.
 
-    checkpoint safetensors ──(fused key [E, ...], no conversion)──> expert e = one byte range
-                          └─(per-expert keys, or a converted layout)──> packed file, made once:
-                                 one 4 KiB-aligned record per (layer, expert), params back to back
+    checkpoint safetensors ─(fused key [E, ...])──────────────> expert e = one byte range
+                          ├─(per-expert keys that transformers stacks and concatenates:
+                          │  experts.E.gate_proj + up_proj -> gate_up_proj[E])─> a few byte ranges
+                          └─(a layout no byte ranges express, or pack=True)──> the packed copy
+                                 (packed.py: one 4 KiB-aligned record per (layer, expert))
+    a slice's ranges ──(loader, into the slot)──> widened in place when stored narrower (bf16 -> float32)
 
 ``load_offloaded_model`` builds the model on the meta device, loads every non-expert weight through
 transformers' own key renaming and conversion (so every family's checkpoint names work), and leaves
-the fused expert parameters on meta: they are never materialized. The packed file is written layer
-by layer, so building it holds one layer's experts at a time.
+the fused expert parameters on meta: they are never materialized.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import os
 import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ...errors import UsageError
-from ...io import atomic_write_json
 from ...models import MoEModelInfo, find_moe_layers
 from ...models.checkpoint_files import ShardHeader, check_shards
-from ...models.discovery import MoELayer
 from ...ops.loader import widen_in_place
 
 __all__ = [
@@ -49,7 +47,6 @@ _ST_DTYPES = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
 }
-_PACK_VERSION = 2
 
 
 def _align(n: int) -> int:
@@ -200,14 +197,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MOE_RUNTIME_CACHE", Path.home() / ".cache" / "moe_runtime")) / "offload"
 
 
-def _checkpoint_key(files: list[Path], dtype: torch.dtype) -> str:
-    digest = hashlib.sha256(f"v{_PACK_VERSION}|{dtype}".encode())
-    for file in files:
-        stat = file.stat()
-        digest.update(f"|{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:24]
-
-
 def stored_dtype(config, headers: list[ShardHeader]) -> torch.dtype:
     """The checkpoint's dtype: its config's, else its first floating tensor's."""
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -228,6 +217,15 @@ def _resolve_dtype(config, headers: list[ShardHeader], dtype: torch.dtype | str 
     if isinstance(dtype, str) and dtype != "auto":
         return getattr(torch, dtype)
     return stored_dtype(config, headers)
+
+
+class _Piece(NamedTuple):
+    """One source of an expert's slice: its bytes, shape, stored dtype, and how many sources the slice has."""
+
+    range: ByteRange
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    count: int
 
 
 @dataclass
@@ -324,6 +322,7 @@ def _load_offloaded(
     from transformers.modeling_utils import LoadStateDictConfig
 
     from ...models.loading import resolve_model_path
+    from .packed import check_cache_dir, checkpoint_key, packed_ranges, write_packed
 
     path = resolve_model_path(model)
     headers = check_shards(path)
@@ -347,8 +346,8 @@ def _load_offloaded(
     }
 
     handles = [safe_open(str(h.file), framework="pt", device="cpu") for h in headers]
-    # {layer: {param: {expert: {position: (ByteRange, shape, dtype)}}}}
-    pieces: dict[int, dict[str, dict[int, dict[int, tuple]]]] = {}
+    # {layer: {param: {expert: {position in the slice: _Piece}}}}
+    pieces: dict[int, dict[str, dict[int, dict[int, _Piece]]]] = {}
     keys: dict[int, list[_ExpertKey]] = {}
     rest = {}
     try:
@@ -376,7 +375,7 @@ def _load_offloaded(
                     for expert in range(layer.num_experts):
                         item = ByteRange(str(file), header.data_start + begin + expert * per, per)
                         slot = pieces.setdefault(layer.index, {}).setdefault(param, {}).setdefault(expert, {})
-                        slot[0] = (item, tuple(entry["shape"][1:]), stored, 1)
+                        slot[0] = _Piece(item, tuple(entry["shape"][1:]), stored, 1)
                     continue
                 found = _per_expert_position(key, pattern, pattern_to_converter[pattern])
                 if found is None:
@@ -385,7 +384,7 @@ def _load_offloaded(
                 item = ByteRange(str(file), header.data_start + begin, end - begin)
                 count = len(pattern_to_converter[pattern].source_patterns)
                 slot = pieces.setdefault(layer.index, {}).setdefault(param, {}).setdefault(expert, {})
-                slot[position] = (item, tuple(entry["shape"]), stored, count)
+                slot[position] = _Piece(item, tuple(entry["shape"]), stored, count)
         load_config = LoadStateDictConfig(
             pretrained_model_name_or_path=str(path),
             device_map={"": "cpu"},
@@ -414,14 +413,14 @@ def _load_offloaded(
         # the packed copy keeps the stored dtype (widened as it is read, like the checkpoint)
         pack_dtype = storage if storage is not None else stored_dtype(config, headers)
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        packed_path = cache / _checkpoint_key(files, pack_dtype) / "experts.bin"
-        packed = _packed_locations(packed_path, info, shapes, pack_dtype)
+        packed_path = cache / checkpoint_key(files, pack_dtype) / "experts.bin"
+        packed = packed_ranges(packed_path, info, shapes, pack_dtype)
         if packed is None:
-            _check_cache_dir(packed_path.parent)
+            check_cache_dir(packed_path.parent)
             direct = ExpertStore(
                 ranges, pack_dtype, shapes, "checkpoint", storage_dtype=storage or pack_dtype
             )
-            packed = _write_packed(
+            packed = write_packed(
                 packed_path, net, info, shapes, pack_dtype, keys, direct, mapping, converters
             )
         ranges = {**ranges, **{layer.index: packed[layer.index] for layer in needs_pack}}
@@ -452,16 +451,16 @@ def _direct_ranges(info: MoEModelInfo, shapes, pieces) -> tuple[dict, torch.dtyp
             experts, per_expert = params.get(name, {}), []
             for expert in range(layer.num_experts):
                 parts = experts.get(expert, {})
-                count = next(iter(parts.values()))[3] if parts else 0
+                count = next(iter(parts.values())).count if parts else 0
                 if not parts or sorted(parts) != list(range(count)):
                     break
                 ordered = [parts[i] for i in range(count)]
-                if any(tuple(p[1][1:]) != tuple(shape[1:]) for p in ordered):
+                if any(p.shape[1:] != tuple(shape[1:]) for p in ordered):
                     break
-                if sum(p[1][0] for p in ordered) != shape[0]:
+                if sum(p.shape[0] for p in ordered) != shape[0]:
                     break
-                layer_dtypes.update(p[2] for p in ordered)
-                per_expert.append(_merge_adjacent([p[0] for p in ordered]))
+                layer_dtypes.update(p.dtype for p in ordered)
+                per_expert.append(_merge_adjacent([p.range for p in ordered]))
             else:
                 out[name] = per_expert
         if set(out) == set(shapes[layer.index]) and len(layer_dtypes) == 1:
@@ -485,166 +484,3 @@ def _merge_adjacent(items: list[ByteRange]) -> tuple[ByteRange, ...]:
         else:
             out.append(item)
     return tuple(out)
-
-
-# the packed file ---------------------------------------------------------------------------
-
-
-def _layout_of_pack(info: MoEModelInfo, shapes, dtype: torch.dtype) -> dict:
-    """Offsets of every (layer, param) in the packed file; one aligned record per expert."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    layers, offset = {}, 0
-    for layer in info.layers:
-        params, within = {}, 0
-        for name in layer.layout.param_names():
-            nbytes = itemsize * int(torch.Size(shapes[layer.index][name]).numel())
-            params[name] = (within, nbytes)
-            within = _align(within + nbytes)
-        record = max(within, ALIGN)
-        layers[layer.index] = {"offset": offset, "record": record, "params": params}
-        offset += record * layer.num_experts
-    return layers
-
-
-def _as_ranges(
-    path: Path, layout: dict, info: MoEModelInfo
-) -> dict[int, dict[str, list[tuple[ByteRange, ...]]]]:
-    return {
-        index: {
-            name: [
-                (ByteRange(str(path), entry["offset"] + expert * entry["record"] + within, nbytes),)
-                for expert in range(info.by_index(index).num_experts)
-            ]
-            for name, (within, nbytes) in entry["params"].items()
-        }
-        for index, entry in layout.items()
-    }
-
-
-def _packed_locations(path: Path, info: MoEModelInfo, shapes, dtype) -> dict | None:
-    """Ranges in an existing, complete packed file for this checkpoint, else None."""
-    index = path.with_suffix(".json")
-    if not (path.exists() and index.exists()):
-        return None
-    layout = _layout_of_pack(info, shapes, dtype)
-    try:
-        stored = json.loads(index.read_text())
-    except (OSError, ValueError):
-        return None
-    expected = {
-        str(k): {**v, "params": {n: list(p) for n, p in v["params"].items()}} for k, v in layout.items()
-    }
-    if stored.get("layers") != expected:
-        return None
-    end = max(
-        entry["offset"] + entry["record"] * info.by_index(index).num_experts
-        for index, entry in layout.items()
-    )
-    if path.stat().st_size < end:  # cut short since it was written: made again
-        return None
-    return _as_ranges(path, layout, info)
-
-
-def _layer_tensors(
-    net: nn.Module, layer: MoELayer, keys: list[_ExpertKey], mapping, converters
-) -> dict[str, torch.Tensor]:
-    """One layer's fused expert parameters, converted exactly as transformers loads them."""
-    from safetensors import safe_open
-    from transformers.core_model_loading import WeightRenaming, dot_natural_key
-
-    pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
-    pending: dict[str, object] = {}
-    out: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[_ExpertKey]] = {}
-    for item in keys:
-        by_file.setdefault(item.file, []).append(item)
-    loaded: list[tuple[_ExpertKey, torch.Tensor]] = []
-    for file, items in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            loaded += [(item, handle.get_tensor(item.key)) for item in items]
-    loaded.sort(key=lambda pair: dot_natural_key(pair[0].key))
-    for item, tensor in loaded:
-        if item.source_pattern is None:
-            pending.setdefault(item.renamed, WeightRenaming(item.key, item.renamed))
-            pending[item.renamed].add_tensor(item.renamed, item.key, item.key, tensor)
-        else:
-            conv = pending.setdefault(item.renamed, copy.deepcopy(pattern_to_converter[item.source_pattern]))
-            conv.add_tensor(item.renamed, item.key, item.source_pattern, tensor)
-    loaded.clear()
-    for first, conv in pending.items():
-        for name, value in conv.convert(first, model=net, config=net.config).items():
-            value = value[0] if isinstance(value, list) else value
-            if name.startswith(f"{layer.experts_name}."):
-                out[name[len(layer.experts_name) + 1 :]] = value
-    return out
-
-
-def _check_cache_dir(directory: Path) -> None:
-    """The packed file's directory must be creatable and writable (a cache problem, not the model's)."""
-    from ...io import write_probe_error
-
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        error = exc
-    else:
-        error = write_probe_error(directory)
-    if error is not None:
-        raise UsageError(
-            f"offload cache '{directory}': cannot write the packed expert file there ({error.strerror or error}); "
-            "set MOE_RUNTIME_CACHE (or OffloadConfig.cache_dir) to a writable directory"
-        )
-
-
-def _write_packed(
-    path: Path, net, info, shapes, dtype, keys, direct: ExpertStore, mapping, converters
-) -> dict:
-    """Write the packed expert file (layer by layer, in ``dtype``) and its index; returns its ranges.
-
-    A layer the checkpoint holds as byte ranges is copied expert by expert; any other layer is
-    converted as transformers loads it (one layer's experts in memory at a time).
-    """
-    layout = _layout_of_pack(info, shapes, dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    total = sum(entry["record"] * info.by_index(i).num_experts for i, entry in layout.items())
-    try:
-        with open(tmp, "wb") as f:
-            f.truncate(total)
-            for layer in info.layers:
-                entry = layout[layer.index]
-                if layer.index in direct.ranges:
-                    for expert in range(layer.num_experts):
-                        for name in layer.layout.param_names():
-                            value = direct.read_raw(layer.index, expert, name).to(dtype)
-                            within, _ = entry["params"][name]
-                            f.seek(entry["offset"] + expert * entry["record"] + within)
-                            f.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))
-                    continue
-                tensors = _layer_tensors(net, layer, keys.get(layer.index, []), mapping, converters)
-                for name in layer.layout.param_names():
-                    if name not in tensors:
-                        raise UsageError(
-                            f"cannot offload {layer.experts_name}.{name}: the checkpoint does not map to it"
-                        )
-                    value = tensors[name].to(dtype).contiguous()
-                    if tuple(value.shape) != (layer.num_experts, *shapes[layer.index][name]):
-                        raise UsageError(
-                            f"cannot offload {layer.experts_name}.{name}: converted shape {tuple(value.shape)}"
-                        )
-                    within, _ = entry["params"][name]
-                    for expert in range(layer.num_experts):
-                        f.seek(entry["offset"] + expert * entry["record"] + within)
-                        f.write(memoryview(value[expert].reshape(-1).view(torch.uint8).numpy()))
-                del tensors
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    index = {str(k): {**v, "params": {n: list(p) for n, p in v["params"].items()}} for k, v in layout.items()}
-    atomic_write_json(
-        path.with_suffix(".json"), {"version": _PACK_VERSION, "dtype": str(dtype), "layers": index}
-    )
-    return _as_ranges(path, layout, info)
