@@ -7,6 +7,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -114,7 +115,8 @@ int64_t ExpertLoader::submit(
     std::vector<int64_t> offsets,
     std::vector<int64_t> sizes,
     at::Tensor dest,
-    int64_t priority) {
+    int64_t priority,
+    int64_t widen) {
   TORCH_CHECK_VALUE(offsets.size() == sizes.size(), "ExpertLoader.submit: ", offsets.size(), " offsets but ",
                     sizes.size(), " sizes");
   TORCH_CHECK_VALUE(dest.device().is_cpu(), "ExpertLoader.submit: dest must be a CPU tensor, got ", dest.device());
@@ -128,6 +130,12 @@ int64_t ExpertLoader::submit(
   const int64_t capacity = static_cast<int64_t>(dest.nbytes());
   TORCH_CHECK_VALUE(total <= capacity, "ExpertLoader.submit: the ranges hold ", total, " bytes but dest only ",
                     capacity);
+  TORCH_CHECK_VALUE(widen >= kWidenNone && widen <= kWidenFloat16, "ExpertLoader.submit: unknown widen ", widen);
+  if (widen != kWidenNone) {
+    TORCH_CHECK_VALUE(dest.scalar_type() == at::kFloat, "ExpertLoader.submit: widening needs a float32 dest");
+    TORCH_CHECK_VALUE(total == 2 * dest.numel(), "ExpertLoader.submit: widening ", dest.numel(),
+                      " values needs ranges of ", 2 * dest.numel(), " bytes, got ", total);
+  }
 
   std::lock_guard<std::mutex> lock(mutex_);
   TORCH_CHECK(!closing_, "ExpertLoader.submit: the loader is closed");
@@ -136,7 +144,7 @@ int64_t ExpertLoader::submit(
     const auto found = pending_by_dest_.find(address);
     if (found != pending_by_dest_.end()) {
       const RequestPtr& other = requests_.at(found->second);
-      if (other->path == path && other->offsets == offsets && other->sizes == sizes) {
+      if (other->path == path && other->offsets == offsets && other->sizes == sizes && other->widen == widen) {
         ++deduplicated_;
         if (other->state == kQueued && priority < other->priority) {
           queue_.erase(std::make_tuple(other->priority, other->seq, other->id));
@@ -155,6 +163,7 @@ int64_t ExpertLoader::submit(
   request->sizes = std::move(sizes);
   request->dest = std::move(dest);
   request->priority = priority;
+  request->widen = widen;
   request->submitted = Clock::now();
   requests_.emplace(request->id, request);
   if (address != nullptr) {
@@ -288,6 +297,7 @@ c10::Dict<std::string, double> ExpertLoader::stats() {
   out.insert("promoted", static_cast<double>(promoted_));
   out.insert("deduplicated", static_cast<double>(deduplicated_));
   out.insert("direct_fallbacks", static_cast<double>(direct_fallbacks_));
+  out.insert("widened", static_cast<double>(widened_));
   out.insert("queued", static_cast<double>(queue_.size()));
   out.insert("running", static_cast<double>(running_));
   out.insert("queue_wait_s", queue_wait_s_);
@@ -357,6 +367,7 @@ void ExpertLoader::worker_loop() {
     bytes_read_ += outcome.bytes;
     staged_bytes_ += outcome.staged;
     direct_fallbacks_ += outcome.fallback ? 1 : 0;
+    widened_ += outcome.widened ? 1 : 0;
     request->error = outcome.error;
     request->message = std::move(outcome.message);
     if (outcome.error == 0) {
@@ -365,6 +376,34 @@ void ExpertLoader::worker_loop() {
     finish(request, outcome.error == 0 ? kDone : kFailed);
   }
 }
+
+namespace {
+
+// Widens n 16-bit floats held in the last 2n bytes of the 4n-byte buffer `dst` into float32 values
+// filling it. Front to back in chunks copied out first: a chunk's stores reach only source values
+// already copied (value j's bytes start at 2n + 2j, past every store of values below j), and the
+// memcpy (a char access) keeps the compiler from moving a load past a store that overlaps it.
+void widen_in_place(float* dst, int64_t n, int64_t kind) {
+  constexpr int64_t kChunk = 2048;
+  const char* src = reinterpret_cast<const char*>(dst) + 2 * n;
+  uint16_t chunk[kChunk];
+  for (int64_t i = 0; i < n; i += kChunk) {
+    const int64_t count = std::min(kChunk, n - i);
+    std::memcpy(chunk, src + 2 * i, static_cast<size_t>(2 * count));
+    for (int64_t k = 0; k < count; ++k) {
+      float value;
+      if (kind == ExpertLoader::kWidenBFloat16) {
+        const uint32_t bits = static_cast<uint32_t>(chunk[k]) << 16;
+        std::memcpy(&value, &bits, sizeof(value));
+      } else {
+        value = c10::detail::fp16_ieee_to_fp32_value(chunk[k]);
+      }
+      dst[i + k] = value;
+    }
+  }
+}
+
+}  // namespace
 
 ExpertLoader::Outcome ExpertLoader::execute(const Request& request, Staging& staging) {
   Outcome outcome;
@@ -394,7 +433,11 @@ ExpertLoader::Outcome ExpertLoader::execute(const Request& request, Staging& sta
   }
   FileCloser closer{fd};
 
-  char* out = static_cast<char*>(request.dest.data_ptr());
+  char* base = static_cast<char*>(request.dest.data_ptr());
+  char* out = base;
+  if (request.widen != kWidenNone) {
+    out = base + request.dest.nbytes() / 2;  // the 16-bit values go to the last half, widened after
+  }
   for (size_t i = 0; i < request.offsets.size(); ++i) {
     const int64_t offset = request.offsets[i];
     const int64_t nbytes = request.sizes[i];
@@ -439,6 +482,10 @@ ExpertLoader::Outcome ExpertLoader::execute(const Request& request, Staging& sta
     }
     out += nbytes;
     outcome.bytes += nbytes;
+  }
+  if (request.widen != kWidenNone) {
+    widen_in_place(reinterpret_cast<float*>(base), request.dest.numel(), request.widen);
+    outcome.widened = true;
   }
   return outcome;
 }

@@ -6,6 +6,8 @@
 //     -> worker: open (O_DIRECT optional) -> pread every range back to back into dest
 //        (O_DIRECT: straight into dest where offset and address are aligned, otherwise through
 //        an aligned per-thread staging buffer, copied out)
+//     -> widen (optional): the ranges hold 16-bit floats (bf16 or fp16) read into the last half of
+//        a float32 dest, converted in place, front to back, by the worker
 //     -> outcome kept under the ticket: done, failed (errno + message) or cancelled
 //   wait(ticket, timeout) -> (state, errno, message)
 //
@@ -45,6 +47,8 @@ class ExpertLoader : public torch::CustomClassHolder {
   static constexpr size_t kRetainedOutcomes = 4096;
   // Alignment of file offsets, lengths and buffers for O_DIRECT reads.
   static constexpr int64_t kDirectAlign = 4096;
+  // What the worker does with the bytes read: keep them, or widen 16-bit floats into float32.
+  enum Widen : int64_t { kWidenNone = 0, kWidenBFloat16 = 1, kWidenFloat16 = 2 };
 
   // num_threads >= 1 workers; direct_io opens files with O_DIRECT (falling back to buffered reads
   // where the file system refuses it); staging_bytes bounds the staging buffers of all threads;
@@ -54,14 +58,16 @@ class ExpertLoader : public torch::CustomClassHolder {
 
   // Queues reads of the ranges (offsets[i], sizes[i]) of `path`, back to back into `dest` (a
   // contiguous CPU tensor of at least sum(sizes) bytes). A submit matching a queued or running
-  // ticket (same dest address, path and ranges) returns that ticket, moving it up if `priority`
-  // is lower.
+  // ticket (same dest address, path, ranges and widening) returns that ticket, moving it up if
+  // `priority` is lower. With `widen` (a Widen), dest is float32 and the ranges hold exactly its
+  // values as bf16 / fp16: they are read into its last half and widened in place.
   int64_t submit(
       std::string path,
       std::vector<int64_t> offsets,
       std::vector<int64_t> sizes,
       at::Tensor dest,
-      int64_t priority);
+      int64_t priority,
+      int64_t widen);
   // Lowers a queued ticket's priority to `priority` (it then queues behind the tickets already
   // at that priority). Returns whether the ticket was still queued.
   bool promote(int64_t ticket, int64_t priority);
@@ -80,7 +86,7 @@ class ExpertLoader : public torch::CustomClassHolder {
   void pause();
   void resume();
   // Counters: submitted, reads, bytes_read, staged_bytes, failed, cancelled, promoted,
-  // deduplicated, direct_fallbacks, queued, running; seconds: queue_wait_s, read_time_s.
+  // deduplicated, direct_fallbacks, widened, queued, running; seconds: queue_wait_s, read_time_s.
   c10::Dict<std::string, double> stats();
   // Cancels queued tickets, lets running reads finish and joins the threads. Idempotent.
   void close();
@@ -95,6 +101,7 @@ class ExpertLoader : public torch::CustomClassHolder {
     std::vector<int64_t> sizes;
     at::Tensor dest;  // released once finished
     int64_t priority = 0;
+    int64_t widen = kWidenNone;
     int64_t seq = 0;  // arrival order within a priority
     State state = kQueued;
     int64_t error = 0;
@@ -111,6 +118,7 @@ class ExpertLoader : public torch::CustomClassHolder {
     int64_t bytes = 0;
     int64_t staged = 0;
     bool fallback = false;
+    bool widened = false;
   };
 
   // Aligned scratch memory of one worker, allocated on first use.
@@ -148,7 +156,7 @@ class ExpertLoader : public torch::CustomClassHolder {
 
   // Counters (under mutex_).
   int64_t submitted_ = 0, reads_ = 0, bytes_read_ = 0, staged_bytes_ = 0, failed_ = 0;
-  int64_t cancelled_ = 0, promoted_ = 0, deduplicated_ = 0, direct_fallbacks_ = 0;
+  int64_t cancelled_ = 0, promoted_ = 0, deduplicated_ = 0, direct_fallbacks_ = 0, widened_ = 0;
   double queue_wait_s_ = 0.0, read_time_s_ = 0.0;
 
   std::mutex close_mutex_;  // serializes close (and the join) between callers

@@ -2,7 +2,7 @@
 
     checkpoint  a random float32 Mixtral-architecture model whose routed experts dominate its size
                 (~480 MB by default), built once into a cache directory
-    prepare     packed expert file (if needed); disk bandwidth: every expert read once, random
+    prepare     packed expert file (if the layout needs one); disk bandwidth: every expert read once, random
                 order, through the same loader, from a cold page cache
     (a) resident     the whole model in RAM, same engine                       -> t_resident
     offload          --offload disk at the budget, cold page cache             -> t_offload, hits, bytes
@@ -193,7 +193,7 @@ def _child_prepare(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) -
 
     net, info, store = load_offloaded_model(ckpt, cache_dir=cache_dir)
     non_expert = sum(p.numel() * p.element_size() for p in net.parameters() if not p.is_meta)
-    files = sorted({loc.path for layer in store.locations.values() for loc in layer.values()})
+    files = store.files()
     return {
         "expert_files": files,
         "expert_bytes": info.routed_expert_bytes,
@@ -221,13 +221,13 @@ def _child_bandwidth(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str)
     total, start = 0, time.perf_counter()
     with ExpertLoader(2) as loader:
         for layer, expert in jobs:
-            tickets = []
-            for name, loc in store.locations[layer].items():
-                offset, nbytes = loc.range_of(expert)
-                tickets.append(loader.submit(loc.path, [(offset, nbytes)], buffers[name], 0))
-                total += nbytes
-            for ticket in tickets:
-                loader.wait(ticket)
+            reads = [store.submit(loader, layer, expert, name, buffers[name], 0) for name in buffers]
+            for read in reads:
+                total += read.nbytes
+                for ticket in read.tickets:
+                    loader.wait(ticket)
+                if read.finish is not None:
+                    read.finish()
     seconds = time.perf_counter() - start
     return {"bytes": total, "seconds": seconds, "bandwidth_bytes_per_s": total / seconds}
 

@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 
-__all__ = ["add_verb", "budget_flag", "close_distributed", "init_distributed", "is_rank_zero"]
+__all__ = [
+    "COMPUTE_DTYPES",
+    "add_verb",
+    "budget_flag",
+    "close_distributed",
+    "init_distributed",
+    "is_rank_zero",
+]
+
+# --compute-dtype choices (moe_runtime.models.compute_dtype resolves them; kept here: no torch import)
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_verb(

@@ -17,14 +17,17 @@ BENCHES = (
     "serve",
     "auto-adapter",
     "export",
+    "scale",
 )
+# moe_runtime.testing.shapes.SHAPES (named here: building the parser imports no torch)
+SCALE_SHAPES = ("olmoe-1b-7b", "deepseek-v2-lite", "qwen3-30b-a3b", "mixtral-8x7b")
 
 
 def register(sub) -> None:
     parser = add_verb(
         sub,
         "bench",
-        help="run a benchmark (profile, tune, reroute, offload, esft-quality, peft-mixed, serve, auto-adapter, export)",
+        help="run a benchmark (profile, tune, reroute, offload, esft-quality, peft-mixed, serve, auto-adapter, export, scale)",
         description=(
             "Run one benchmark on the embedded model (or --model) and print a table; --json writes the "
             "numbers. Every figure is compared with a baseline measured in the same run."
@@ -40,6 +43,9 @@ def register(sub) -> None:
             "moe-runtime bench serve --requests 8 --loads 1,4 --serve-tokens 4,8 --adapter-steps 1   # seconds",
             "moe-runtime bench auto-adapter --json bench_auto.json   # adapter 'auto' accuracy, 6 adapters",
             "moe-runtime bench export --json bench_export.json   # peak RSS of export vs checkpoint size",
+            "moe-runtime bench scale --shape deepseek-v2-lite --layers 4 --budget 25% --workdir /tmp/scale --json s.json",
+            "moe-runtime bench scale --shape olmoe-1b-7b --layers 2 --write-only /tmp/scale/olmoe-2",
+            "moe-runtime bench scale --checkpoint ./dsv2-lite --shape deepseek-v2-lite --budget 6GB --no-accelerate",
         ],
         func=run,
     )
@@ -151,8 +157,44 @@ def register(sub) -> None:
         "temporary directory)",
     )
     parser.add_argument(
-        "--new-tokens", type=int, default=16, help="peft-mixed: tokens generated per request (default 16)"
+        "--new-tokens",
+        type=int,
+        default=None,
+        help="peft-mixed, scale: tokens generated per request (default 16, scale 4)",
     )
+    scale = parser.add_argument_group(
+        "scale",
+        "bench scale: a random bf16 checkpoint with a real model's config and hub layout (written into "
+        "--workdir after a free-disk check, deleted afterwards unless --keep; or --checkpoint), served with "
+        "--offload disk at --budget from a cold page cache, one request at a time; reports bytes read in "
+        "prefill and decode, decode tokens/s against the bound (compute time + decode bytes / cold read "
+        "bandwidth), peak RSS, and transformers + accelerate disk offload at the same RAM",
+    )
+    scale.add_argument(
+        "--shape", choices=SCALE_SHAPES, default="deepseek-v2-lite", help="the real model to copy"
+    )
+    scale.add_argument("--layers", type=int, metavar="N", help="decoder layers (default: the model's)")
+    scale.add_argument(
+        "--budget", default="25%", metavar="X", help="expert budget: share or bytes (default 25%%)"
+    )
+    scale.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="where the checkpoint and caches go (default: $TMPDIR/moe_runtime_scale)",
+    )
+    scale.add_argument("--checkpoint", metavar="DIR", help="use this checkpoint instead of writing one")
+    scale.add_argument("--keep", action="store_true", help="keep the written checkpoint")
+    scale.add_argument("--write-only", metavar="DIR", help="only write the checkpoint to DIR and exit")
+    scale.add_argument(
+        "--pack-experts",
+        action="store_true",
+        help="also build the opt-in packed copy (time, disk) and serve from it too",
+    )
+    scale.add_argument(
+        "--no-resident", action="store_true", help="skip the resident run (tokens check, compute time)"
+    )
+    scale.add_argument("--prompts", type=int, default=2, help="requests, each decoded alone (default 2)")
+    scale.add_argument("--prompt-len", type=int, default=10, help="prompt tokens (default 10)")
 
 
 def _table(rows: dict, indent: str = "") -> str:
@@ -279,9 +321,14 @@ def run(args: argparse.Namespace) -> int:
         from ..bench.export_bench import bench_export
 
         result = {"bench": "export", **bench_export(smoke=args.offload_size == "smoke")}
+    elif args.name == "scale":
+        result = _bench_scale(args)
+        if result is None:
+            return 0
     elif args.name == "peft-mixed":
         from ..bench.peft_bench import bench_peft_mixed
 
+        args.new_tokens = 16 if args.new_tokens is None else args.new_tokens
         if args.adapters <= 0 or args.new_tokens <= 0:
             raise UsageError("--adapters and --new-tokens must be positive")
         result = {
@@ -371,6 +418,36 @@ def _check_device(args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise UsageError(f"--device cuda: CUDA is not available (torch {torch.__version__})")
+
+
+def _bench_scale(args: argparse.Namespace) -> dict | None:
+    import tempfile
+    from pathlib import Path
+
+    from ..bench.scale_bench import ScaleBenchSettings, bench_scale
+    from ..testing.shapes import shape_config, write_checkpoint
+
+    budget_flag("--budget", args.budget)
+    if args.write_only:
+        out = write_checkpoint(shape_config(args.shape, layers=args.layers), args.write_only, progress=True)
+        print(out)
+        return None
+    settings = ScaleBenchSettings(
+        shape=args.shape,
+        layers=args.layers,
+        budget=args.budget,
+        prompts=args.prompts,
+        prompt_len=args.prompt_len,
+        new_tokens=4 if args.new_tokens is None else args.new_tokens,
+        pack=args.pack_experts,
+        accelerate=not args.no_accelerate,
+        resident=not args.no_resident,
+    )
+    if min(settings.prompts, settings.prompt_len, settings.new_tokens) <= 0:
+        raise UsageError("--prompts, --prompt-len and --new-tokens must be positive")
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "moe_runtime_scale"
+    result = bench_scale(settings, workdir=workdir, checkpoint=args.checkpoint, keep=args.keep)
+    return {"bench": "scale", **result}
 
 
 def _bench_profile(args: argparse.Namespace) -> dict:

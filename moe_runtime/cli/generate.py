@@ -7,7 +7,7 @@ import sys
 import time
 
 from ..errors import UsageError
-from ._common import add_verb, budget_flag
+from ._common import COMPUTE_DTYPES, add_verb, budget_flag
 
 
 def register(sub) -> None:
@@ -37,6 +37,8 @@ def register(sub) -> None:
             "moe-runtime generate --model ./olmoe --offload disk --expert-budget 25% --prefetch router --prompt 'Hi'",
             "moe-runtime generate --model demo --adapter arith=ad/arith --prompt '12 + 35 =' --use arith --stream",
             "moe-runtime generate --model demo --adapter a=ad/a --adapter b=ad/b --prompt '12 + 35 =' --use auto",
+            "moe-runtime generate --model ./dsv2-lite --offload disk --expert-budget 4GB --plan",
+            "moe-runtime generate --model ./dsv2-lite --offload disk --compute-dtype bfloat16 --prompt 'Hi'",
         ],
         func=run,
     )
@@ -65,6 +67,12 @@ def register(sub) -> None:
         "--batch-size", type=int, default=64, metavar="B", help="requests decoded together (default 64)"
     )
     add_offload_flags(parser)
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the RAM, disk and bytes read per token the budget implies (JSON, from config.json and the "
+        "safetensors headers only: no weights loaded) and exit",
+    )
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -98,8 +106,8 @@ def add_offload_flags(parser: argparse.ArgumentParser) -> None:
         "--offload",
         choices=("none", "cpu", "disk"),
         default="none",
-        help="expert offloading: 'disk' reads routed experts on demand from the checkpoint files (or from a "
-        "packed copy made once under ~/.cache/moe_runtime when the checkpoint stores experts one by one), "
+        help="expert offloading: 'disk' reads routed experts on demand straight from the checkpoint's "
+        "safetensors files (fused or one tensor per expert; --pack-experts reads a packed copy instead), "
         "keeping --expert-budget of them in RAM; 'cpu' keeps every expert in host memory and --expert-budget "
         "of them on the GPU (without a GPU the slots are RAM too: no memory saved) (default none)",
     )
@@ -108,6 +116,21 @@ def add_offload_flags(parser: argparse.ArgumentParser) -> None:
         metavar="X",
         help="fast-tier share ('25%%', default) or bytes ('2GB') of routed experts, or a share of the fast "
         "tier's free memory ('80%%free': GPU memory with --offload cpu on a GPU)",
+    )
+    parser.add_argument(
+        "--pack-experts",
+        action="store_true",
+        help="with --offload disk: read the experts from a packed copy (one aligned record per expert, made "
+        "once under ~/.cache/moe_runtime or $MOE_RUNTIME_CACHE; costs the experts' bytes again on disk) "
+        "instead of the checkpoint's files",
+    )
+    parser.add_argument(
+        "--compute-dtype",
+        choices=COMPUTE_DTYPES,
+        default="auto",
+        help="dtype every weight is computed in; experts stored narrower (bf16 on disk) are widened as they "
+        "are read. auto (default): float32 on a CPU for 16-bit checkpoints (bf16 matmuls are >10x slower "
+        "without bf16 instructions; the RAM held per weight doubles), the checkpoint's dtype otherwise",
     )
     parser.add_argument(
         "--cache-policy",
@@ -144,6 +167,12 @@ def _adapters(specs: list[str], flag: str = "--adapter") -> dict[str, str]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.plan:
+        if args.pack_experts and args.offload != "disk":
+            raise UsageError("--pack-experts goes with --offload disk")
+        if args.prompt is not None or args.requests is not None or args.adapter:
+            raise UsageError("--plan reads no prompts or adapters (it only sizes the model and budget)")
+        return
     if (args.prompt is None) == (args.requests is None):
         raise UsageError("give exactly one of --prompt TEXT or --requests FILE")
     if args.requests is not None and not args.output:
@@ -165,6 +194,8 @@ def check_engine_flags(args: argparse.Namespace) -> None:
     """The checks of :func:`add_model_flags` and :func:`add_offload_flags` flags (before anything loads)."""
     if args.allow_base_mismatch and not args.adapter:
         raise UsageError("--allow-base-mismatch goes with --adapter")
+    if args.pack_experts and args.offload != "disk":
+        raise UsageError("--pack-experts goes with --offload disk")
     if args.offload == "none" and (
         args.expert_budget is not None or args.prefetch or args.pin_profile or args.cache_policy != "lru"
     ):
@@ -196,6 +227,7 @@ def _offload_config(args: argparse.Namespace):
         policy=args.cache_policy,
         prefetch=tuple(args.prefetch),
         profile_scores=scores,
+        pack=args.pack_experts,
     )
     config.validate()
     return config
@@ -214,7 +246,7 @@ def load_engine(args: argparse.Namespace, adapters: dict[str, str], profiles: di
     """The engine of ``--model`` (offloaded as ``offload`` says) with ``adapters`` loaded and checked."""
     from ..runtime import MultiAdapterEngine
 
-    engine = MultiAdapterEngine.from_pretrained(args.model, offload=offload)
+    engine = MultiAdapterEngine.from_pretrained(args.model, dtype=args.compute_dtype, offload=offload)
     for name, path in adapters.items():
         engine.add_adapter(
             name, path, allow_base_mismatch=args.allow_base_mismatch, profile=profiles.get(name)
@@ -227,6 +259,13 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime import DecodeConfig, Request, read_requests
 
     _check_args(args)
+    if args.plan:
+        import json
+
+        from ..runtime.offload.plan import plan_memory
+
+        print(json.dumps(plan_memory(args.model, _offload_config(args), args.compute_dtype), indent=2))
+        return 0
     adapters = _adapters(args.adapter)
     config = DecodeConfig(
         max_new_tokens=args.max_new_tokens,

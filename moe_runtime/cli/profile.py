@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UsageError
-from ._common import add_verb, init_distributed, is_rank_zero
+from ._common import COMPUTE_DTYPES, add_verb, init_distributed, is_rank_zero
 
 
 def register(sub) -> None:
@@ -25,6 +25,7 @@ def register(sub) -> None:
             "moe-runtime profile --model ./olmoe --task law=law.jsonl --max-tokens 65536 --trace --out prof/",
             "torchrun --nproc-per-node 2 -m moe_runtime.cli profile --model demo --task a=a.jsonl --out prof/",
             "moe-runtime profile --merge prof-part1/ prof-part2/ --out prof/",
+            "moe-runtime profile --model ./dsv2-lite --plan",
         ],
         func=run,
     )
@@ -36,7 +37,7 @@ def register(sub) -> None:
         metavar="NAME=PATH",
         help="task name and JSONL file (repeatable)",
     )
-    parser.add_argument("--out", required=True, metavar="DIR", help="profile directory to write")
+    parser.add_argument("--out", metavar="DIR", help="profile directory to write (required unless --plan)")
     parser.add_argument(
         "--max-tokens", type=int, default=None, metavar="N", help="at most N tokens per task (default: all)"
     )
@@ -52,6 +53,19 @@ def register(sub) -> None:
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument(
+        "--compute-dtype",
+        choices=COMPUTE_DTYPES,
+        default="auto",
+        help="dtype the model runs in; auto (default): float32 on a CPU for 16-bit checkpoints (bf16 matmuls "
+        "are >10x slower without bf16 instructions; twice the RAM), the checkpoint's dtype otherwise",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the RAM the model needs in the compute dtype (JSON, from config.json and the safetensors "
+        "headers only: no weights loaded) and exit",
+    )
+    parser.add_argument(
         "--color-scale",
         choices=("shared", "per-task"),
         default="shared",
@@ -64,6 +78,17 @@ def run(args: argparse.Namespace) -> int:
     from ..io import check_output_dir
     from ..profiler import merge_profiles
 
+    if args.plan:
+        if not args.model or args.merge or args.task:
+            raise UsageError("--plan takes --model only (it sizes the model, it reads no tasks)")
+        import json
+
+        from ..runtime.offload.plan import plan_memory
+
+        print(json.dumps(plan_memory(args.model, None, args.compute_dtype), indent=2))
+        return 0
+    if not args.out:
+        raise UsageError("--out DIR is required")
     if args.merge:
         if args.model or args.task:
             raise UsageError("--merge takes profile directories only (no --model/--task)")
@@ -79,8 +104,10 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    import torch
+
     from ..data import parse_task_spec, read_examples
-    from ..models import find_moe_layers, load_model, load_tokenizer
+    from ..models import compute_dtype, find_moe_layers, load_model, load_tokenizer, stored_dtype
     from ..profiler import ProfileConfig, profile_model, write_profile
 
     tasks = {}
@@ -89,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
         if name in tasks:
             raise UsageError(f"--task '{name}' given twice")
         tasks[name] = read_examples(path)
-    model = load_model(args.model)
+    model = load_model(
+        args.model, dtype=compute_dtype(args.compute_dtype, torch.device("cpu"), stored_dtype(args.model))
+    )
     find_moe_layers(model)  # a dense model fails here, before any work
     tokenizer = load_tokenizer(args.model)
     rank, _ = init_distributed()

@@ -5,6 +5,8 @@
       -> a worker thread opens the file (O_DIRECT optional) and preads the ranges back to back
          into dest (O_DIRECT: straight into dest where offset and address are 4 KiB-aligned,
          otherwise through an aligned staging buffer, copied out)
+      -> widen_from (optional): the ranges hold the bf16 / fp16 values of a float32 dest; they are
+         read into its last half and widened in place by the worker (no staging memory)
       -> wait(ticket) returns, or raises LoaderError naming the path and offset
 
 Two backends with the same semantics: "cpp", the custom class
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import heapq
 import mmap
 import os
@@ -36,7 +39,14 @@ import torch
 
 from ._extension import load_extension
 
-__all__ = ["ExpertLoader", "LoaderCancelledError", "LoaderError", "aligned_empty", "cpp_loader_available"]
+__all__ = [
+    "ExpertLoader",
+    "LoaderCancelledError",
+    "LoaderError",
+    "aligned_empty",
+    "cpp_loader_available",
+    "widen_in_place",
+]
 
 # Ticket states, shared with csrc/loader.h.
 _QUEUED, _RUNNING, _DONE, _FAILED, _CANCELLED = range(5)
@@ -54,6 +64,7 @@ _COUNTERS = (
     "promoted",
     "deduplicated",
     "direct_fallbacks",
+    "widened",
     "queued",
     "running",
 )
@@ -78,13 +89,47 @@ def aligned_empty(nbytes: int, alignment: int = _ALIGN) -> torch.Tensor:
     return buffer[pad : pad + nbytes]
 
 
+_WIDEN = {torch.bfloat16: 1, torch.float16: 2}  # shared with csrc/loader.h (Widen)
+_WIDEN_DTYPES = {code: dtype for dtype, code in _WIDEN.items()}
+
+
+def widen_in_place(dest: torch.Tensor, stored: torch.dtype) -> None:
+    """Widen the ``dest.numel()`` values of the narrower dtype ``stored`` held in the last bytes of
+    ``dest`` into ``dest`` itself (the reference of the loader's widening).
+
+    A float32 slot of ``n`` values has room for its ``n`` bf16 values in its upper half: reading them
+    there and widening front to back needs no staging memory. Each step converts a block whose
+    source lies wholly past its destination (``(n - done) * (wide - narrow) // wide`` values), so
+    no value is overwritten before it is read: about log2(n) steps.
+    """
+    n = dest.numel()
+    flat = dest.view(-1)
+    raw = flat.view(torch.uint8)
+    wide, narrow = flat.element_size(), torch.empty(0, dtype=stored).element_size()
+    source = raw[raw.numel() - n * narrow :].view(stored)
+    done = 0
+    while (count := (n - done) * (wide - narrow) // wide) >= 1:
+        flat[done : done + count].copy_(source[done : done + count])
+        done += count
+    for index in range(done, n):  # at most one value left: read before it is overwritten
+        flat[index] = source[index].clone()
+
+
+@functools.cache
 def _cpp_class():
-    """The compiled custom class, or None when the extension is not built or predates it."""
+    """The compiled custom class, or None when the extension is not built or predates it (a build
+    without widening: its ``stats`` lack ``widened``; rebuild with ``python setup.py build_ext --inplace``)."""
     try:
         load_extension()
-        return torch.classes.moe_runtime.ExpertLoader
+        cls = torch.classes.moe_runtime.ExpertLoader
+        probe = cls(1, False, _ALIGN, 0)
     except (RuntimeError, AttributeError):
         return None
+    try:
+        current = "widened" in dict(probe.stats())
+    finally:
+        probe.close()
+    return cls if current else None
 
 
 def cpp_loader_available() -> bool:
@@ -142,7 +187,13 @@ class ExpertLoader:
         self._impl = make(int(num_threads), bool(direct_io), int(staging_bytes), int(fail_every))
 
     def submit(
-        self, path: str | os.PathLike, ranges: list[tuple[int, int]], dest: torch.Tensor, priority: int = 0
+        self,
+        path: str | os.PathLike,
+        ranges: list[tuple[int, int]],
+        dest: torch.Tensor,
+        priority: int = 0,
+        *,
+        widen_from: torch.dtype | None = None,
     ) -> int:
         """Queues reads of `ranges` of `path`, back to back into `dest`.
 
@@ -152,6 +203,8 @@ class ExpertLoader:
             dest: Contiguous CPU tensor with at least sum(nbytes) bytes; must stay untouched
                 until the ticket finished.
             priority: Lower runs first: 0 = on-demand, 1 = prefetch.
+            widen_from: torch.bfloat16 or torch.float16: the ranges hold exactly dest's values in
+                that dtype; dest is float32 and receives them widened (by the reader thread).
 
         Returns:
             The ticket (an int >= 1); an existing one if a queued or running ticket reads the
@@ -175,7 +228,20 @@ class ExpertLoader:
             raise ValueError(
                 f"ExpertLoader.submit: the ranges hold {sum(sizes)} bytes but dest only {capacity}"
             )
-        return int(self._impl.submit(os.fspath(path), offsets, sizes, dest, int(priority)))
+        widen = 0
+        if widen_from is not None:
+            if widen_from not in _WIDEN or dest.dtype != torch.float32:
+                raise ValueError(
+                    f"ExpertLoader.submit: widening goes from bfloat16 or float16 into float32, got {widen_from} "
+                    f"into {dest.dtype}"
+                )
+            if sum(sizes) != 2 * dest.numel():
+                raise ValueError(
+                    f"ExpertLoader.submit: widening {dest.numel()} values needs ranges of {2 * dest.numel()} "
+                    f"bytes, got {sum(sizes)}"
+                )
+            widen = _WIDEN[widen_from]
+        return int(self._impl.submit(os.fspath(path), offsets, sizes, dest, int(priority), widen))
 
     def promote(self, ticket: int, priority: int = 0) -> bool:
         """Moves a queued ticket up to `priority` (default on-demand); True if it was still queued."""
@@ -224,7 +290,8 @@ class ExpertLoader:
 
     def stats(self) -> dict:
         """Counters (ints): submitted, reads (tickets read), bytes_read, staged_bytes (bytes copied
-        through staging), failed, cancelled, promoted, deduplicated, direct_fallbacks, queued and
+        through staging), failed, cancelled, promoted, deduplicated, direct_fallbacks, widened
+        (tickets whose values were widened), queued and
         running (now); seconds (floats): queue_wait_s, read_time_s (summed over tickets)."""
         raw = dict(self._impl.stats())
         return {key: int(value) if key in _COUNTERS else float(value) for key, value in raw.items()}
@@ -258,6 +325,7 @@ class _Request:
     dest: torch.Tensor | None
     priority: int
     submitted: float
+    widen: int = 0
     seq: int = 0
     state: int = _QUEUED
     error: int = 0
@@ -273,6 +341,7 @@ class _Outcome:
     bytes: int = 0
     staged: int = 0
     fallback: bool = False
+    widened: bool = False
 
 
 @dataclass
@@ -286,6 +355,7 @@ class _Counters:
     promoted: int = 0
     deduplicated: int = 0
     direct_fallbacks: int = 0
+    widened: int = 0
     queue_wait_s: float = 0.0
     read_time_s: float = 0.0
 
@@ -376,19 +446,26 @@ class _PythonLoader:
         self._done.notify_all()
 
     def submit(
-        self, path: str, offsets: list[int], sizes: list[int], dest: torch.Tensor, priority: int
+        self, path: str, offsets: list[int], sizes: list[int], dest: torch.Tensor, priority: int, widen: int
     ) -> int:
         with self._lock:
             if self._closing:
                 raise RuntimeError("ExpertLoader.submit: the loader is closed")
             address = dest.data_ptr() if dest.numel() > 0 else 0
             other = self._requests.get(self._pending_by_dest.get(address, 0)) if address else None
-            if other is not None and (other.path, other.offsets, other.sizes) == (path, offsets, sizes):
+            if other is not None and (other.path, other.offsets, other.sizes, other.widen) == (
+                path,
+                offsets,
+                sizes,
+                widen,
+            ):
                 self._counters.deduplicated += 1
                 if other.state == _QUEUED and priority < other.priority:
                     self._requeue(other, priority)
                 return other.id
-            request = _Request(self._next_ticket, path, offsets, sizes, dest, priority, time.monotonic())
+            request = _Request(
+                self._next_ticket, path, offsets, sizes, dest, priority, time.monotonic(), widen
+            )
             self._next_ticket += 1
             self._requests[request.id] = request
             if address:
@@ -528,6 +605,7 @@ class _PythonLoader:
                 counters.bytes_read += outcome.bytes
                 counters.staged_bytes += outcome.staged
                 counters.direct_fallbacks += int(outcome.fallback)
+                counters.widened += int(outcome.widened)
                 request.error, request.message = outcome.error, outcome.message
                 counters.reads += int(outcome.error == 0)
                 self._finish(request, _DONE if outcome.error == 0 else _FAILED)
@@ -557,6 +635,8 @@ class _PythonLoader:
                 return fail(exc.errno, f"opening {path}")
         try:
             base = request.dest.data_ptr()
+            if request.widen:  # the 16-bit values go to the last half, widened after
+                base += request.dest.numel() * request.dest.element_size() // 2
             total = sum(request.sizes)
             out = memoryview((ctypes.c_ubyte * total).from_address(base)).cast("B")
             done_bytes = 0
@@ -590,6 +670,9 @@ class _PythonLoader:
                     return fail(exc.errno or errno.EIO, what, exc.strerror)
                 done_bytes += nbytes
                 outcome.bytes += nbytes
+            if request.widen:
+                widen_in_place(request.dest, _WIDEN_DTYPES[request.widen])
+                outcome.widened = True
             return outcome
         finally:
             os.close(fd)

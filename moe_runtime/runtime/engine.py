@@ -40,10 +40,12 @@ from ..errors import AdapterError, UsageError
 from ..models import (
     UNPADDED_FAMILIES,
     MoEModelInfo,
+    compute_dtype,
     install,
     load_model,
     load_tokenizer,
     model_fingerprint,
+    stored_dtype,
     uninstall,
 )
 from ..tuning.registry import method_of, read_adapter_dir
@@ -75,6 +77,11 @@ def pad_id_of(model: nn.Module, tokenizer=None) -> int:
     candidates = [getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)]
     candidates.append(getattr(getattr(model, "generation_config", None), "pad_token_id", None))
     return next((int(c) for c in candidates if isinstance(c, int)), 0)
+
+
+def _stored(model: str | Path, dtype) -> torch.dtype | None:
+    """The checkpoint's dtype, read only when ``dtype`` is ``"auto"`` (it depends on it)."""
+    return stored_dtype(model) if dtype == "auto" else None
 
 
 class MultiAdapterEngine:
@@ -139,13 +146,19 @@ class MultiAdapterEngine:
 
         With ``offload`` the routed experts stay on disk (tier ``disk``: never materialized in RAM)
         or in host memory (tier ``cpu``), and a budget of them is cached per layer on the compute
-        device; see :mod:`moe_runtime.runtime.offload`.
+        device; see :mod:`moe_runtime.runtime.offload`. ``dtype`` is the compute dtype of every
+        weight (``"auto"``: see :func:`~moe_runtime.models.compute_dtype`; None keeps the
+        checkpoint's); offloaded experts stored narrower are widened as they are read.
         """
         if offload is not None:
             offload.validate()
-            net, info, store = load_offloaded_model(model, dtype=dtype, cache_dir=offload.cache_dir)
+            dtype = compute_dtype(dtype, offload.device(), _stored(model, dtype))
+            net, info, store = load_offloaded_model(
+                model, dtype=dtype, cache_dir=offload.cache_dir, pack=offload.pack
+            )
             move_resident(net, offload.device())
             return cls(net, load_tokenizer(model), info=info, offload=OffloadedExperts(store, offload))
+        dtype = compute_dtype(dtype, torch.device("cpu"), _stored(model, dtype))
         return cls(load_model(model, dtype=dtype), load_tokenizer(model))
 
     @property

@@ -411,3 +411,23 @@ def test_bad_arguments(backend, data_file):
 def test_auto_backend_prefers_cpp():
     with ExpertLoader() as loader:
         assert loader.backend == ("cpp" if cpp_loader_available() else "python")
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("direct_io", [False, True])
+def test_widening_reads_equal_a_cast(backend, tmp_path, stored, direct_io):
+    """16-bit values in two ranges (unaligned, back to back in dest) arrive widened into float32."""
+    values = torch.randn(5000 + 4099).to(stored)
+    raw = values.view(torch.uint8).numpy().tobytes()
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"x" * 123 + raw[:10000] + b"y" * 77 + raw[10000:])
+    ranges = [(123, 10000), (123 + 10000 + 77, len(raw) - 10000)]
+    dest = torch.full((values.numel(),), float("nan"))
+    with ExpertLoader(2, backend=backend, direct_io=direct_io) as loader:
+        loader.wait(loader.submit(path, ranges, dest, widen_from=stored), TIMEOUT)
+        assert loader.stats()["widened"] == 1
+        with pytest.raises(ValueError, match="widening"):
+            loader.submit(path, ranges[:1], dest, widen_from=stored)  # not all of dest's values
+        with pytest.raises(ValueError, match="widening"):
+            loader.submit(path, ranges, dest.double(), widen_from=stored)
+    assert torch.equal(dest, values.float())

@@ -14,7 +14,7 @@ from moe_runtime.models import find_moe_layers, load_model, load_tokenizer
 from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
 from moe_runtime.runtime.offload import Budget, OffloadConfig, load_offloaded_model, parse_budget
 
-# (family, overrides): qwen2_moe / mixtral / deepseek_v3 save per-expert keys (packed file), gpt_oss fused ones.
+# (family, overrides): qwen2_moe / mixtral / deepseek_v3 save per-expert keys (read as byte ranges), gpt_oss fused ones.
 FAMILIES = {
     "qwen2_moe": {},
     "mixtral": {},
@@ -180,7 +180,8 @@ def test_model_loaded_without_experts_matches_checkpoint(checkpoints, tmp_path):
         path = checkpoints[family]
         net, info, store = load_offloaded_model(path, cache_dir=tmp_path)
         full = load_model(path)
-        assert store.kind == ("checkpoint" if family == "gpt_oss" else "packed")
+        assert store.kind == "checkpoint" and store.packed_path is None  # per-expert keys too: no copy
+        assert not any((tmp_path).iterdir())
         for layer, ref in zip(info.layers, find_moe_layers(full).layers):
             for expert in range(layer.num_experts):
                 for name, tensor in store.read_expert(layer.index, expert).items():
@@ -189,14 +190,17 @@ def test_model_loaded_without_experts_matches_checkpoint(checkpoints, tmp_path):
         for name, tensor in net.state_dict().items():
             if not tensor.is_meta:
                 assert torch.equal(tensor, reference[name]), name
-    # the packed file is made once and reused
-    packed = store.packed_path if store.packed_path else None
-    _, _, again = load_offloaded_model(checkpoints["mixtral"], cache_dir=tmp_path)
-    assert (
-        again.packed_path is not None
-        and again.packed_path.stat().st_mtime_ns == again.packed_path.stat().st_mtime_ns
-    )
-    del packed
+    # an opt-in packed copy is made once, reused, and reads the same bytes
+    _, _, packed = load_offloaded_model(checkpoints["mixtral"], cache_dir=tmp_path, pack=True)
+    assert packed.kind == "packed" and packed.packed_path.exists()
+    made = packed.packed_path.stat().st_mtime_ns
+    _, info, again = load_offloaded_model(checkpoints["mixtral"], cache_dir=tmp_path, pack=True)
+    assert again.packed_path == packed.packed_path and again.packed_path.stat().st_mtime_ns == made
+    direct = load_offloaded_model(checkpoints["mixtral"], cache_dir=tmp_path)[2]
+    for layer in info.layers:
+        for expert in range(layer.num_experts):
+            ours, theirs = again.read_expert(layer.index, expert), direct.read_expert(layer.index, expert)
+            assert all(torch.equal(ours[n], theirs[n]) for n in ours)
 
 
 def test_budget_errors(checkpoints, tmp_path):
@@ -234,12 +238,12 @@ class FlakyLoader:
         self.inner, self.fail_priority, self.failed = ExpertLoader(1), fail_priority, set()
         self._next = -1
 
-    def submit(self, path, ranges, dest, priority=0):
+    def submit(self, path, ranges, dest, priority=0, **kwargs):
         if priority == self.fail_priority:
             self._next -= 1
             self.failed.add(self._next)
             return self._next
-        return self.inner.submit(path, ranges, dest, priority)
+        return self.inner.submit(path, ranges, dest, priority, **kwargs)
 
     def wait(self, ticket, timeout_s=None):
         if ticket in self.failed:
@@ -324,18 +328,23 @@ def test_generate_cli_offload(capsys, checkpoints, tmp_path, monkeypatch):
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
-def test_short_read_names_the_file(checkpoints, tmp_path):
+@pytest.mark.parametrize("pack", [False, True])
+def test_short_read_names_the_file(checkpoints, tmp_path, pack):
+    import shutil
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["mixtral"], path)
     engine = MultiAdapterEngine.from_pretrained(
-        checkpoints["mixtral"],
-        offload=OffloadConfig(budget="50%", prefetch=("router",), cache_dir=str(tmp_path)),
+        path,
+        offload=OffloadConfig(budget="50%", prefetch=("router",), cache_dir=str(tmp_path / "c"), pack=pack),
     )
-    packed = engine.offload.store.packed_path
-    size = packed.stat().st_size
-    with open(packed, "r+b") as f:
-        f.truncate(size // 4)
+    target = engine.offload.store.packed_path if pack else path / "model.safetensors"
+    data = target.read_bytes()
+    target.unlink()  # a new, shorter file under the name (resident weights may map the old one)
+    target.write_bytes(data[: len(data) // 4])
     with pytest.raises(OSError) as raised:  # the loader's LoaderError, naming the file
         _serve(engine, _requests([None]))
-    assert packed.name in str(raised.value)
+    assert target.name in str(raised.value)
     assert engine.offload.loader.stats()["failed"] > 0
 
 
@@ -351,8 +360,7 @@ def test_sharded_checkpoint(checkpoints, tmp_path, family):
         shutil.copy(checkpoints[family] / name, sharded / name)
     assert (sharded / "model.safetensors.index.json").exists()
     net, info, store = load_offloaded_model(sharded, cache_dir=tmp_path / "cache")
-    files = {loc.path for layer in store.locations.values() for loc in layer.values()}
-    assert len(files) > 1 or store.kind == "packed"
+    assert len(store.files()) > 1 and store.kind == "checkpoint"
     for layer, ref in zip(info.layers, find_moe_layers(full).layers):
         for expert in range(layer.num_experts):
             for name, tensor in store.read_expert(layer.index, expert).items():
@@ -380,7 +388,7 @@ def test_closed_engine_refuses_work(checkpoints, tmp_path, tier):
 def test_unusable_cache_dir_names_the_cache(checkpoints, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="offload cache .*MOE_RUNTIME_CACHE"):
-        load_offloaded_model(checkpoints["qwen2_moe"], cache_dir=tmp_path / "file" / "sub")
+        load_offloaded_model(checkpoints["qwen2_moe"], cache_dir=tmp_path / "file" / "sub", pack=True)
 
 
 def test_corrupt_checkpoint_is_a_usage_error(checkpoints, tmp_path):
@@ -390,19 +398,19 @@ def test_corrupt_checkpoint_is_a_usage_error(checkpoints, tmp_path):
     shutil.copytree(checkpoints["qwen2_moe"], bad)
     with open(bad / "model.safetensors", "r+b") as f:
         f.truncate(1000)
-    with pytest.raises(UsageError, match="cannot load for offloading"):
+    with pytest.raises(UsageError, match="shard 'model.safetensors' is truncated"):
         load_offloaded_model(bad, cache_dir=tmp_path / "cache")
 
 
 def test_truncated_packed_file_is_made_again(checkpoints, tmp_path):
     path, cache = checkpoints["qwen2_moe"], tmp_path / "cache"
-    _, info, store = load_offloaded_model(path, cache_dir=cache)
+    _, info, store = load_offloaded_model(path, cache_dir=cache, pack=True)
     last = info.layers[-1]
     before = store.read_expert(last.index, last.num_experts - 1)  # in the half cut off below
     size = store.packed_path.stat().st_size
     with open(store.packed_path, "r+b") as f:
         f.truncate(size // 2)
-    _, _, again = load_offloaded_model(path, cache_dir=cache)
+    _, _, again = load_offloaded_model(path, cache_dir=cache, pack=True)
     assert again.packed_path == store.packed_path and store.packed_path.stat().st_size == size
     after = again.read_expert(last.index, last.num_experts - 1)
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items())

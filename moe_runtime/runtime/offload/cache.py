@@ -22,7 +22,7 @@ import torch
 from ...models.discovery import MoELayer
 from ...ops.experts_mm import Segment
 from .policies import EvictionPolicy
-from .store import ExpertStore
+from .store import ExpertStore, PendingRead
 
 __all__ = ["OffloadStats", "SlotMap", "LayerCache"]
 
@@ -215,8 +215,8 @@ class LayerCache(SlotMap):
             name: torch.empty((slots, *shape), dtype=store.dtype, device=device)
             for name, shape in store.shapes[layer.index].items()
         }
-        # slot -> (priority, [(ticket, bytes)]) of its outstanding reads
-        self.tickets: dict[int, tuple[int, list[tuple[int, int]]]] = {}
+        # slot -> (priority, [PendingRead]) of its outstanding reads
+        self.tickets: dict[int, tuple[int, list[PendingRead]]] = {}
         # expert -> slot, or -1 (on the host: the executor indexes it with Python lists)
         self.slot_table = torch.full((layer.num_experts,), -1, dtype=torch.int32)
         names = layer.layout
@@ -237,14 +237,12 @@ class LayerCache(SlotMap):
     def load(self, loads: list[tuple[int, int]], priority: int) -> None:
         """Queue the reads of ``(expert, slot)`` pairs."""
         for expert, slot in loads:
-            tickets = []
+            reads = []
             for name, dest in self.tensors.items():
-                ticket, nbytes = self.store.submit(
-                    self.loader, self.layer, expert, name, dest[slot], priority
-                )
-                tickets.append((ticket, nbytes))
-                self.stats.bytes_read += nbytes
-            self.tickets[slot] = (priority, tickets)
+                read = self.store.submit(self.loader, self.layer, expert, name, dest[slot], priority)
+                reads.append(read)
+                self.stats.bytes_read += read.nbytes
+            self.tickets[slot] = (priority, reads)
 
     def wait(self, group: Sequence[int]) -> None:
         """Wait for the reads of ``group``'s experts (already acquired)."""
@@ -264,10 +262,11 @@ class LayerCache(SlotMap):
     def _wait(self, expert: int) -> None:
         """Wait for an expert's reads; a failed prefetch is read again on demand, a failed demand read raises."""
         slot = self.slot_of[expert]
-        priority, tickets = self.tickets.pop(slot, (0, []))
-        for ticket, _ in tickets:
-            self.loader.promote(ticket)
-        error = self._finish(expert, tickets)
+        priority, reads = self.tickets.pop(slot, (0, []))
+        for read in reads:
+            for ticket in read.tickets:
+                self.loader.promote(ticket)
+        error = self._finish(expert, reads)
         if error is not None and priority > 0:
             self.load([(expert, slot)], priority=0)
             error = self._finish(expert, self.tickets.pop(slot)[1])
@@ -275,27 +274,36 @@ class LayerCache(SlotMap):
             self.drop(expert)
             raise error
 
-    def _finish(self, expert: int, tickets: list[tuple[int, int]]) -> OSError | None:
-        """Wait for every ticket (even after a failure, so no read still writes into the slot)."""
+    def _finish(self, expert: int, reads: list[PendingRead]) -> OSError | None:
+        """Wait for every ticket (even after a failure, so no read still writes into the slot), then
+        convert the stored values to the compute dtype where they differ."""
         error = None
         try:
-            for ticket, _ in tickets:
-                try:
-                    self.loader.wait(ticket)
-                except OSError as exc:
-                    error = error or exc
+            for read in reads:
+                for ticket in read.tickets:
+                    try:
+                        self.loader.wait(ticket)
+                    except OSError as exc:
+                        error = error or exc
         except BaseException:
-            for ticket, _ in tickets:
-                self.loader.cancel(ticket)
+            for read in reads:
+                for ticket in read.tickets:
+                    self.loader.cancel(ticket)
             self.drop(expert)
             raise
+        if error is None:
+            for read in reads:
+                if read.finish is not None:
+                    read.finish()
         return error
 
     def _reuse(self, slot: int) -> None:
-        _, tickets = self.tickets.pop(slot, (0, []))
-        for ticket, nbytes in tickets:
-            if self.loader.cancel(ticket):
-                self.stats.bytes_read -= nbytes
-                continue
-            with contextlib.suppress(OSError):  # the expert is being evicted anyway
-                self.loader.wait(ticket)
+        _, reads = self.tickets.pop(slot, (0, []))
+        for read in reads:
+            cancelled = [self.loader.cancel(ticket) for ticket in read.tickets]
+            if all(cancelled):
+                self.stats.bytes_read -= read.nbytes
+            for ticket, done in zip(read.tickets, cancelled):
+                if not done:
+                    with contextlib.suppress(OSError):  # the expert is being evicted anyway
+                        self.loader.wait(ticket)

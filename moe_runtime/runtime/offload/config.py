@@ -201,7 +201,9 @@ class OffloadConfig:
         prefetch: prefetchers to run (``router``, ``trajectory``).
         profile_scores: ``{layer: {expert: score}}`` for the ``profile`` policy.
         num_threads: loader reader threads.
-        cache_dir: where a packed expert file goes when the checkpoint needs one.
+        cache_dir: where a packed expert file goes (``pack``, or a layout no byte ranges express).
+        pack: read the experts from a packed copy (one aligned record per expert, made once under
+            ``cache_dir``) instead of the checkpoint's own files; costs the experts' bytes again on disk.
         compute_device: the ``cpu`` tier's compute device (``"cpu"``, ``"cuda"``, ``"cuda:1"``); None
             (the default) takes the current GPU when there is one, else the CPU. The ``disk`` tier
             computes on the CPU.
@@ -221,6 +223,7 @@ class OffloadConfig:
     profile_scores: dict[int, dict[int, float]] | None = field(default=None, repr=False)
     num_threads: int = 2
     cache_dir: str | None = None
+    pack: bool = False
     compute_threads: int | str | None = "auto"
     compute_device: str | None = None
 

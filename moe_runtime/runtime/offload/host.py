@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...models.discovery import MoEModelInfo
-from .store import ExpertStore
+from .store import ExpertStore, PendingRead
 
 __all__ = ["HostCopier", "HostStore", "move_resident"]
 
@@ -44,7 +44,7 @@ class HostStore:
         self.shapes = disk.shapes
         self.tensors: dict[int, dict[str, torch.Tensor]] = {}
         layers = tqdm(
-            list(disk.locations), desc="experts to host memory", unit="layer", leave=False, disable=None
+            list(disk.ranges), desc="experts to host memory", unit="layer", leave=False, disable=None
         )  # disable=None: no bar when stderr is not a terminal
         for layer in layers:
             count = info.by_index(layer).num_experts
@@ -52,13 +52,16 @@ class HostStore:
                 name: torch.empty((count, *shape), dtype=disk.dtype, pin_memory=pin)
                 for name, shape in disk.shapes[layer].items()
             }
-            tickets = [
-                disk.submit(loader, layer, expert, name, tensor[expert], 0)[0]
+            reads = [
+                disk.submit(loader, layer, expert, name, tensor[expert], 0)
                 for name, tensor in params.items()
                 for expert in range(count)
             ]
-            for ticket in tickets:
-                loader.wait(ticket)
+            for read in reads:
+                for ticket in read.tickets:
+                    loader.wait(ticket)
+                if read.finish is not None:
+                    read.finish()
             self.tensors[layer] = params
 
     def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
@@ -68,10 +71,12 @@ class HostStore:
     def expert_bytes(self, layer: int) -> int:
         return self.disk.expert_bytes(layer)
 
-    def submit(self, copier, layer: int, expert: int, name: str, dest: torch.Tensor, priority: int):
-        """Queue the copy of one expert's slice of ``name`` into ``dest``; returns ``(ticket, bytes)``."""
+    def submit(
+        self, copier, layer: int, expert: int, name: str, dest: torch.Tensor, priority: int
+    ) -> PendingRead:
+        """Queue the copy of one expert's slice of ``name`` into ``dest``."""
         source = self.tensors[layer][name][expert]
-        return copier.submit(source, dest, priority), source.numel() * source.element_size()
+        return PendingRead([copier.submit(source, dest, priority)], source.numel() * source.element_size())
 
 
 class HostCopier:
