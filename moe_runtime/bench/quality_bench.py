@@ -53,8 +53,8 @@ class QualitySettings:
         default_factory=lambda: {
             "full": 3e-4,
             "lora": 1e-3,
-            "esft_gate": 3e-3,
-            "esft_token": 3e-3,
+            "esft_gate": 1e-3,
+            "esft_token": 1e-3,
             "routed_lora": 1e-3,
             "esft_lora": 3e-3,
             "mola": 1e-3,
