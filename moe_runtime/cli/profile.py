@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import UsageError
-from ._common import COMPUTE_DTYPES, add_verb, init_distributed, is_rank_zero
+from ._common import COMPUTE_DTYPES, add_verb, budget_flag, init_distributed, is_rank_zero
 
 
 def register(sub) -> None:
@@ -18,14 +19,18 @@ def register(sub) -> None:
             "Run the model over each task's examples and record routing per layer and expert. Writes "
             "DIR/<task>/summary.json (ESFT layout), raw counts, metadata, a heatmap per task, the "
             "cross-task overlap matrix and a terminal report. Under torchrun the examples are split "
-            "across processes and the counts reduced (rank 0 writes)."
+            "across processes and the counts reduced (rank 0 writes). With --offload disk the routed experts "
+            "are read from the checkpoint's files as the tokens need them and only --expert-budget of them "
+            "are held in RAM: the same profile as resident (routing does not depend on where the weights live)."
         ),
         examples=[
             "moe-runtime profile --model demo --task arith=arith.jsonl --task code=code.jsonl --out prof/",
             "moe-runtime profile --model ./olmoe --task law=law.jsonl --max-tokens 65536 --trace --out prof/",
             "torchrun --nproc-per-node 2 -m moe_runtime.cli profile --model demo --task a=a.jsonl --out prof/",
             "moe-runtime profile --merge prof-part1/ prof-part2/ --out prof/",
+            "moe-runtime profile --model ./dsv2-lite --offload disk --expert-budget 15% --task law=law.jsonl --out prof/",
             "moe-runtime profile --model ./dsv2-lite --plan",
+            "moe-runtime profile --model ./dsv2-lite --offload disk --expert-budget 4GB --plan",
         ],
         func=run,
     )
@@ -60,10 +65,24 @@ def register(sub) -> None:
         "are >10x slower without bf16 instructions; twice the RAM), the checkpoint's dtype otherwise",
     )
     parser.add_argument(
+        "--offload",
+        choices=("none", "disk"),
+        default="none",
+        help="'disk': read routed experts on demand straight from the checkpoint's safetensors files, "
+        "keeping --expert-budget of them in RAM (same profile as resident) (default none)",
+    )
+    parser.add_argument(
+        "--expert-budget",
+        metavar="X",
+        help="with --offload disk: share ('25%%', default) or bytes ('2GB') of routed experts held in RAM; "
+        "at least top-k experts per layer",
+    )
+    parser.add_argument(
         "--plan",
         action="store_true",
-        help="print the RAM the model needs in the compute dtype (JSON, from config.json and the safetensors "
-        "headers only: no weights loaded) and exit",
+        help="print the RAM the model needs in the compute dtype (with --offload: the budget's RAM, disk and "
+        "bytes read per token) as JSON, from config.json and the safetensors headers only (no weights "
+        "loaded), and exit",
     )
     parser.add_argument(
         "--color-scale",
@@ -78,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import check_output_dir
     from ..profiler import merge_profiles
 
+    offload = _offload_config(args)
     if args.plan:
         if not args.model or args.merge or args.task:
             raise UsageError("--plan takes --model only (it sizes the model, it reads no tasks)")
@@ -85,13 +105,13 @@ def run(args: argparse.Namespace) -> int:
 
         from ..runtime.offload.plan import plan_memory
 
-        print(json.dumps(plan_memory(args.model, None, args.compute_dtype), indent=2))
+        print(json.dumps(plan_memory(args.model, offload, args.compute_dtype), indent=2))
         return 0
     if not args.out:
         raise UsageError("--out DIR is required")
     if args.merge:
-        if args.model or args.task:
-            raise UsageError("--merge takes profile directories only (no --model/--task)")
+        if args.model or args.task or offload is not None:
+            raise UsageError("--merge takes profile directories only (no --model/--task/--offload)")
         print(merge_profiles(args.merge, args.out))
         _print_written(Path(args.out))
         return 0
@@ -116,21 +136,61 @@ def run(args: argparse.Namespace) -> int:
         if name in tasks:
             raise UsageError(f"--task '{name}' given twice")
         tasks[name] = read_examples(path)
-    model = load_model(
-        args.model, dtype=compute_dtype(args.compute_dtype, torch.device("cpu"), stored_dtype(args.model))
-    )
-    find_moe_layers(model)  # a dense model fails here, before any work
-    tokenizer = load_tokenizer(args.model)
-    rank, _ = init_distributed()
     config = ProfileConfig(
         max_tokens=args.max_tokens, batch_size=args.batch_size, max_length=args.max_length, trace=args.trace
     )
-    meta, profiles = profile_model(model, tokenizer, tasks, config)
+    if offload is None:
+        model = load_model(
+            args.model, dtype=compute_dtype(args.compute_dtype, torch.device("cpu"), stored_dtype(args.model))
+        )
+        find_moe_layers(model)  # a dense model fails here, before any work
+        tokenizer = load_tokenizer(args.model)
+        rank, _ = init_distributed()
+        meta, profiles = profile_model(model, tokenizer, tasks, config)
+    else:
+        from ..runtime import MultiAdapterEngine
+
+        # The engine's executor runs every token with the base experts, read through the tier's
+        # slot caches; the recorder observes the same routing a resident forward makes.
+        engine = MultiAdapterEngine.from_pretrained(args.model, dtype=args.compute_dtype, offload=offload)
+        try:
+            rank, _ = init_distributed()
+            with engine.offload.threads():
+                meta, profiles = profile_model(
+                    engine.model, engine.tokenizer, tasks, config, parts=engine.offload.expert_parts
+                )
+            print(_offload_summary(engine.offload), file=sys.stderr)
+        finally:
+            engine.close()
     meta.model = str(args.model)
     if is_rank_zero():
         print(write_profile(args.out, meta, profiles, plots=not args.no_plots, color_scale=args.color_scale))
         _print_written(Path(args.out))
     return 0
+
+
+def _offload_config(args: argparse.Namespace):
+    """The ``--offload disk`` settings, or None (checked before anything loads)."""
+    if args.offload == "none":
+        if args.expert_budget is not None:
+            raise UsageError("--expert-budget goes with --offload disk")
+        return None
+    from ..runtime.offload import OffloadConfig
+
+    budget = budget_flag("--expert-budget", "25%" if args.expert_budget is None else args.expert_budget)
+    config = OffloadConfig(tier=args.offload, budget=budget)
+    config.validate()
+    return config
+
+
+def _offload_summary(tier) -> str:
+    """One stderr line: slots, resident expert bytes against all routed experts, reads."""
+    stats = tier.stats
+    return (
+        f"offload: {tier.num_slots} expert slots per layer, {tier.resident_expert_bytes()} of "
+        f"{tier.offloaded_bytes()} routed-expert bytes in RAM; {stats.misses} reads, "
+        f"{stats.bytes_read} bytes read, hit rate {stats.hit_rate:.3f}"
+    )
 
 
 def _print_written(out: Path) -> None:

@@ -21,6 +21,7 @@ from ..data import Example, encode_example
 from ..errors import UsageError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
 from ..models import install, model_fingerprint, pad_token_id
+from ..models.fingerprint import Parts
 from .analysis import format_report, overview, selected_pairs
 from .plots import plot_heatmap, plot_overlap
 from .recorder import RoutingRecorder
@@ -130,26 +131,40 @@ def run_batches(
 
 
 def profile_model(
-    model: nn.Module, tokenizer, tasks: dict[str, list[Example]], config: ProfileConfig
+    model: nn.Module,
+    tokenizer,
+    tasks: dict[str, list[Example]],
+    config: ProfileConfig,
+    *,
+    parts: Parts | None = None,
 ) -> tuple[ProfileMeta, dict[str, TaskProfile]]:
     """Profile every task's examples (encoded as ``tokenizer(text)`` etc., see ``encode_example``).
 
     Args:
-        model: a transformers causal LM with MoE layers.
+        model: a transformers causal LM with MoE layers (its experts may be offloaded: then an
+            executor attached to it runs them, and ``parts`` reads them for the fingerprint).
         tokenizer: its tokenizer.
         tasks: task name -> examples.
         config: batching and budget.
+        parts: reads the expert parameters that are not materialized (see ``model_fingerprint``).
     """
     encoded = {
         name: [encode_example(tokenizer, ex)[0] for ex in examples] for name, examples in tasks.items()
     }
-    return profile_sequences(model, encoded, config, pad_id=pad_token_id(tokenizer))
+    return profile_sequences(model, encoded, config, pad_id=pad_token_id(tokenizer), parts=parts)
 
 
 def profile_sequences(
-    model: nn.Module, tasks: dict[str, list[list[int]]], config: ProfileConfig, *, pad_id: int = 0
+    model: nn.Module,
+    tasks: dict[str, list[list[int]]],
+    config: ProfileConfig,
+    *,
+    pad_id: int = 0,
+    parts: Parts | None = None,
 ) -> tuple[ProfileMeta, dict[str, TaskProfile]]:
     """Profile token-id sequences; under torch.distributed each rank takes a share, counts are reduced.
+
+    ``parts`` reads offloaded expert parameters for the fingerprint (equal to the resident model's).
 
     Returns:
         The profile metadata and one :class:`TaskProfile` per task (complete on every rank).
@@ -157,7 +172,7 @@ def profile_sequences(
     info = install(model)
     rank, world = _dist()
     meta = ProfileMeta(
-        fingerprint=model_fingerprint(model),
+        fingerprint=model_fingerprint(model, parts),
         model_type=info.model_type,
         model=str(getattr(model.config, "_name_or_path", "")),
         top_k=info.layers[0].top_k,
