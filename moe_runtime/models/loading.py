@@ -6,7 +6,10 @@ Nothing is ever downloaded: every load passes ``local_files_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -119,13 +122,60 @@ def load_model(model: str | Path, *, dtype: torch.dtype | str | None = None, **k
 
         check_shards(path)  # a missing or truncated shard: one line naming it
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=dtype or "auto", **kwargs
-        )
+        with _read_once(cpu="device_map" not in kwargs):
+            loaded = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype=dtype or "auto", **kwargs
+            )
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise UsageError(f"model '{model}': cannot load ({first})") from None
     return loaded.eval()
+
+
+@contextlib.contextmanager
+def _read_once(cpu: bool) -> Iterator[None]:
+    """Load safetensors weights so that the process never holds them twice (a CPU load).
+
+    transformers memory-maps each shard and reads tensors ahead on 4 threads: every page read stays in
+    the process's resident set as long as the map is open (the fused expert parameters are new memory
+    beside it), and the read-ahead holds per-expert tensors of many layers before they are fused. The
+    load peaked at about 2.1x the weights. Here tensors are read with ``pread`` into fresh memory, one
+    parameter group at a time (each group converted, e.g. experts stacked into ``[E, ...]``, before
+    the next is read), and freed heap pages go back to the system afterwards: about 1.0x, plus one
+    layer's experts while they are fused.
+    """
+    if not cpu:
+        yield
+        return
+    import transformers.modeling_utils as modeling_utils
+
+    opener = modeling_utils.safe_open
+
+    def pread_open(file, framework="pt", device="cpu", backend=None, **kw):
+        if str(device) == "cpu" and backend in (None, "mmap"):
+            backend = "pread"
+        return opener(file, framework=framework, device=device, backend=backend, **kw)
+
+    saved = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    modeling_utils.safe_open = pread_open
+    try:
+        yield
+    finally:
+        modeling_utils.safe_open = opener
+        if saved is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = saved
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Return glibc's freed heap pages to the system (no-op elsewhere)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def load_tokenizer(model: str | Path):
