@@ -47,6 +47,7 @@ def register(sub) -> None:
             "moe-runtime bench scale --shape olmoe-1b-7b --layers 2 --write-only /tmp/scale/olmoe-2",
             "moe-runtime bench scale --checkpoint ./dsv2-lite --shape deepseek-v2-lite --budget 6GB --no-accelerate",
         ],
+        threads=True,
         func=run,
     )
     parser.add_argument("name", choices=BENCHES, help="which benchmark")

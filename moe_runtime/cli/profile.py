@@ -27,6 +27,7 @@ def register(sub) -> None:
             "moe-runtime profile --merge prof-part1/ prof-part2/ --out prof/",
             "moe-runtime profile --model ./dsv2-lite --plan",
         ],
+        threads=True,
         func=run,
     )
     parser.add_argument("--model", help="local checkpoint directory or 'demo'")
