@@ -156,18 +156,109 @@ def _read_once(cpu: bool) -> Iterator[None]:
             backend = "pread"
         return opener(file, framework=framework, device=device, backend=backend, **kw)
 
+    from transformers.core_model_loading import WeightConverter
+
+    convert = WeightConverter.convert
+
+    def fused_convert(self, layer_name, **kw):
+        into = _stack_into(self)
+        if into is None:
+            return convert(self, layer_name, **kw)
+        # wrapped, the checkpoint tensors stay unread (transformers reads callables, passes the rest
+        # as they are) until ``into`` writes each into its slot
+        for key, items in self.collected_tensors.items():
+            self.collected_tensors[key] = [_Unread(item) for item in items]
+        operations, self.operations = self.operations, [into]
+        try:
+            return convert(self, layer_name, **kw)
+        finally:
+            self.operations = operations
+
     saved = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
     os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
     modeling_utils.safe_open = pread_open
+    WeightConverter.convert = fused_convert
     try:
         yield
     finally:
+        WeightConverter.convert = convert
         modeling_utils.safe_open = opener
         if saved is None:
             os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
         else:
             os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = saved
         _trim_heap()
+
+
+def _stack_into(converter):
+    """An op that reads a converter's per-expert tensors straight into the fused ``[E, ...]`` tensor.
+
+    Only for the chains ``MergeModulelist(dim=0)`` (one source: stack the experts) and
+    ``MergeModulelist(dim=0), Concatenate(dim>=1)`` (e.g. gate and up, each stacked, joined along
+    the output dim), unquantized and loaded synchronously: the same values as ``torch.stack`` then
+    ``torch.cat``, written once, with one expert's tensor in flight instead of a layer's three
+    copies. None for anything else (transformers' own ops run).
+    """
+    from transformers.core_model_loading import Concatenate, ConversionOps, MergeModulelist
+
+    ops = converter.operations
+    if getattr(converter, "quantization_operation", None) is not None or not ops:
+        return None
+    if type(ops[0]) is not MergeModulelist or ops[0].dim != 0:
+        return None
+    if len(ops) == 1:
+        join = None
+        if len(converter.source_patterns) != 1:
+            return None
+    elif len(ops) == 2 and type(ops[1]) is Concatenate and ops[1].dim >= 1:
+        join = ops[1]
+    else:
+        return None
+    pending = converter.collected_tensors
+    if not pending or not all(
+        items and all(callable(item) and not isinstance(item, torch.Tensor) for item in items)
+        for items in pending.values()
+    ):
+        return None
+
+    class StackInto(ConversionOps):
+        @torch.no_grad()
+        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+            target = target_patterns[0] if join is None else join.get_target_pattern(target_patterns)
+            order = [pattern for pattern in source_patterns if pattern in input_dict]
+            # each pattern's first expert, read first: the fused shape and dtype, as stack + cat make them
+            firsts = {pattern: input_dict[pattern][0].read() for pattern in order}
+            head = firsts[order[0]]
+            shape = [len(input_dict[order[0]]), *head.shape]
+            if join is not None:
+                shape[join.dim] = sum(first.shape[join.dim - 1] for first in firsts.values())
+            dtype = head.dtype
+            for first in firsts.values():
+                dtype = torch.promote_types(dtype, first.dtype)
+            out = torch.empty(shape, dtype=dtype, device=head.device)
+            del head
+            offset = 0
+            for pattern in order:
+                loaders = input_dict.pop(pattern)
+                size = firsts[pattern].shape[join.dim - 1] if join is not None else 0
+                into = out if join is None else out.narrow(join.dim, offset, size)
+                for expert, load in enumerate(loaders):
+                    tensor = firsts.pop(pattern) if expert == 0 else load.read()
+                    into[expert].copy_(tensor)
+                    del tensor
+                offset += size
+            return {target: out}
+
+    return StackInto()
+
+
+class _Unread:
+    """A checkpoint tensor not read yet (``read()`` reads it)."""
+
+    __slots__ = ("read",)
+
+    def __init__(self, read) -> None:
+        self.read = read
 
 
 def _trim_heap() -> None:
