@@ -178,9 +178,14 @@ def _read_once(cpu: bool) -> Iterator[None]:
     os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
     modeling_utils.safe_open = pread_open
     WeightConverter.convert = fused_convert
+    threads = torch.get_num_threads()
+    # the load is copies, bound by memory: a second OpenMP thread does not speed them up, and on a
+    # busy 2-core machine it slowed a 4 MB copy_ into fresh memory 8x (barrier spinning)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
+        torch.set_num_threads(threads)
         WeightConverter.convert = convert
         modeling_utils.safe_open = opener
         if saved is None:
