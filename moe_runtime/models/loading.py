@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,6 +133,9 @@ def load_model(model: str | Path, *, dtype: torch.dtype | str | None = None, **k
     return loaded.eval()
 
 
+_LOADING = threading.Lock()  # _read_once patches transformers process-wide: one load at a time
+
+
 @contextlib.contextmanager
 def _read_once(cpu: bool) -> Iterator[None]:
     """Load safetensors weights so that the process never holds them twice (a CPU load).
@@ -147,6 +151,11 @@ def _read_once(cpu: bool) -> Iterator[None]:
     if not cpu:
         yield
         return
+    with _LOADING:
+        yield from _read_once_locked()
+
+
+def _read_once_locked() -> Iterator[None]:
     import transformers.modeling_utils as modeling_utils
 
     opener = modeling_utils.safe_open
