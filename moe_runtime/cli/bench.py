@@ -474,6 +474,7 @@ def _bench_offload(args: argparse.Namespace) -> dict:
     settings.budget = args.expert_budget
     settings.accelerate = not args.no_accelerate
     settings.tier, settings.device = args.tier, args.device
+    settings.threads = getattr(args, "threads", None)  # resident and offloaded children compute alike
     result = {"bench": "offload", **bench_offload(settings)}
     if args.offload_size == "smoke":
         result["note"] = "smoke size: shows the benchmark runs; its timings and memory figures mean nothing"
