@@ -65,6 +65,9 @@ class OffloadBenchSettings:
     accelerate: bool = True
     tier: str = "disk"
     device: str = "cpu"
+    # compute threads of every child, resident and offloaded alike (None: torch's default in each,
+    # and the disk tier's own "auto"); ``bench offload --threads N`` sets it
+    threads: int | None = None
 
     @classmethod
     def smoke(cls) -> OffloadBenchSettings:
@@ -160,6 +163,7 @@ def _offload_config(settings: OffloadBenchSettings, cache_dir: str, policy: str,
         prefetch=tuple(prefetch),
         cache_dir=cache_dir,
         compute_device=settings.device if settings.tier == "cpu" else None,
+        compute_threads=settings.threads or "auto",
     )
 
 
@@ -487,6 +491,10 @@ def _main(argv: list[str]) -> int:
     raw = json.loads(settings_json)
     raw["prefetch"] = tuple(raw["prefetch"])
     settings = OffloadBenchSettings(**raw)
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
     result = _CHILDREN[mode](Path(ckpt), settings, cache_dir)
     Path(out).write_text(json.dumps(result))
     return 0

@@ -13,7 +13,7 @@ import warnings
 
 from ..errors import UsageError
 from . import bench, convert, demo, export, generate, profile, select, serve, simulate, tune
-from ._common import close_distributed
+from ._common import close_distributed, compute_threads
 
 __all__ = ["main", "build_parser"]
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             print("moe-runtime: error: no command given (see the list above)", file=sys.stderr)
             return 2
         _quiet_libraries()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), compute_threads(args):
             warnings.showwarning = _show_warning
             return int(args.func(args) or 0)
     except UsageError as exc:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+from collections.abc import Iterator
 
 __all__ = [
     "COMPUTE_DTYPES",
     "add_verb",
     "budget_flag",
+    "compute_threads",
+    "physical_cores",
     "close_distributed",
     "init_distributed",
     "is_rank_zero",
@@ -19,9 +23,12 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_verb(
-    sub, name: str, *, help: str, description: str, examples: list[str], func
+    sub, name: str, *, help: str, description: str, examples: list[str], func, threads: bool = False
 ) -> argparse.ArgumentParser:
-    """Add a verb parser with an examples epilog."""
+    """Add a verb parser with an examples epilog (``threads``: it takes ``--threads N``, see
+    :func:`compute_threads`)."""
+    if threads:
+        examples = [*examples, f"moe-runtime {name} ... --threads 1   # compute on one core"]
     parser = sub.add_parser(
         name,
         help=help,
@@ -30,7 +37,54 @@ def add_verb(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(func=func)
+    if threads:
+        parser.add_argument(
+            "--threads",
+            type=_positive_threads,
+            default=None,
+            metavar="N",
+            help="compute threads, the same for resident and offloaded experts (default: the physical "
+            "cores); set once for the whole command and restored after",
+        )
     return parser
+
+
+def _positive_threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of threads") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1 thread")
+    return value
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (logical ones where psutil cannot tell)."""
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def compute_threads(args: argparse.Namespace) -> Iterator[None]:
+    """The one thread policy: a verb with ``--threads`` computes with that many torch intra-op threads
+    (default: the physical cores), set here at the edge and restored after. ``args.threads`` is
+    resolved in place so the offload tier computes with the same number (``OffloadConfig``'s
+    ``compute_threads``). Verbs without the flag run as they are."""
+    if not hasattr(args, "threads"):
+        yield
+        return
+    import torch
+
+    if args.threads is None:
+        args.threads = physical_cores()
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def budget_flag(flag: str, value: str):

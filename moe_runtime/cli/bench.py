@@ -47,6 +47,7 @@ def register(sub) -> None:
             "moe-runtime bench scale --shape olmoe-1b-7b --layers 2 --write-only /tmp/scale/olmoe-2",
             "moe-runtime bench scale --checkpoint ./dsv2-lite --shape deepseek-v2-lite --budget 6GB --no-accelerate",
         ],
+        threads=True,
         func=run,
     )
     parser.add_argument("name", choices=BENCHES, help="which benchmark")
@@ -473,6 +474,7 @@ def _bench_offload(args: argparse.Namespace) -> dict:
     settings.budget = args.expert_budget
     settings.accelerate = not args.no_accelerate
     settings.tier, settings.device = args.tier, args.device
+    settings.threads = getattr(args, "threads", None)  # resident and offloaded children compute alike
     result = {"bench": "offload", **bench_offload(settings)}
     if args.offload_size == "smoke":
         result["note"] = "smoke size: shows the benchmark runs; its timings and memory figures mean nothing"

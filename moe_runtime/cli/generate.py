@@ -40,6 +40,7 @@ def register(sub) -> None:
             "moe-runtime generate --model ./dsv2-lite --offload disk --expert-budget 4GB --plan",
             "moe-runtime generate --model ./dsv2-lite --offload disk --compute-dtype bfloat16 --prompt 'Hi'",
         ],
+        threads=True,
         func=run,
     )
     add_model_flags(parser)
@@ -228,6 +229,7 @@ def _offload_config(args: argparse.Namespace):
         prefetch=tuple(args.prefetch),
         profile_scores=scores,
         pack=args.pack_experts,
+        compute_threads=getattr(args, "threads", None) or "auto",  # the edge's --threads, as resident
     )
     config.validate()
     return config

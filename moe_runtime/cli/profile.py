@@ -32,6 +32,7 @@ def register(sub) -> None:
             "moe-runtime profile --model ./dsv2-lite --plan",
             "moe-runtime profile --model ./dsv2-lite --offload disk --expert-budget 4GB --plan",
         ],
+        threads=True,
         func=run,
     )
     parser.add_argument("--model", help="local checkpoint directory or 'demo'")

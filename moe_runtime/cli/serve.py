@@ -47,6 +47,7 @@ def register(sub) -> None:
             "curl localhost:8000/v1/completions -H 'content-type: application/json' "
             '-d \'{"model": "arith", "prompt": "12 + 35 =", "max_tokens": 8, "temperature": 0}\'',
         ],
+        threads=True,
         func=run,
     )
     add_model_flags(parser)

@@ -41,6 +41,7 @@ def register(sub) -> None:
             "torchrun --nproc-per-node 2 -m moe_runtime tune --model demo --data d.jsonl --method esft --experts cfg.json --out ad/",
             "moe-runtime tune ... --save-steps 50 && moe-runtime tune ... --resume   # continue from the last checkpoint",
         ],
+        threads=True,
         func=run_tune,
     )
     parser.add_argument("--model", required=True, help="local checkpoint directory or 'demo'")
@@ -105,6 +106,7 @@ def register(sub) -> None:
             "moe-runtime eval --model demo --data test.jsonl",
             "moe-runtime eval --model demo --adapter ad/ --data test.jsonl --json eval.json",
         ],
+        threads=True,
         func=run_eval,
     )
     parser.add_argument("--model", required=True, help="local checkpoint directory or 'demo'")

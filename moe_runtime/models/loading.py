@@ -6,7 +6,11 @@ Nothing is ever downloaded: every load passes ``local_files_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -119,13 +123,164 @@ def load_model(model: str | Path, *, dtype: torch.dtype | str | None = None, **k
 
         check_shards(path)  # a missing or truncated shard: one line naming it
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=dtype or "auto", **kwargs
-        )
+        with _read_once(cpu="device_map" not in kwargs):
+            loaded = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype=dtype or "auto", **kwargs
+            )
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise UsageError(f"model '{model}': cannot load ({first})") from None
     return loaded.eval()
+
+
+_LOADING = threading.Lock()  # _read_once patches transformers process-wide: one load at a time
+
+
+@contextlib.contextmanager
+def _read_once(cpu: bool) -> Iterator[None]:
+    """Load safetensors weights so that the process never holds them twice (a CPU load).
+
+    transformers memory-maps each shard and reads tensors ahead on 4 threads: every page read stays in
+    the process's resident set as long as the map is open (the fused expert parameters are new memory
+    beside it), and the read-ahead holds per-expert tensors of many layers before they are fused. The
+    load peaked at about 2.1x the weights. Here tensors are read with ``pread`` into fresh memory, one
+    parameter group at a time (each group converted, e.g. experts stacked into ``[E, ...]``, before
+    the next is read), and freed heap pages go back to the system afterwards: about 1.0x, plus one
+    layer's experts while they are fused.
+    """
+    if not cpu:
+        yield
+        return
+    with _LOADING:
+        yield from _read_once_locked()
+
+
+def _read_once_locked() -> Iterator[None]:
+    import transformers.modeling_utils as modeling_utils
+
+    opener = modeling_utils.safe_open
+
+    def pread_open(file, framework="pt", device="cpu", backend=None, **kw):
+        if str(device) == "cpu" and backend in (None, "mmap"):
+            backend = "pread"
+        return opener(file, framework=framework, device=device, backend=backend, **kw)
+
+    from transformers.core_model_loading import WeightConverter
+
+    convert = WeightConverter.convert
+
+    def fused_convert(self, layer_name, **kw):
+        into = _stack_into(self)
+        if into is None:
+            return convert(self, layer_name, **kw)
+        # wrapped, the checkpoint tensors stay unread (transformers reads callables, passes the rest
+        # as they are) until ``into`` writes each into its slot
+        for key, items in self.collected_tensors.items():
+            self.collected_tensors[key] = [_Unread(item) for item in items]
+        operations, self.operations = self.operations, [into]
+        try:
+            return convert(self, layer_name, **kw)
+        finally:
+            self.operations = operations
+
+    saved = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    modeling_utils.safe_open = pread_open
+    WeightConverter.convert = fused_convert
+    threads = torch.get_num_threads()
+    # the load is copies, bound by memory: a second OpenMP thread does not speed them up, and on a
+    # busy 2-core machine it slowed a 4 MB copy_ into fresh memory 8x (barrier spinning)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        WeightConverter.convert = convert
+        modeling_utils.safe_open = opener
+        if saved is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = saved
+        _trim_heap()
+
+
+def _stack_into(converter):
+    """An op that reads a converter's per-expert tensors straight into the fused ``[E, ...]`` tensor.
+
+    Only for the chains ``MergeModulelist(dim=0)`` (one source: stack the experts) and
+    ``MergeModulelist(dim=0), Concatenate(dim>=1)`` (e.g. gate and up, each stacked, joined along
+    the output dim), unquantized and loaded synchronously: the same values as ``torch.stack`` then
+    ``torch.cat``, written once, with one expert's tensor in flight instead of a layer's three
+    copies. None for anything else (transformers' own ops run).
+    """
+    from transformers.core_model_loading import Concatenate, ConversionOps, MergeModulelist
+
+    ops = converter.operations
+    if getattr(converter, "quantization_operation", None) is not None or not ops:
+        return None
+    if type(ops[0]) is not MergeModulelist or ops[0].dim != 0:
+        return None
+    if len(ops) == 1:
+        join = None
+        if len(converter.source_patterns) != 1:
+            return None
+    elif len(ops) == 2 and type(ops[1]) is Concatenate and ops[1].dim >= 1:
+        join = ops[1]
+    else:
+        return None
+    pending = converter.collected_tensors
+    if not pending or not all(
+        items and all(callable(item) and not isinstance(item, torch.Tensor) for item in items)
+        for items in pending.values()
+    ):
+        return None
+
+    class StackInto(ConversionOps):
+        @torch.no_grad()
+        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+            target = target_patterns[0] if join is None else join.get_target_pattern(target_patterns)
+            order = [pattern for pattern in source_patterns if pattern in input_dict]
+            # each pattern's first expert, read first: the fused shape and dtype, as stack + cat make them
+            firsts = {pattern: input_dict[pattern][0].read() for pattern in order}
+            head = firsts[order[0]]
+            shape = [len(input_dict[order[0]]), *head.shape]
+            if join is not None:
+                shape[join.dim] = sum(first.shape[join.dim - 1] for first in firsts.values())
+            dtype = head.dtype
+            for first in firsts.values():
+                dtype = torch.promote_types(dtype, first.dtype)
+            out = torch.empty(shape, dtype=dtype, device=head.device)
+            del head
+            offset = 0
+            for pattern in order:
+                loaders = input_dict.pop(pattern)
+                size = firsts[pattern].shape[join.dim - 1] if join is not None else 0
+                into = out if join is None else out.narrow(join.dim, offset, size)
+                for expert, load in enumerate(loaders):
+                    tensor = firsts.pop(pattern) if expert == 0 else load.read()
+                    into[expert].copy_(tensor)
+                    del tensor
+                offset += size
+            return {target: out}
+
+    return StackInto()
+
+
+class _Unread:
+    """A checkpoint tensor not read yet (``read()`` reads it)."""
+
+    __slots__ = ("read",)
+
+    def __init__(self, read) -> None:
+        self.read = read
+
+
+def _trim_heap() -> None:
+    """Return glibc's freed heap pages to the system (no-op elsewhere)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def load_tokenizer(model: str | Path):

@@ -18,11 +18,13 @@ FIELDS = {
 def test_bench_offload_smoke(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MOE_RUNTIME_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "offload.json"
-    assert main(["bench", "offload", "--offload-size", "smoke", "--json", str(out)]) == 0
+    assert main(["bench", "offload", "--offload-size", "smoke", "--threads", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result) >= FIELDS
     assert all(result[k] is not None for k in FIELDS)
     assert result["tokens_match_resident"] and result["tokens_match_accelerate"]
+    # --threads reaches both children: resident and offloaded compute with the same threads
+    assert result["compute_threads"] == {"offload": 1, "resident": 1}
     assert 0 <= result["hit_rate"] <= 1 and 0 <= result["hit_rate_lru"] <= 1
     assert "hit_rate" in capsys.readouterr().out
 

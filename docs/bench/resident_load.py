@@ -1,0 +1,52 @@
+"""Peak RSS and wall time of ``load_model`` on one checkpoint, in this process (run it once per measure).
+
+    python docs/bench/resident_load.py write DIR [LAYERS EXPERTS]   # random Mixtral, hidden 1024
+    python docs/bench/resident_load.py load DIR                     # one JSON line
+
+*floor*: torch and transformers imported and the model built on the meta device; the load's peak
+(``VmHWM``) is reported above it and against the weights' bytes.
+"""
+
+import json
+import sys
+import time
+
+
+def hwm_mb() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) // 1024
+
+
+def main() -> None:
+    mode, path = sys.argv[1], sys.argv[2]
+    if mode == "write":
+        from moe_runtime.testing import save_random_checkpoint
+
+        layers, experts = (int(v) for v in (sys.argv[3:5] or ["8", "16"]))
+        save_random_checkpoint(
+            "mixtral", path, hidden_size=1024, intermediate_size=1024, num_hidden_layers=layers,
+            num_experts=experts, num_attention_heads=16, num_key_value_heads=8, head_dim=64,
+        )  # fmt: skip
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    floor = hwm_mb()
+    from moe_runtime.models import load_model
+
+    start = time.perf_counter()
+    model = load_model(path)
+    seconds = time.perf_counter() - start
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    peak = hwm_mb()
+    print(json.dumps({
+        "floor_mb": floor, "peak_mb": peak, "weights_mb": round(weights), "load_s": round(seconds, 2),
+        "peak_over_weights": round(peak / weights, 3), "above_floor_over_weights": round((peak - floor) / weights, 3),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
