@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
-__all__ = ["peak_rss_bytes"]
+__all__ = ["peak_rss_bytes", "run_child"]
 
 
 def peak_rss_bytes() -> int:
@@ -24,3 +30,23 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_child(
+    module: str, bench: str, mode: str, ckpt: Path, settings, cache_dir: Path, env: dict | None = None
+) -> dict:
+    """Run ``python -m module mode ckpt SETTINGS_JSON cache_dir OUT`` and return the JSON it wrote to OUT.
+
+    Each configuration of a memory benchmark runs in a fresh process so its peak RSS is its own.
+
+    Raises:
+        RuntimeError: naming ``bench`` and ``mode``, with the end of the child's stderr.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        args = [sys.executable, "-m", module, mode, str(ckpt),
+                json.dumps(dataclasses.asdict(settings)), str(cache_dir), str(out)]  # fmt: skip
+        proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench {bench}: the {mode} run failed:\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())

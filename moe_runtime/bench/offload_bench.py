@@ -32,14 +32,13 @@ import hashlib
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .memory import peak_rss_bytes
+from .memory import peak_rss_bytes, run_child
 
 __all__ = ["OffloadBenchSettings", "bench_offload", "drop_page_cache"]
 
@@ -383,14 +382,7 @@ _CHILDREN = {
 def _run_child(
     mode: str, ckpt: Path, settings: OffloadBenchSettings, cache_dir: Path, env: dict | None = None
 ) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        args = [sys.executable, "-m", "moe_runtime.bench.offload_bench", mode, str(ckpt),
-                json.dumps(dataclasses.asdict(settings)), str(cache_dir), str(out)]  # fmt: skip
-        proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench offload: the {mode} run failed:\n{proc.stderr[-4000:]}")
-        return json.loads(out.read_text())
+    return run_child("moe_runtime.bench.offload_bench", "offload", mode, ckpt, settings, cache_dir, env)
 
 
 def bench_offload(

@@ -30,14 +30,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .memory import peak_rss_bytes
+from .memory import peak_rss_bytes, run_child
 from .offload_bench import drop_page_cache
 
 __all__ = ["ScaleBenchSettings", "bench_scale"]
@@ -211,14 +210,7 @@ _CHILDREN = {
 def _run_child(
     mode: str, ckpt: Path, settings: ScaleBenchSettings, cache_dir: Path, env: dict | None = None
 ) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        args = [sys.executable, "-m", "moe_runtime.bench.scale_bench", mode, str(ckpt),
-                json.dumps(dataclasses.asdict(settings)), str(cache_dir), str(out)]  # fmt: skip
-        proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench scale: the {mode} run failed:\n{proc.stderr[-4000:]}")
-        return json.loads(out.read_text())
+    return run_child("moe_runtime.bench.scale_bench", "scale", mode, ckpt, settings, cache_dir, env)
 
 
 def _cold_bandwidth(ckpt: Path) -> dict:

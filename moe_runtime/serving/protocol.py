@@ -404,6 +404,26 @@ def chat_body(request_id: str, created: int, completion, *, return_token_ids: bo
     }
 
 
+def _chunk(
+    kind: str,
+    request_id: str,
+    created: int,
+    model: str,
+    body: dict,
+    finish_reason: str | None,
+    token_ids: list[int] | None,
+    usage: dict | None,
+) -> dict:
+    """A streamed chunk of ``kind`` whose one choice holds ``body`` (usage set: the usage-only chunk)."""
+    chunk = {"id": request_id, "object": kind, "created": created, "model": model}
+    if usage is not None:
+        return {**chunk, "choices": [], "usage": usage}
+    choice = {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {**chunk, "choices": [choice]}
+
+
 def completion_chunk(
     request_id: str,
     created: int,
@@ -415,13 +435,8 @@ def completion_chunk(
     usage: dict | None = None,
 ) -> dict:
     """One streamed ``text_completion`` chunk (``usage`` set: the usage-only chunk, no choices)."""
-    chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model}
-    if usage is not None:
-        return {**chunk, "choices": [], "usage": usage}
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    return {**chunk, "choices": [choice]}
+    body = {"text": text}
+    return _chunk("text_completion", request_id, created, model, body, finish_reason, token_ids, usage)
 
 
 def chat_chunk(
@@ -435,10 +450,5 @@ def chat_chunk(
     usage: dict | None = None,
 ) -> dict:
     """One streamed ``chat.completion.chunk`` (``usage`` set: the usage-only chunk, no choices)."""
-    chunk = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    if usage is not None:
-        return {**chunk, "choices": [], "usage": usage}
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    return {**chunk, "choices": [choice]}
+    body = {"delta": delta}
+    return _chunk("chat.completion.chunk", request_id, created, model, body, finish_reason, token_ids, usage)

@@ -26,7 +26,32 @@ from .config import ExpertSelection
 __all__ = ["LayerTrainable", "TrainableExperts"]
 
 
-class LayerTrainable(nn.Module):
+class SlotExecuted:
+    """The experts hook of a layer whose trainable experts come from ``segment()``: every token is
+    owned by this adapter, the selected experts run from the segment and the rest from the base."""
+
+    slot_table: torch.Tensor
+    _base: Segment
+
+    def segment(self) -> Segment:
+        raise NotImplementedError
+
+    def execute(
+        self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Executor for the experts hook: ``hidden [T, H] -> [T, H]`` (one owner: this adapter)."""
+        owners = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+        segments = [self._base, self.segment()]
+        return slot_routed_experts(
+            experts, hidden, top_k_index, top_k_weights, owners, self.slot_table, segments
+        )
+
+    def attach(self, layer: MoELayer) -> None:
+        self._base = expert_segment(layer)
+        state_of(layer.experts).executor = self.execute
+
+
+class LayerTrainable(SlotExecuted, nn.Module):
     """Trainable copies of one layer's selected experts, and the executor that uses them.
 
     Args:
@@ -53,20 +78,6 @@ class LayerTrainable(nn.Module):
 
     def segment(self) -> Segment:
         return Segment(self.num_experts, self.up, self.down, self.up_bias, self.down_bias)
-
-    def execute(
-        self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """Executor for the experts hook: ``hidden [T, H] -> [T, H]`` (one owner: this adapter)."""
-        owners = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        segments = [self._base, self.segment()]
-        return slot_routed_experts(
-            experts, hidden, top_k_index, top_k_weights, owners, self.slot_table, segments
-        )
-
-    def attach(self, layer: MoELayer) -> None:
-        self._base = expert_segment(layer)
-        state_of(layer.experts).executor = self.execute
 
     def fused_slices(self, position: int, layout) -> dict[str, torch.Tensor]:
         """The ``position``-th copy as ``{fused param name: slice}`` (see ``split_slices``)."""

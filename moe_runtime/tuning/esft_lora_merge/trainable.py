@@ -24,8 +24,8 @@ from ...models import MoEModelInfo, state_of
 from ...models.discovery import MoELayer
 from ...models.weights import expert_segment, fuse_slices, split_expert
 from ...ops.experts_mm import Segment
-from ...ops.slot_routed import slot_routed_experts
 from ..esft.config import ExpertSelection
+from ..esft.trainable import SlotExecuted
 
 __all__ = ["LayerFactors", "LowRankExperts", "weight_names"]
 
@@ -39,7 +39,7 @@ def _all_weight_names(layer: MoELayer) -> list[str]:
     return [*weight_names(layer), "down_proj.weight"]
 
 
-class LayerFactors(nn.Module):
+class LayerFactors(SlotExecuted, nn.Module):
     """Low-rank factors of one layer's selected experts, and the executor that uses them.
 
     Args:
@@ -101,20 +101,6 @@ class LayerFactors(nn.Module):
         up = self.up0 + torch.stack([f[self._layout.up_name] for f in fused])
         down = self.down0 + torch.stack([f["down_proj"] for f in fused])
         return Segment(self.num_experts, up, down, self.up_bias, self.down_bias)
-
-    def execute(
-        self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """Executor for the experts hook: ``hidden [T, H] -> [T, H]``."""
-        owners = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        segments = [self._base, self.segment()]
-        return slot_routed_experts(
-            experts, hidden, top_k_index, top_k_weights, owners, self.slot_table, segments
-        )
-
-    def attach(self, layer: MoELayer) -> None:
-        self._base = expert_segment(layer)
-        state_of(layer.experts).executor = self.execute
 
 
 class LowRankExperts(nn.Module):
