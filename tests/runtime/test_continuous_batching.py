@@ -258,7 +258,9 @@ def test_background_thread_and_bad_requests(checkpoint):
         for t in threads:
             t.join()
         assert results == alone
-        live = engine.submit(Request("seven wizards", "esft", 30))
+        live = engine.submit(
+            Request("seven wizards", "esft", 400)
+        )  # cannot reach its limit before the cancel
         with pytest.raises(AdapterError, match="pending"):
             if not live.done:
                 engine.remove_adapter("esft")
