@@ -344,13 +344,19 @@ class MultiAdapterEngine:
         self._scheduler.max_batch_size = value
 
     def submit(
-        self, requests: Request | Iterable[Request], config: DecodeConfig | None = None
+        self,
+        requests: Request | Iterable[Request],
+        config: DecodeConfig | None = None,
+        *,
+        claim: bool = False,
     ) -> RequestHandle | list[RequestHandle]:
         """Queue requests; they join the running batch at the next step.
 
         ``config`` gives the defaults of requests that do not set their own (token limit, sampling,
         EOS stops, logits); request i of a list samples with seed ``config.seed + i`` unless it has
         its own seed. Without it: 32 tokens, greedy unless the request sets a temperature.
+        ``claim=True``: the caller reads the results through the handles only, so a :meth:`run` or
+        :meth:`generate` in another thread never collects them (the HTTP server submits this way).
 
         Returns:
             A :class:`RequestHandle` (a list of them for a list of requests).
@@ -363,10 +369,12 @@ class MultiAdapterEngine:
         if config is not None:
             config.validate()
         if isinstance(requests, Request):
-            return self._submit([requests], config)[0]
-        return self._submit(list(requests), config)
+            return self._submit([requests], config, claim)[0]
+        return self._submit(list(requests), config, claim)
 
-    def _submit(self, batch: list[Request], config: DecodeConfig | None = None) -> list[RequestHandle]:
+    def _submit(
+        self, batch: list[Request], config: DecodeConfig | None = None, claim: bool = False
+    ) -> list[RequestHandle]:
         self._check_open()
         rows = []
         for offset, request in enumerate(batch):
@@ -374,6 +382,7 @@ class MultiAdapterEngine:
                 raise UsageError(f"expected a Request, got {type(request).__name__}")
             check_sampling(request)
             handle = RequestHandle(request, self._drive)
+            handle._claimed = claim
             rows.append(Row(handle, self._encode(request), None, request.adapter, config, offset))
             handle._row = rows[-1]
         with self._scheduler.lock:  # adapters do not change meanwhile (add/remove take this lock)

@@ -257,7 +257,7 @@ class _Service:
             )
             self._fit_context(params, given)
             request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-            handle = self.engine.submit(params.request(request_id))
+            handle = self.engine.submit(params.request(request_id), claim=True)
         except BadRequest as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
         except UsageError as exc:  # AdapterError included: refused at submit

@@ -203,7 +203,7 @@ class FakeEngine:
                 raise AdapterError(f"adapter '{name}' is named by live requests")
             del self._adapters[name]
 
-    def submit(self, request) -> FakeHandle:
+    def submit(self, request, *, claim: bool = False) -> FakeHandle:
         with self._lock:
             adapter = request.adapter
             if adapter == "auto":

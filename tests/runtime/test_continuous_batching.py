@@ -287,3 +287,13 @@ def test_background_thread_and_bad_requests(checkpoint):
         with pytest.raises((AdapterError, UsageError), match=match):
             fresh.submit(bad)
     assert fresh.pending == 0
+
+
+def test_generate_does_not_collect_requests_submitted_with_claim(checkpoint):
+    engine = _engine(checkpoint, False)
+    claimed = engine.submit(Request("seven wizards", "esft", 4, id="server"), claim=True)
+    unclaimed = engine.submit(Request("seven wizards", None, 4, id="pending"))
+    done = engine.generate([Request("seven wizards", "rl", 4, id="mine")])
+    assert [c.id for c in done] == ["pending", "mine"]  # what was pending comes first, as documented
+    assert unclaimed.done
+    assert claimed.result(timeout=60).id == "server" and len(claimed.result().token_ids) == 4

@@ -184,7 +184,7 @@ def test_a_client_leaving_mid_stream_frees_its_rows(setup, monkeypatch):
     handles = []
     submit = engine.submit
     monkeypatch.setattr(
-        engine, "submit", lambda request, *a: handles.append(submit(request, *a)) or handles[-1]
+        engine, "submit", lambda request, *a, **k: handles.append(submit(request, *a, **k)) or handles[-1]
     )
     body = {"model": "code", "prompt": PROMPTS[1], "max_tokens": 480, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
