@@ -49,6 +49,18 @@ _EXPERT_KEY = re.compile(
 )
 
 
+def check_selection(path: Path, meta: dict | None, selection: ExpertSelection, info: MoEModelInfo) -> None:
+    """An expert adapter's model type (from ``meta``) and its ``expert_cfg.json`` against ``info``.
+
+    Raises:
+        AdapterError: naming ``path`` and what does not fit.
+    """
+    tuned_on = (meta or {}).get("model_type")
+    if tuned_on and tuned_on != info.model_type:  # equal expert weights do not make it the same model
+        raise AdapterError(f"{path}: tuned on model type '{tuned_on}', the base model is '{info.model_type}'")
+    selection.validate(info, f"{path}/expert_cfg.json", AdapterError)
+
+
 @dataclass
 class ESFTAdapter:
     """A loaded (not yet checked) ESFT adapter.
@@ -77,12 +89,7 @@ class ESFTAdapter:
         Raises:
             AdapterError: naming the adapter and what does not fit.
         """
-        tuned_on = (self.meta or {}).get("model_type")
-        if tuned_on and tuned_on != info.model_type:  # equal expert weights do not make it the same model
-            raise AdapterError(
-                f"{self.path}: tuned on model type '{tuned_on}', the base model is '{info.model_type}'"
-            )
-        self.selection.validate(info, f"{self.path}/expert_cfg.json", AdapterError)
+        check_selection(self.path, self.meta, self.selection, info)
 
     def check(
         self,

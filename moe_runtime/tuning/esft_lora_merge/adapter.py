@@ -32,6 +32,7 @@ from ...models import MoEModelInfo, model_fingerprint, split_expert
 from ...models.fingerprint import Parts
 from ...models.weights import merge_expert
 from ..esft import replaced_fingerprint
+from ..esft.adapter import check_selection
 from ..esft.config import ExpertSelection, parse_expert_config
 from ..meta import write_meta
 from .trainable import weight_names
@@ -86,12 +87,7 @@ class EsftLoraAdapter:
         Raises:
             AdapterError: naming the adapter and what does not fit.
         """
-        tuned_on = self.meta.get("model_type")
-        if tuned_on and tuned_on != info.model_type:
-            raise AdapterError(
-                f"{self.path}: tuned on model type '{tuned_on}', the base model is '{info.model_type}'"
-            )
-        self.selection.validate(info, f"{self.path}/expert_cfg.json", AdapterError)
+        check_selection(self.path, self.meta, self.selection, info)
 
     def check(
         self,
