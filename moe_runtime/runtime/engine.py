@@ -126,6 +126,7 @@ class MultiAdapterEngine:
             unpadded=self.info.model_type in UNPADDED_FAMILIES,
             threads=self.base.threads,
             choose=self._choose_adapters,
+            phase=None if offload is None else self.base.phase,
         )
         self._scheduler.max_batch_size = max_batch_size
         self._profiles: dict[str, RoutingProfile] = {}  # task routing profiles of "auto" candidates
@@ -553,9 +554,10 @@ class MultiAdapterEngine:
         device = next(self.model.parameters()).device
         input_ids, mask, positions = left_pad(prompts, pad_id_of(self.model, self.tokenizer), device)
         with self._scheduler.step_lock:
-            self.executor.set_owners(torch.tensor(owners, device=device), input_ids.shape[1])
+            self.executor.set_owners(torch.tensor(owners, device=device), input_ids.shape[1], mask)
             try:
-                with self.base.threads():
+                tag = self._scheduler.phase("prefill", sum(len(p) for p in prompts))
+                with self.base.threads(), tag:
                     logits = self.model(
                         input_ids=input_ids, attention_mask=mask, position_ids=positions
                     ).logits

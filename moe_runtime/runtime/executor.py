@@ -70,6 +70,9 @@ class BaseExperts(Protocol):
     def materialized(self, experts: dict[int, list[int]]) -> contextlib.AbstractContextManager:
         """While open, the listed base experts are readable in the experts modules."""
 
+    def chunk_tokens(self, layer: MoELayer) -> int | None:
+        """Tokens a pass runs at a time (bounded intermediates), None for all at once."""
+
     def threads(self) -> contextlib.AbstractContextManager:
         """While open, torch runs with the thread settings serving wants (restored on exit)."""
 
@@ -91,6 +94,9 @@ class ResidentExperts:
 
     def materialized(self, experts):
         return contextlib.nullcontext()
+
+    def chunk_tokens(self, layer):
+        return None
 
     def threads(self):
         return contextlib.nullcontext()
@@ -114,6 +120,7 @@ class SlotRoutedExecutor:
         self.arena = arena
         self.base = base if base is not None else ResidentExperts()
         self.token_owner: torch.Tensor | None = None
+        self.token_valid: torch.Tensor | None = None  # [T] bool: False on left padding
         self.terms: dict[int, TokenTerm] = {}  # per-token terms by owner id (routed LoRA)
         self._term_rows: list[tuple[TokenTerm, torch.Tensor]] = []
         # called as observer(layer index, top_k_index [T, K]) in every MoE layer while set (the
@@ -141,15 +148,21 @@ class SlotRoutedExecutor:
 
     # owners ----------------------------------------------------------------------------------
 
-    def set_owners(self, row_owner: torch.Tensor, seq_len: int) -> None:
+    def set_owners(self, row_owner: torch.Tensor, seq_len: int, valid: torch.Tensor | None = None) -> None:
         """Owners of the next forward's tokens.
 
         Args:
             row_owner: ``[B]`` int64 owner id of each batch row.
             seq_len: tokens per row in this forward; MoE blocks flatten ``[B, S]`` row-major,
                 so token ``b * S + s`` belongs to row ``b``.
+            valid: ``[B, S]`` attention mask of the forward's tokens (0 on left padding): padding
+                tokens skip the routed experts (their outputs are masked out anyway), so an
+                offloaded layer reads only the experts of real tokens.
         """
         self.token_owner = row_owner.to(torch.int64).repeat_interleave(seq_len)
+        self.token_valid = None
+        if valid is not None and not bool(valid.all()):
+            self.token_valid = valid.reshape(-1).bool()
         self._term_rows = []
         if self.terms:
             present = set(torch.unique(row_owner).tolist())
@@ -161,6 +174,7 @@ class SlotRoutedExecutor:
 
     def clear_owners(self) -> None:
         self.token_owner = None
+        self.token_valid = None
         self._term_rows = []
 
     def owners_for(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -207,10 +221,23 @@ class SlotRoutedExecutor:
         owners = self.owners_for(slots.layer.index, hidden)
         if self.observer is not None:
             self.observer(slots.layer.index, top_k_index)
+        routed = top_k_index
+        if self.token_valid is not None:  # padding: expert id E, a dropped entry
+            valid = self.token_valid.to(top_k_index.device)
+            routed = top_k_index.masked_fill(~valid.unsqueeze(1), slots.num_experts)
+        chunk = self.base.chunk_tokens(slots.layer)
         out = None
-        for table, segments in self.base.passes(slots, hidden, owners, top_k_index):
+        for table, segments in self.base.passes(slots, hidden, owners, routed):
             partial = slot_routed_experts(
-                experts, hidden, top_k_index, top_k_weights, owners, table, segments, skip_unused=True
+                experts,
+                hidden,
+                routed,
+                top_k_weights,
+                owners,
+                table,
+                segments,
+                skip_unused=True,
+                chunk_tokens=chunk,
             )
             out = partial if out is None else out + partial
         return self._add_terms(slots.layer.index, out, hidden, top_k_index, top_k_weights)

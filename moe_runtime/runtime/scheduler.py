@@ -7,6 +7,8 @@ one background thread):
       newcomers with adapter "auto": a prefill on the base model measures each prompt's routing
                                      -> the adapter with the closest task profile
       newcomers: one left-padded prefill forward (own cache)  -> first token of each
+                 (so an offloaded layer reads each expert once for all of them, by expert; the
+                  left padding skips the experts)
       every running group: one decode forward (1 token/row)   -> next token of each
       finished (EOS, stop string, max tokens) and cancelled rows leave: cut from cache, mask, positions
       groups whose caches can be merged become one group      -> one decode forward serves them all
@@ -21,6 +23,9 @@ are also prefilled per prompt length) the groups stay apart and each decodes in 
 correct, at some batching efficiency. Columns that became padding for every row of a group are
 dropped from its cache.
 
+Every forward is tagged ``"prefill"`` or ``"decode"`` (``phase``): an offload tier counts its reads,
+misses and stalls per phase (``OffloadStats.phases``).
+
 Every row has its own adapter owner (set on the executor before each forward), sampling generator
 (seeded per request, so its tokens do not depend on the batch mix), token limit, stop strings and
 text decoder (:class:`TextStream`).
@@ -29,6 +34,7 @@ text decoder (:class:`TextStream`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 import weakref
@@ -348,6 +354,8 @@ class Scheduler:
         pad_id: id written into left padding.
         unpadded: the family must not be left-padded (prefill per prompt length, never merge).
         threads: context manager factory for the torch thread settings of a step.
+        phase: ``phase(name, tokens)``, a context manager around every forward, named ``"prefill"``
+            or ``"decode"`` (the offload tier counts its reads per phase); None: no tagging.
         choose: ``choose(counts {layer index: [B, E]}) -> [(adapter name, owner id)]`` for "auto" rows.
     """
 
@@ -362,11 +370,13 @@ class Scheduler:
         unpadded: bool,
         threads: Callable[[], Any],
         choose: Callable[[dict[int, torch.Tensor]], list[tuple[str | None, int]]],
+        phase: Callable[[str, int], Any] | None = None,
     ) -> None:
         self.model, self.executor, self.tokenizer = model, executor, tokenizer
         self.eos_ids_of, self.pad_id, self.unpadded = eos_ids, pad_id, unpadded
         self.eos_ids: set[int] = set()
         self.threads, self.choose = threads, choose
+        self.phase = phase or (lambda name, tokens: contextlib.nullcontext())
         self.device = next(model.parameters()).device
         self.keep_kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
         self.cache_name = _cache_argument(model)
@@ -477,17 +487,21 @@ class Scheduler:
 
     # forwards ----------------------------------------------------------------------------------
 
-    def _forward(self, ids, mask, positions, owners, cache):
-        self.executor.set_owners(owners, ids.shape[1])
+    def _forward(self, ids, mask, positions, owners, cache, phase: str):
+        """One forward of ``ids [B, S]``; ``mask`` covers the cache and ``ids`` (its last ``S``
+        columns tell real tokens from left padding)."""
+        valid = mask[:, -ids.shape[1] :]
+        self.executor.set_owners(owners, ids.shape[1], valid)
         try:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **{self.cache_name: cache},
-                **self.keep_kwargs,
-            )
+            with self.phase(phase, int(valid.sum())):
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **{self.cache_name: cache},
+                    **self.keep_kwargs,
+                )
         finally:
             self.executor.clear_owners()
         return _output_cache(out), out.logits[:, -1, :]
@@ -509,7 +523,7 @@ class Scheduler:
         for batch in batches:
             ids, mask, positions = left_pad([r.prompt for r in batch], self.pad_id, self.device)
             owners = torch.tensor([r.owner for r in batch], dtype=torch.int64, device=self.device)
-            cache, logits = self._forward(ids, mask, positions, owners, None)
+            cache, logits = self._forward(ids, mask, positions, owners, None, "prefill")
             group = Group(batch, cache, mask, positions[:, -1], ids[:, -1])
             self._advance(group, logits)
             groups.append(group)
@@ -533,7 +547,7 @@ class Scheduler:
         self.executor.observer = observe
         try:
             zeros = torch.zeros(len(rows), dtype=torch.int64, device=self.device)
-            self._forward(ids, mask, positions, zeros, None)
+            self._forward(ids, mask, positions, zeros, None, "prefill")
         finally:
             self.executor.observer = None
         tables = {layer: t.view(len(rows), -1) for layer, t in counts.items()}
@@ -549,6 +563,7 @@ class Scheduler:
             group.last_position[:, None],
             group.owners(self.device),
             group.cache,
+            "decode",
         )
         group.cache = cache
         self._advance(group, logits)

@@ -4,6 +4,7 @@
     engine.add_adapter("arith", "adapters/arith")        # adapter experts stay resident in the arena
     engine.generate([...])                               # base experts come from per-layer slot caches
     engine.offload.stats.to_json()                      # hits, misses, prefetch accuracy, bytes, stalls
+    engine.offload.stats.phases["prefill"].bytes_read   # the same split by phase: prefill, decode
 
 Modules: ``store`` (the slow tier on disk, a model loaded without its experts), ``cache`` (per-layer
 slots and bookkeeping), ``policies`` (eviction and prefetch), ``tier`` (the base experts the executor runs),
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cache import LayerCache, OffloadStats, SlotMap
+from .cache import LayerCache, OffloadStats, PhaseStats, SlotMap
 from .config import Budget, BudgetError, OffloadConfig, parse_budget, slots_per_layer
 from .policies import POLICIES, PREFETCHERS, make_policy
 from .store import ExpertStore, load_offloaded_model
@@ -29,6 +30,7 @@ __all__ = [
     "OffloadTier",
     "OffloadStats",
     "OffloadedExperts",
+    "PhaseStats",
     "POLICIES",
     "PREFETCHERS",
     "SlotMap",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,7 +24,10 @@ from ...ops.experts_mm import Segment
 from .policies import EvictionPolicy
 from .store import ExpertStore, PendingRead
 
-__all__ = ["OffloadStats", "SlotMap", "LayerCache"]
+__all__ = ["LayerCache", "OffloadStats", "PhaseStats", "SlotMap"]
+
+
+_COUNTERS = ("hits", "misses", "prefetches", "prefetch_hits", "bytes_read", "stall_s", "passes")
 
 
 @dataclass
@@ -39,6 +42,8 @@ class OffloadStats:
         bytes_read: bytes requested from the slow tier.
         stall_s: time the forward waited for reads.
         passes: expert passes run (more than one per layer when a batch needs more experts than slots).
+        phases: the same counters split by the phase tag of the forwards that moved them
+            (``"prefill"``, ``"decode"``: see :meth:`phase`).
     """
 
     hits: int = 0
@@ -48,6 +53,7 @@ class OffloadStats:
     bytes_read: int = 0
     stall_s: float = 0.0
     passes: int = 0
+    phases: dict[str, PhaseStats] = field(default_factory=dict, repr=False)
 
     @property
     def hit_rate(self) -> float:
@@ -59,8 +65,65 @@ class OffloadStats:
         """Share of prefetched experts that were used before being evicted."""
         return self.prefetch_hits / self.prefetches if self.prefetches else 0.0
 
+    def counters(self) -> dict[str, int | float]:
+        """The counters alone (no phases): a snapshot to subtract from a later one."""
+        return {name: getattr(self, name) for name in _COUNTERS}
+
+    @contextlib.contextmanager
+    def phase(self, name: str, tokens: int = 0) -> Iterator[PhaseStats]:
+        """Count what the block moves under ``name`` as well (``phases[name]``), with its wall time.
+
+        The serving engine tags every forward: ``"prefill"`` (prompts, including the base-model
+        forward of adapter ``"auto"`` and ``prompt_logits``) and ``"decode"`` (one token per row),
+        so a caller splits bytes read, misses and stalls between them::
+
+            stats = engine.offload.stats
+            stats.phases["prefill"].bytes_read, stats.phases["decode"].bytes_read
+            stats.phases["decode"].seconds / stats.phases["decode"].tokens
+
+        A phase gets the difference of the counters over the block: reads queued in the block
+        (prefetches for later layers included), minus queued prefetches the block cancelled.
+        ``tokens``: the real (unpadded) tokens the block's forward runs.
+        """
+        before, start = self.counters(), time.perf_counter()
+        record = self.phases.setdefault(name, PhaseStats())
+        try:
+            yield record
+        finally:
+            record.seconds += time.perf_counter() - start
+            record.forwards += 1
+            record.tokens += tokens
+            for key, value in self.counters().items():
+                setattr(record, key, getattr(record, key) + value - before[key])
+
     def to_json(self) -> dict:
-        return {**asdict(self), "hit_rate": self.hit_rate, "prefetch_accuracy": self.prefetch_accuracy}
+        out = {**self.counters(), "hit_rate": self.hit_rate, "prefetch_accuracy": self.prefetch_accuracy}
+        if self.phases:
+            out["phases"] = {name: record.to_json() for name, record in self.phases.items()}
+        return out
+
+
+@dataclass
+class PhaseStats(OffloadStats):
+    """:class:`OffloadStats` of the forwards run under one phase tag, with their count, tokens and time.
+
+    Attributes:
+        forwards: forwards run under the tag.
+        tokens: real (unpadded) tokens they ran.
+        seconds: their wall time (the model's forward, reads and stalls included).
+    """
+
+    forwards: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            **super().to_json(),
+            "forwards": self.forwards,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+        }
 
 
 class SlotMap:

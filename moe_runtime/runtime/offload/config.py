@@ -13,12 +13,14 @@ import torch
 
 from ...errors import UsageError
 from ...models import MoEModelInfo
+from ...models.discovery import MoELayer
 from .policies import POLICIES, PREFETCHERS
 
 __all__ = [
     "OffloadConfig",
     "Budget",
     "BudgetError",
+    "chunk_tokens_for",
     "fast_tier_slots",
     "free_memory",
     "parse_budget",
@@ -147,6 +149,20 @@ def free_memory(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def chunk_tokens_for(layer: MoELayer, dtype: torch.dtype, chunk_bytes: int) -> int:
+    """Tokens of one chunk whose intermediates stay within ``chunk_bytes`` (at least 1).
+
+    Per token: top-k routed entries, each holding its gathered input and its down output (``H``
+    values each), its up output (``2I`` gated, else ``I``) and its activation (``I``), in ``dtype``.
+    """
+    hidden = layer.hidden_size
+    experts = layer.experts
+    up = getattr(experts, layer.layout.up_name)
+    per_entry = 2 * hidden + (up[0].numel() + experts.down_proj[0].numel()) // hidden
+    per_token = max(1, layer.top_k) * per_entry * torch.empty((), dtype=dtype).element_size()
+    return max(1, chunk_bytes // per_token)
+
+
 def fast_tier_slots(
     info: MoEModelInfo,
     budget: Budget,
@@ -214,6 +230,13 @@ class OffloadConfig:
             thread pre-empted by a reader stalls all of them (measured here on 2 cores: 1 compute
             thread served about 10% faster than 2 on a quiet machine, and 2 compute threads ran 7x
             slower when other work shared the cores). ``None`` leaves torch as is.
+        chunk_tokens: tokens of a layer's batch run through its experts at a time (within each pass,
+            after its experts are read, so reads do not depend on it): bounds the intermediate
+            activations of an offloaded MoE layer whatever the prompt length. None (the default)
+            derives it per layer from ``chunk_bytes``.
+        chunk_bytes: bound on one chunk's intermediates (``"256MiB"``, bytes): per token, top-k
+            routed entries of about ``2H + 3I`` values in the compute dtype (gathered input, up and
+            activation, down output); see :func:`chunk_tokens_for`.
     """
 
     tier: str = "disk"
@@ -226,9 +249,16 @@ class OffloadConfig:
     pack: bool = False
     compute_threads: int | str | None = "auto"
     compute_device: str | None = None
+    chunk_tokens: int | None = None
+    chunk_bytes: int | str = "256MiB"
 
     def __post_init__(self) -> None:
         self.budget = parse_budget(self.budget)
+        if isinstance(self.chunk_bytes, str):
+            size = parse_budget(self.chunk_bytes).bytes
+            if size is None:
+                raise UsageError(f"offload: chunk_bytes '{self.chunk_bytes}' must be a size like 256MiB")
+            self.chunk_bytes = size
         if isinstance(self.prefetch, str):  # one prefetcher named alone
             self.prefetch = (self.prefetch,)
         self.prefetch = tuple(self.prefetch)
@@ -281,6 +311,20 @@ class OffloadConfig:
                 raise UsageError(f"offload: compute device '{self.compute_device}': CUDA is not available")
         if self.num_threads <= 0:
             raise UsageError("offload: num_threads must be positive")
+        if self.chunk_tokens is not None and (
+            isinstance(self.chunk_tokens, bool)
+            or not isinstance(self.chunk_tokens, int)
+            or self.chunk_tokens <= 0
+        ):
+            raise UsageError(
+                f"offload: chunk_tokens must be a positive int or None, got {self.chunk_tokens!r}"
+            )
+        if (
+            isinstance(self.chunk_bytes, bool)
+            or not isinstance(self.chunk_bytes, int)
+            or self.chunk_bytes <= 0
+        ):
+            raise UsageError(f"offload: chunk_bytes must be a positive size, got {self.chunk_bytes!r}")
         if self.compute_threads not in (None, "auto") and (
             not isinstance(self.compute_threads, int) or self.compute_threads <= 0
         ):

@@ -28,7 +28,7 @@ from ...models.discovery import MoELayer
 from ...ops.experts_mm import Segment
 from ..arena import LayerSlots
 from .cache import LayerCache, OffloadStats
-from .config import OffloadConfig, fast_tier_slots
+from .config import OffloadConfig, chunk_tokens_for, fast_tier_slots
 from .host import HostCopier, HostStore
 from .policies import RouterPrefetcher, TrajectoryPrefetcher, make_policy
 from .store import ExpertStore
@@ -139,6 +139,11 @@ class OffloadTier:
                     TrajectoryPrefetcher(order, num_experts, limit=max(layer.top_k for layer in info.layers))
                 )
         self._first = order[0]
+        # tokens per chunk of every layer's batch (intermediates bounded whatever the prompt length)
+        self.chunks = {
+            layer.index: config.chunk_tokens or chunk_tokens_for(layer, store.dtype, config.chunk_bytes)
+            for layer in info.layers
+        }
         for cache in self.caches.values():
             cache.warm_load()
 
@@ -147,6 +152,14 @@ class OffloadTier:
     def segment(self, layer: MoELayer) -> Segment:
         """The cache slots of the layer (adapter chunks take their shape, dtype and device)."""
         return self.caches[layer.index].segment
+
+    def chunk_tokens(self, layer: MoELayer) -> int:
+        """Tokens run through the layer's experts at a time, within each pass (``OffloadConfig.chunk_tokens``)."""
+        return self.chunks[layer.index]
+
+    def phase(self, name: str, tokens: int = 0) -> contextlib.AbstractContextManager:
+        """Count the block's reads, misses and stalls under ``name`` too (see :meth:`OffloadStats.phase`)."""
+        return self.stats.phase(name, tokens)
 
     def threads(self) -> contextlib.AbstractContextManager:
         """The compute threads serving from this tier wants (see ``OffloadConfig.compute_threads``)."""
