@@ -6,13 +6,14 @@
 Writes a random checkpoint of the shape (``moe_runtime.testing.shapes``: real widths, bf16, the hub's
 per-expert layout) into the work directory unless it is there, then serves the same prompts with
 ``--offload disk`` (float32 compute, LRU, no prefetch unless ``--prefetch router``) in fresh child
-processes, the checkpoint's page cache dropped before each (``posix_fadvise DONTNEED`` on its files):
+processes, the checkpoint's page cache dropped before each ``generate`` call (``posix_fadvise DONTNEED``
+on its files; ``--warm``: only before each process), as for a model larger than the page cache:
 
     one_at_a_time   engine.generate([request]) for each prompt in turn (one prefill forward each)
     batched         engine.generate(requests): the scheduler prefills them in one left-padded forward
     batched_chunked the same with OffloadConfig(chunk_tokens=--chunk): bytes read must not change
 
-Each reports the offload tier's per-phase counters (``OffloadStats.phases``: bytes read, misses,
+With ``--repeats N`` the modes alternate N times; times are medians. Each reports the offload tier's per-phase counters (``OffloadStats.phases``: bytes read, misses,
 seconds of the prefill and decode forwards), the distinct experts the prompts route to per layer
 (``touched``, from the batched run) and the tokens, which must be equal in every run.
 """
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,13 +76,15 @@ def child(mode: str, ckpt: Path, settings: dict) -> dict:
         routed.setdefault(layer, top_k_index.clone())
 
     engine.executor.observer = observe if mode == "batched" else None
-    start = time.perf_counter()
+    batches = [[r] for r in requests] if mode == "one_at_a_time" else [requests]
+    done, seconds = [], 0.0
     with torch.no_grad():
-        if mode == "one_at_a_time":
-            done = [engine.generate([r], decode)[0] for r in requests]
-        else:
-            done = engine.generate(requests, decode)
-    seconds = time.perf_counter() - start
+        for batch in batches:
+            if settings["cold"]:
+                drop_checkpoint_cache(ckpt)
+            start = time.perf_counter()
+            done += engine.generate(batch, decode)
+            seconds += time.perf_counter() - start
     stats = engine.offload.stats
     store = engine.offload.store
     out = {
@@ -117,33 +121,48 @@ def run_child(mode: str, ckpt: Path, settings: dict) -> dict:
         return json.loads(result.read_text())
 
 
-def summary(runs: dict[str, dict]) -> dict:
-    def phase(run: dict, name: str, key: str):
-        return run["stats"]["phases"][name][key]
+def summary(runs: dict[str, list[dict]]) -> dict:
+    """Bytes and misses of the first repeat (they are the same in every one: checked), times as medians."""
 
-    one, batched, chunked = runs["one_at_a_time"], runs["batched"], runs["batched_chunked"]
+    def phase(mode: str, name: str, key: str):
+        values = [run["stats"]["phases"][name][key] for run in runs[mode]]
+        if key in ("bytes_read", "misses"):
+            assert len(set(values)) == 1, (mode, name, key, values)
+            return values[0]
+        return statistics.median(values)
+
+    def wall(mode: str) -> float:
+        return statistics.median(run["seconds"] for run in runs[mode])
+
+    batched = runs["batched"][0]
     touched = batched["touched"]
     bound = sum(n * batched["expert_bytes"][layer] for layer, n in touched.items())
+    tokens = [run["tokens"] for mode in MODES for run in runs[mode]]
     return {
-        "tokens_equal": one["tokens"] == batched["tokens"] == chunked["tokens"],
-        "prefill_bytes_one_at_a_time": phase(one, "prefill", "bytes_read"),
-        "prefill_bytes_batched": phase(batched, "prefill", "bytes_read"),
-        "prefill_bytes_batched_chunked": phase(chunked, "prefill", "bytes_read"),
+        "tokens_equal": all(t == tokens[0] for t in tokens),
+        "repeats": len(runs["batched"]),
+        "prefill_bytes_one_at_a_time": phase("one_at_a_time", "prefill", "bytes_read"),
+        "prefill_bytes_batched": phase("batched", "prefill", "bytes_read"),
+        "prefill_bytes_batched_chunked": phase("batched_chunked", "prefill", "bytes_read"),
         "prefill_bytes_touched_bound": bound,
-        "prefill_bytes_ratio": phase(one, "prefill", "bytes_read") / phase(batched, "prefill", "bytes_read"),
-        "prefill_misses_one_at_a_time": phase(one, "prefill", "misses"),
-        "prefill_misses_batched": phase(batched, "prefill", "misses"),
+        "prefill_bytes_ratio": phase("one_at_a_time", "prefill", "bytes_read")
+        / phase("batched", "prefill", "bytes_read"),
+        "prefill_misses_one_at_a_time": phase("one_at_a_time", "prefill", "misses"),
+        "prefill_misses_batched": phase("batched", "prefill", "misses"),
         "touched_experts_per_layer": touched,
-        "prefill_s_one_at_a_time": phase(one, "prefill", "seconds"),
-        "prefill_s_batched": phase(batched, "prefill", "seconds"),
-        "prefill_s_batched_chunked": phase(chunked, "prefill", "seconds"),
-        "prefill_speedup": phase(one, "prefill", "seconds") / phase(batched, "prefill", "seconds"),
-        "decode_bytes_one_at_a_time": phase(one, "decode", "bytes_read"),
-        "decode_bytes_batched": phase(batched, "decode", "bytes_read"),
-        "wall_s_one_at_a_time": one["seconds"],
-        "wall_s_batched": batched["seconds"],
-        "wall_speedup": one["seconds"] / batched["seconds"],
-        "peak_rss_bytes": {mode: run["peak_rss_bytes"] for mode, run in runs.items()},
+        "prefill_s_one_at_a_time": phase("one_at_a_time", "prefill", "seconds"),
+        "prefill_s_batched": phase("batched", "prefill", "seconds"),
+        "prefill_s_batched_chunked": phase("batched_chunked", "prefill", "seconds"),
+        "prefill_stall_s_one_at_a_time": phase("one_at_a_time", "prefill", "stall_s"),
+        "prefill_stall_s_batched": phase("batched", "prefill", "stall_s"),
+        "prefill_speedup": phase("one_at_a_time", "prefill", "seconds")
+        / phase("batched", "prefill", "seconds"),
+        "decode_bytes_one_at_a_time": phase("one_at_a_time", "decode", "bytes_read"),
+        "decode_bytes_batched": phase("batched", "decode", "bytes_read"),
+        "wall_s_one_at_a_time": wall("one_at_a_time"),
+        "wall_s_batched": wall("batched"),
+        "wall_speedup": wall("one_at_a_time") / wall("batched"),
+        "peak_rss_bytes": {mode: max(run["peak_rss_bytes"] for run in runs[mode]) for mode in MODES},
     }
 
 
@@ -166,6 +185,13 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=16, help="chunk_tokens of the batched_chunked run")
     parser.add_argument("--prefetch", action="append", default=[], choices=("router", "trajectory"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every mode (times: medians)")
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="keep the page cache between requests (default: dropped before each generate call, as for a "
+        "model larger than the page cache, whose re-reads go to the disk)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     if args.checkpoint:
@@ -183,8 +209,12 @@ def main() -> int:
         "new_tokens": args.new_tokens,
         "chunk": args.chunk,
         "seed": args.seed,
+        "cold": not args.warm,
     }
-    runs = {mode: run_child(mode, ckpt, settings) for mode in MODES}
+    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    for _ in range(args.repeats):  # the modes alternate, so load swings hit them alike
+        for mode in MODES:
+            runs[mode].append(run_child(mode, ckpt, settings))
     result = {
         "bench": "prefill_batched",
         "shape": args.shape,
