@@ -232,14 +232,78 @@ at::Tensor segmented_mm_cpu(const at::Tensor& x, at::TensorList weights, const a
   return out;
 }
 
+// `slot_rows_mm`: out[r] = x[r / K] @ W_{slots[r]}^T for entries in any order, K = slots.size(0) /
+// x.size(0) (a decode step's few routed entries in token order, f = t * K + k: no sort, no permutation,
+// no copy of the tokens' rows); a slot outside [0, S) gives a zero row. float32 slots whose matrices
+// are contiguous, through the streaming kernels, cut by output features.
+at::Tensor slot_rows_mm_cpu(const at::Tensor& x, at::TensorList weights, const at::Tensor& slots, bool transposed) {
+  TORCH_CHECK(x.dim() == 2, "slot_rows_mm: x must be [N, in], got ", x.dim(), " dims");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "slot_rows_mm: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong, "slot_rows_mm: slots must be int64 [N]");
+  TORCH_CHECK(x.size(0) > 0 ? slots.size(0) % x.size(0) == 0 : slots.size(0) == 0, "slot_rows_mm: ",
+              slots.size(0), " slots is not a multiple of x's ", x.size(0), " rows");
+  const int64_t per_row = x.size(0) > 0 ? slots.size(0) / x.size(0) : 1;
+  TORCH_CHECK(!weights.empty(), "slot_rows_mm: no weight segments");
+  const int64_t in = x.size(1);
+  const int64_t n = weights[0].size(transposed ? 2 : 1);
+  std::vector<int64_t> starts;
+  int64_t num_slots = 0;
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kFloat && w.device() == x.device(),
+                "slot_rows_mm: every weight segment must be a float32 3-D tensor on x's device");
+    TORCH_CHECK(w.size(transposed ? 1 : 2) == in && w.size(transposed ? 2 : 1) == n,
+                "slot_rows_mm: weight segment shape ", w.sizes(), " does not fit x [N, ", in, "] and out features ",
+                n, " (transposed=", transposed, ")");
+    TORCH_CHECK(w.stride(2) == 1 && w.stride(1) == w.size(2), "slot_rows_mm: each slot must be a contiguous matrix");
+    starts.push_back(num_slots);
+    num_slots += w.size(0);
+  }
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor sc = slots.contiguous();
+  const int64_t* slot_ptr = sc.const_data_ptr<int64_t>();
+  at::Tensor out = at::zeros({slots.size(0), n}, x.options());
+  struct Piece {
+    const float* w;
+    int64_t row;
+    int64_t j0;
+    int64_t j1;
+  };
+  std::vector<Piece> pieces;
+  const int64_t block = rows_mm_block(transposed);
+  for (int64_t r = 0; r < slots.size(0); ++r) {
+    const int64_t slot = slot_ptr[r];
+    if (slot < 0 || slot >= num_slots) {
+      continue;  // a dropped entry: its row stays zero
+    }
+    const int64_t segment = std::upper_bound(starts.begin(), starts.end(), slot) - starts.begin() - 1;
+    const at::Tensor& w = weights[segment];
+    const float* w_ptr = w.const_data_ptr<float>() + (slot - starts[segment]) * w.stride(0);
+    for (int64_t j = 0; j < n; j += block) {
+      pieces.push_back({w_ptr, r, j, std::min(n, j + block)});
+    }
+  }
+  const float* x_ptr = xc.const_data_ptr<float>();
+  float* out_ptr = out.mutable_data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const Piece& piece = pieces[p];
+      rows_mm_f32(x_ptr + piece.row / per_row * in, in, 1, piece.w, transposed, in, n, piece.j0, piece.j1,
+                  out_ptr + piece.row * n, n);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moe_runtime, m) {
   m.def("segmented_mm(Tensor x, Tensor[] weights, Tensor offsets, bool transposed) -> Tensor");
+  m.def("slot_rows_mm(Tensor x, Tensor[] weights, Tensor slots, bool transposed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_runtime, CPU, m) {
   m.impl("segmented_mm", &segmented_mm_cpu);
+  m.impl("slot_rows_mm", &slot_rows_mm_cpu);
 }
 
 }  // namespace moe_runtime

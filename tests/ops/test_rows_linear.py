@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from moe_runtime.ops import extension_available, rows_linear, streams_rows
-from moe_runtime.ops.experts_mm import segmented_mm, segmented_mm_reference
+from moe_runtime.ops.experts_mm import (
+    segmented_mm,
+    segmented_mm_reference,
+    slot_rows_mm,
+    slot_rows_mm_reference,
+)
 
 requires_extension = pytest.mark.skipif(not extension_available(), reason="moe_runtime._C is not built")
 
@@ -103,3 +108,22 @@ def test_segmented_mm_streamed_equals_gemm_path(transposed, monkeypatch):
     want = segmented_mm_reference(x, weights, offsets, transposed)
     torch.testing.assert_close(streamed, want, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(gemm, want, rtol=RTOL, atol=ATOL)
+
+
+@requires_extension
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("tokens, top_k", [(1, 2), (3, 4), (5, 1)])
+def test_slot_rows_mm_matches_reference(transposed, tokens, top_k):
+    g = torch.Generator().manual_seed(tokens * 10 + top_k)
+    in_f, out_f = 70, 200
+    shape = (in_f, out_f) if transposed else (out_f, in_f)
+    weights = [torch.randn(4, *shape, generator=g), torch.randn(2, *shape, generator=g)]
+    x = torch.randn(tokens, in_f, generator=g)
+    slots = torch.randint(0, 6, (tokens * top_k,), generator=g)
+    slots[0] = 6  # past the last slot: a dropped entry, a zero row
+    got = slot_rows_mm(x, weights, slots, transposed)
+    want = slot_rows_mm_reference(x, weights, slots, transposed)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    assert not got[0].any()
+    with pytest.raises(RuntimeError, match="multiple"):
+        slot_rows_mm(torch.randn(2, in_f), weights, torch.zeros(3, dtype=torch.long), transposed)
