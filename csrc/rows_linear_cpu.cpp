@@ -12,6 +12,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
+#include <vector>
 
 #include "rows_mm_cpu.h"
 

@@ -8,7 +8,9 @@
 // multiply-add per lane and weight row, in order: a lane's result is the scalar fma chain).
 #include "rows_mm_cpu.h"
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
