@@ -15,10 +15,19 @@
 // (MKL's `sgemm_64`/`dgemm_64`, looked up at run time, never linked), float32/float64 products call
 // it on raw pointers; otherwise (other BLAS, other dtypes, MOE_RUNTIME_SEGMENTED_MM_ATEN=1) each
 // product is an `at::mm_out` on views. Both give the same products; tests cover both.
+//
+// float32 slots with at most kStreamRowsMax rows (every slot of a decode step, most of a short
+// prompt's) go through the streaming kernels of rows_mm_cpu.h instead: a product that reads a whole
+// expert for a few rows is bound by the weight's bytes, and those kernels read them faster than the
+// GEMM; they are cut by output features, so every thread shares even a single product.
+// MOE_RUNTIME_STREAM_MM=0 turns them off (the GEMM takes every slot; read at every call, so a
+// benchmark can compare both in one process).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
 #include <torch/library.h>
+
+#include "rows_mm_cpu.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -37,6 +46,11 @@ using Gemm64 = void (*)(const char*, const char*, const int64_t*, const int64_t*
 bool aten_forced() {
   const char* env = std::getenv("MOE_RUNTIME_SEGMENTED_MM_ATEN");
   return env != nullptr && std::strcmp(env, "") != 0 && std::strcmp(env, "0") != 0;
+}
+
+bool stream_disabled() {
+  const char* env = std::getenv("MOE_RUNTIME_STREAM_MM");
+  return env != nullptr && std::strcmp(env, "0") == 0;
 }
 
 template <typename T>
@@ -109,6 +123,46 @@ bool run_blas(const at::Tensor& x, at::TensorList weights, const std::vector<Gro
   return true;
 }
 
+// The float32 groups of at most kStreamRowsMax rows through the streaming kernels, in pieces of
+// output features shared by all threads; returns the groups left for the GEMM.
+std::vector<Group> run_streamed(const at::Tensor& x, at::TensorList weights, const std::vector<Group>& groups,
+                                bool transposed, at::Tensor& out) {
+  if (stream_disabled()) {
+    return groups;
+  }
+  struct Piece {
+    int64_t group;
+    int64_t j0;
+    int64_t j1;
+  };
+  const int64_t k = x.size(1), n = out.size(1), block = rows_mm_block(transposed);
+  std::vector<Group> rest;
+  std::vector<Group> small;
+  std::vector<Piece> pieces;
+  for (const Group& group : groups) {
+    if (group.rows > kStreamRowsMax) {
+      rest.push_back(group);
+      continue;
+    }
+    for (int64_t j = 0; j < n; j += block) {
+      pieces.push_back({static_cast<int64_t>(small.size()), j, std::min(n, j + block)});
+    }
+    small.push_back(group);
+  }
+  const float* x_ptr = x.const_data_ptr<float>();
+  float* out_ptr = out.mutable_data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const Group& group = small[pieces[p].group];
+      const at::Tensor& w = weights[group.segment];
+      const float* w_ptr = w.const_data_ptr<float>() + group.index * w.stride(0);
+      rows_mm_f32(x_ptr + group.lo * k, k, group.rows, w_ptr, transposed, k, n, pieces[p].j0, pieces[p].j1,
+                  out_ptr + group.lo * n, n);
+    }
+  });
+  return rest;
+}
+
 at::Tensor segmented_mm_cpu(const at::Tensor& x, at::TensorList weights, const at::Tensor& offsets,
                             bool transposed) {
   TORCH_CHECK(x.dim() == 2, "segmented_mm: x must be [N, in], got ", x.dim(), " dims");
@@ -151,10 +205,13 @@ at::Tensor segmented_mm_cpu(const at::Tensor& x, at::TensorList weights, const a
   }
   at::Tensor out = at::empty({x.size(0), out_features}, x.options());
   const at::Tensor xc = x.contiguous();
-  const int64_t num_groups = static_cast<int64_t>(groups.size());
   const bool blas_layout = std::all_of(weights.begin(), weights.end(), [](const at::Tensor& w) {
     return w.stride(2) == 1 && w.stride(1) == w.size(2);  // each slot a contiguous row-major matrix
   });
+  if (blas_layout && x.scalar_type() == at::kFloat && !groups.empty()) {
+    groups = run_streamed(xc, weights, groups, transposed, out);
+  }
+  const int64_t num_groups = static_cast<int64_t>(groups.size());
   const bool done =
       num_groups > 0 && blas_layout &&
       (x.scalar_type() == at::kFloat    ? run_blas<float>(xc, weights, groups, transposed, out)
@@ -175,14 +232,78 @@ at::Tensor segmented_mm_cpu(const at::Tensor& x, at::TensorList weights, const a
   return out;
 }
 
+// `slot_rows_mm`: out[r] = x[r / K] @ W_{slots[r]}^T for entries in any order, K = slots.size(0) /
+// x.size(0) (a decode step's few routed entries in token order, f = t * K + k: no sort, no permutation,
+// no copy of the tokens' rows); a slot outside [0, S) gives a zero row. float32 slots whose matrices
+// are contiguous, through the streaming kernels, cut by output features.
+at::Tensor slot_rows_mm_cpu(const at::Tensor& x, at::TensorList weights, const at::Tensor& slots, bool transposed) {
+  TORCH_CHECK(x.dim() == 2, "slot_rows_mm: x must be [N, in], got ", x.dim(), " dims");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "slot_rows_mm: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong, "slot_rows_mm: slots must be int64 [N]");
+  TORCH_CHECK(x.size(0) > 0 ? slots.size(0) % x.size(0) == 0 : slots.size(0) == 0, "slot_rows_mm: ",
+              slots.size(0), " slots is not a multiple of x's ", x.size(0), " rows");
+  const int64_t per_row = x.size(0) > 0 ? slots.size(0) / x.size(0) : 1;
+  TORCH_CHECK(!weights.empty(), "slot_rows_mm: no weight segments");
+  const int64_t in = x.size(1);
+  const int64_t n = weights[0].size(transposed ? 2 : 1);
+  std::vector<int64_t> starts;
+  int64_t num_slots = 0;
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kFloat && w.device() == x.device(),
+                "slot_rows_mm: every weight segment must be a float32 3-D tensor on x's device");
+    TORCH_CHECK(w.size(transposed ? 1 : 2) == in && w.size(transposed ? 2 : 1) == n,
+                "slot_rows_mm: weight segment shape ", w.sizes(), " does not fit x [N, ", in, "] and out features ",
+                n, " (transposed=", transposed, ")");
+    TORCH_CHECK(w.stride(2) == 1 && w.stride(1) == w.size(2), "slot_rows_mm: each slot must be a contiguous matrix");
+    starts.push_back(num_slots);
+    num_slots += w.size(0);
+  }
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor sc = slots.contiguous();
+  const int64_t* slot_ptr = sc.const_data_ptr<int64_t>();
+  at::Tensor out = at::zeros({slots.size(0), n}, x.options());
+  struct Piece {
+    const float* w;
+    int64_t row;
+    int64_t j0;
+    int64_t j1;
+  };
+  std::vector<Piece> pieces;
+  const int64_t block = rows_mm_block(transposed);
+  for (int64_t r = 0; r < slots.size(0); ++r) {
+    const int64_t slot = slot_ptr[r];
+    if (slot < 0 || slot >= num_slots) {
+      continue;  // a dropped entry: its row stays zero
+    }
+    const int64_t segment = std::upper_bound(starts.begin(), starts.end(), slot) - starts.begin() - 1;
+    const at::Tensor& w = weights[segment];
+    const float* w_ptr = w.const_data_ptr<float>() + (slot - starts[segment]) * w.stride(0);
+    for (int64_t j = 0; j < n; j += block) {
+      pieces.push_back({w_ptr, r, j, std::min(n, j + block)});
+    }
+  }
+  const float* x_ptr = xc.const_data_ptr<float>();
+  float* out_ptr = out.mutable_data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const Piece& piece = pieces[p];
+      rows_mm_f32(x_ptr + piece.row / per_row * in, in, 1, piece.w, transposed, in, n, piece.j0, piece.j1,
+                  out_ptr + piece.row * n, n);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moe_runtime, m) {
   m.def("segmented_mm(Tensor x, Tensor[] weights, Tensor offsets, bool transposed) -> Tensor");
+  m.def("slot_rows_mm(Tensor x, Tensor[] weights, Tensor slots, bool transposed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_runtime, CPU, m) {
   m.impl("segmented_mm", &segmented_mm_cpu);
+  m.impl("slot_rows_mm", &slot_rows_mm_cpu);
 }
 
 }  // namespace moe_runtime

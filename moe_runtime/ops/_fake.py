@@ -36,3 +36,18 @@ def _segmented_mm_fake(
     torch._check(x.dim() == 2 and len(weights) > 0 and offsets.dim() == 1)
     out_features = weights[0].shape[2 if transposed else 1]
     return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.register_fake("moe_runtime::rows_linear")
+def _rows_linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    torch._check(weight.dim() == 2 and x.shape[-1] == weight.shape[1])
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("moe_runtime::slot_rows_mm")
+def _slot_rows_mm_fake(
+    x: torch.Tensor, weights: list[torch.Tensor], slots: torch.Tensor, transposed: bool
+) -> torch.Tensor:
+    torch._check(x.dim() == 2 and len(weights) > 0 and slots.dim() == 1)
+    out_features = weights[0].shape[2 if transposed else 1]
+    return x.new_empty((slots.shape[0], out_features))

@@ -14,6 +14,11 @@ Serving (CPU, no gradient) runs each projection of all segments as one call of t
 ``segmented_mm`` op: only slots that have rows cost anything, which matters because a mixed batch
 touches a small share of the adapter slots. Training (gradients) and other devices use
 ``torch._grouped_mm`` per segment.
+
+A decode step's few entries (at most ``STREAM_ROWS_MAX``, float32, no expert biases) skip the
+permutation altogether: ``slot_rows_mm`` runs each entry in token order against its slot's weights,
+reading the token's row in place, so the step costs two op calls and the gate instead of about twenty
+gathers, sorts and copies. Every output element is computed exactly as on the sorted path.
 """
 
 from __future__ import annotations
@@ -25,8 +30,17 @@ from torch import nn
 
 from ._extension import extension_available, load_extension
 from .reroute import Rerouted
+from .rows_linear import STREAM_ROWS_MAX
 
-__all__ = ["Segment", "segmented_experts", "grouped_linear", "segmented_mm", "segmented_mm_reference"]
+__all__ = [
+    "Segment",
+    "segmented_experts",
+    "grouped_linear",
+    "segmented_mm",
+    "segmented_mm_reference",
+    "slot_rows_mm",
+    "slot_rows_mm_reference",
+]
 
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -100,6 +114,37 @@ def segmented_mm(
     return torch.ops.moe_runtime.segmented_mm(x, weights, offsets, transposed)
 
 
+def slot_rows_mm(
+    x: torch.Tensor, weights: list[torch.Tensor], slots: torch.Tensor, transposed: bool
+) -> torch.Tensor:
+    """Each entry's row times its slot's weight, entries in any order (compiled op, CPU float32).
+
+    Args:
+        x: ``[T, in]``; entry ``r`` reads row ``r // K`` with ``K = len(slots) // T``.
+        weights: segments ``[n_i, out, in]`` (``[n_i, in, out]`` if ``transposed``), contiguous slots.
+        slots: ``[T*K]`` int64 slot of each entry; outside ``[0, sum n_i)`` gives a zero row.
+
+    Returns:
+        ``[T*K, out]``.
+    """
+    load_extension()
+    return torch.ops.moe_runtime.slot_rows_mm(x, weights, slots, transposed)
+
+
+def slot_rows_mm_reference(
+    x: torch.Tensor, weights: list[torch.Tensor], slots: torch.Tensor, transposed: bool
+) -> torch.Tensor:
+    """Pure-PyTorch :func:`slot_rows_mm`."""
+    flat = torch.cat(list(weights))
+    per_row = slots.numel() // max(x.shape[0], 1)
+    out = x.new_zeros(slots.numel(), flat.shape[2 if transposed else 1])
+    for r, slot in enumerate(slots.tolist()):
+        if 0 <= slot < flat.shape[0]:
+            w = flat[slot] if transposed else flat[slot].transpose(0, 1)
+            out[r] = x[r // per_row] @ w
+    return out
+
+
 def segmented_mm_reference(
     x: torch.Tensor, weights: list[torch.Tensor], offsets: torch.Tensor, transposed: bool
 ) -> torch.Tensor:
@@ -152,6 +197,43 @@ def _fused_forward(
     return y
 
 
+def _few_entries_ok(experts: nn.Module, x: torch.Tensor, segments: list[Segment]) -> bool:
+    """Whether :func:`_few_entries_forward` can run: the fused op's conditions, float32 slots that are
+    contiguous matrices, no expert biases, no post-expert norm."""
+    if (
+        x.dtype != torch.float32
+        or getattr(experts, "has_post_expert_norm", False)
+        or not _fused_ok(x, segments)
+    ):
+        return False
+    return all(
+        seg.up_bias is None
+        and seg.down_bias is None
+        and seg.up.dtype == seg.down.dtype == torch.float32
+        and seg.up.stride(2) == 1
+        and seg.up.stride(1) == seg.up.shape[2]
+        and seg.down.stride(2) == 1
+        and seg.down.stride(1) == seg.down.shape[2]
+        for seg in segments
+    )
+
+
+def _few_entries_forward(
+    experts: nn.Module,
+    hidden: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    slots: torch.Tensor,
+    segments: list[Segment],
+) -> torch.Tensor:
+    """A decode step's entries in token order (``slots [T*K]``, entry ``t*K + k``), no permutation."""
+    transposed = bool(experts.is_transposed)
+    h = slot_rows_mm(hidden, [seg.up for seg in segments], slots, transposed)
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    y = slot_rows_mm(h, [seg.down for seg in segments], slots, transposed)
+    y = y.view(*top_k_weights.shape, -1) * top_k_weights.unsqueeze(-1).to(y.dtype)
+    return y.sum(dim=1).to(hidden.dtype)
+
+
 def _segment_forward(
     experts: nn.Module, x: torch.Tensor, seg: Segment, offsets: torch.Tensor, local_slots: torch.Tensor
 ) -> torch.Tensor:
@@ -193,6 +275,8 @@ def segmented_experts(
         raise ValueError("segments must cover the slots 0..num_slots-1 contiguously, in order")
     num_tokens, top_k = top_k_weights.shape
     num_entries = num_tokens * top_k
+    if 0 < num_entries <= STREAM_ROWS_MAX and _few_entries_ok(experts, hidden, segments):
+        return _few_entries_forward(experts, hidden, top_k_weights, routed.slot_ids, segments)
     x = hidden[routed.perm // top_k]
     sorted_slots = routed.slot_ids[routed.perm]
     offsets = routed.offsets.to(torch.int64)

@@ -58,6 +58,7 @@ from .offload.host import move_resident
 from .profiles import RoutingProfile, closest_profile, load_routing_profile
 from .requests import AUTO, Completion, DecodeConfig, Request, StreamEvent, check_sampling
 from .scheduler import RequestHandle, Row, Scheduler
+from .streamed_linears import StreamedLinears
 
 __all__ = ["MultiAdapterEngine", "RequestHandle", "eos_ids_of", "pad_id_of"]
 
@@ -116,6 +117,8 @@ class MultiAdapterEngine:
         self.arena = ExpertArena(self.info, max_chunks=max_chunks, base_segment=self.base.segment)
         self.executor = SlotRoutedExecutor(self.arena, self.base)
         self.executor.attach()
+        self.streamed = StreamedLinears(model)  # decode-sized linear calls stream their weights
+        self.streamed.attach()
         self.linear_terms = LinearTerms(model, lambda: self.executor.token_owner)
         self._scheduler = Scheduler(
             model,
@@ -178,6 +181,7 @@ class MultiAdapterEngine:
         self._closed = True
         self.linear_terms.close()
         self.executor.close()
+        self.streamed.detach()
         uninstall(self.model, self.info)
 
     def _check_open(self) -> None:
@@ -193,12 +197,14 @@ class MultiAdapterEngine:
             )
         self._check_open()
         self.executor.detach()
+        self.streamed.detach()
         uninstall(self.model, self.info)
         try:
             yield self.model
         finally:
             install(self.model, self.info)
             self.executor.attach()
+            self.streamed.attach()
 
     # adapters -------------------------------------------------------------------------------
 

@@ -112,3 +112,25 @@ def test_matches_eager_reference(device, family, dtype, grad):
         assert used  # a chunk receives entries, and each such chunk gets a gradient on its device
         assert all(s.up.grad is not None and s.up.grad.device.type == device for s in used)
         assert all(bool(s.up.grad.abs().sum() > 0) for s in used)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("tokens", [1, 5, 8])  # top-2: at most 16 entries, the decode path
+def test_few_entries_path_equals_sorted_path(family, tokens, monkeypatch):
+    """A decode step's entries run in token order (no permutation): the eager reference within the
+    float32 tolerance, and bit-identical to the sorted segmented path on the same entries."""
+    from moe_runtime.ops import experts_mm
+
+    experts, names, parts, (hidden, weights, top_k_index, owners, table, num_slots) = _case(
+        family, torch.float32, tokens=tokens
+    )
+    segments = _segments(experts, parts, "cpu")
+    routed = reroute_permute(top_k_index, owners, table, num_slots)
+    assert routed.slot_ids.numel() <= experts_mm.STREAM_ROWS_MAX
+    with torch.no_grad():
+        few = segmented_experts(experts, hidden, weights, routed, segments)
+        monkeypatch.setattr(experts_mm, "STREAM_ROWS_MAX", 0)  # every entry through the sort
+        sorted_path = segmented_experts(experts, hidden, weights, routed, segments)
+    want = _reference(experts, names, parts, routed, hidden, weights, num_slots)
+    torch.testing.assert_close(few.to(torch.float64), want, **TOL[torch.float32])
+    assert torch.equal(few, sorted_path)

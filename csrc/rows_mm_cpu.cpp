@@ -1,0 +1,321 @@
+// Streaming few-rows products (see rows_mm_cpu.h): AVX-512, AVX2 + FMA or plain C++, chosen once.
+//
+// Layout [n, k] (not transposed): output feature j is a dot product of weight row j with each input
+// row. Four weight rows (two with AVX2) are read together, each input row keeps one vector
+// accumulator per weight row, and the lanes are summed at the end, then the k % width tail.
+// Layout [k, n] (transposed): a block of output features is a run of each weight row; every input
+// row keeps the block's accumulators in registers while the weight rows stream past (one fused
+// multiply-add per lane and weight row, in order: a lane's result is the scalar fma chain).
+#include "rows_mm_cpu.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+
+namespace moe_runtime {
+namespace {
+
+enum class Isa { kPlain, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) {
+    return Isa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return Isa::kAvx2;
+  }
+#endif
+  return Isa::kPlain;
+}
+
+Isa isa() {
+  static const Isa level = detect_isa();
+  return level;
+}
+
+// ---- plain C++ -------------------------------------------------------------------------------
+
+void dot_plain(const float* x, int64_t ldx, int64_t m, const float* w, int64_t k, int64_t j0, int64_t j1,
+               float* out, int64_t ldo) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* wr = w + j * k;
+      const float* xr = x + i * ldx;
+      float s = 0.f;
+      for (int64_t c = 0; c < k; ++c) {
+        s = std::fma(wr[c], xr[c], s);
+      }
+      out[i * ldo + j] = s;
+    }
+  }
+}
+
+void axpy_plain(const float* x, int64_t ldx, int64_t m, const float* w, int64_t k, int64_t n, int64_t j0,
+                int64_t j1, float* out, int64_t ldo) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = j0; j < j1; ++j) {
+      float s = 0.f;
+      for (int64_t c = 0; c < k; ++c) {
+        s = std::fma(x[i * ldx + c], w[c * n + j], s);
+      }
+      out[i * ldo + j] = s;
+    }
+  }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+
+// ---- AVX-512 -----------------------------------------------------------------------------------
+
+// M input rows x R weight rows, dot products over k.
+template <int M, int R>
+__attribute__((target("avx512f,fma"))) void dot_avx512(const float* x, int64_t ldx, const float* w, int64_t k,
+                                                       int64_t j, float* out, int64_t ldo) {
+  __m512 acc[M][R];
+  for (int i = 0; i < M; ++i) {
+    for (int r = 0; r < R; ++r) {
+      acc[i][r] = _mm512_setzero_ps();
+    }
+  }
+  const float* wr = w + j * k;
+  int64_t c = 0;
+  for (; c + 16 <= k; c += 16) {
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r) {
+      wv[r] = _mm512_loadu_ps(wr + r * k + c);
+    }
+    for (int i = 0; i < M; ++i) {
+      const __m512 xv = _mm512_loadu_ps(x + i * ldx + c);
+      for (int r = 0; r < R; ++r) {
+        acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
+      }
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    for (int r = 0; r < R; ++r) {
+      float s = _mm512_reduce_add_ps(acc[i][r]);
+      for (int64_t t = c; t < k; ++t) {
+        s = std::fma(wr[r * k + t], x[i * ldx + t], s);
+      }
+      out[i * ldo + j + r] = s;
+    }
+  }
+}
+
+template <int M>
+__attribute__((target("avx512f,fma"))) void dot_rows_avx512(const float* x, int64_t ldx, const float* w,
+                                                            int64_t k, int64_t j0, int64_t j1, float* out,
+                                                            int64_t ldo) {
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    dot_avx512<M, 4>(x, ldx, w, k, j, out, ldo);
+  }
+  for (; j < j1; ++j) {
+    dot_avx512<M, 1>(x, ldx, w, k, j, out, ldo);
+  }
+}
+
+// M input rows x a block of V vectors (16 output features each) of a [k, n] weight.
+template <int M, int V>
+__attribute__((target("avx512f,fma"))) void axpy_avx512(const float* x, int64_t ldx, const float* w, int64_t k,
+                                                        int64_t n, int64_t j, float* out, int64_t ldo) {
+  __m512 acc[M][V];
+  for (int i = 0; i < M; ++i) {
+    for (int v = 0; v < V; ++v) {
+      acc[i][v] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t c = 0; c < k; ++c) {
+    const float* wr = w + c * n + j;
+    __m512 wv[V];
+    for (int v = 0; v < V; ++v) {
+      wv[v] = _mm512_loadu_ps(wr + 16 * v);
+    }
+    for (int i = 0; i < M; ++i) {
+      const __m512 xv = _mm512_set1_ps(x[i * ldx + c]);
+      for (int v = 0; v < V; ++v) {
+        acc[i][v] = _mm512_fmadd_ps(xv, wv[v], acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    for (int v = 0; v < V; ++v) {
+      _mm512_storeu_ps(out + i * ldo + j + 16 * v, acc[i][v]);
+    }
+  }
+}
+
+template <int M>
+__attribute__((target("avx512f,fma"))) void axpy_rows_avx512(const float* x, int64_t ldx, const float* w,
+                                                             int64_t k, int64_t n, int64_t j0, int64_t j1,
+                                                             float* out, int64_t ldo) {
+  int64_t j = j0;
+  for (; j + 64 <= j1; j += 64) {
+    axpy_avx512<M, 4>(x, ldx, w, k, n, j, out, ldo);
+  }
+  for (; j + 16 <= j1; j += 16) {
+    axpy_avx512<M, 1>(x, ldx, w, k, n, j, out, ldo);
+  }
+  if (j < j1) {
+    axpy_plain(x, ldx, M, w, k, n, j, j1, out, ldo);
+  }
+}
+
+// ---- AVX2 --------------------------------------------------------------------------------------
+
+__attribute__((target("avx2,fma"))) inline float sum_lanes_avx2(__m256 v) {
+  const __m128 low = _mm256_castps256_ps128(v);
+  const __m128 high = _mm256_extractf128_ps(v, 1);
+  __m128 s = _mm_add_ps(low, high);
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int M, int R>
+__attribute__((target("avx2,fma"))) void dot_avx2(const float* x, int64_t ldx, const float* w, int64_t k,
+                                                  int64_t j, float* out, int64_t ldo) {
+  __m256 acc[M][R];
+  for (int i = 0; i < M; ++i) {
+    for (int r = 0; r < R; ++r) {
+      acc[i][r] = _mm256_setzero_ps();
+    }
+  }
+  const float* wr = w + j * k;
+  int64_t c = 0;
+  for (; c + 8 <= k; c += 8) {
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) {
+      wv[r] = _mm256_loadu_ps(wr + r * k + c);
+    }
+    for (int i = 0; i < M; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * ldx + c);
+      for (int r = 0; r < R; ++r) {
+        acc[i][r] = _mm256_fmadd_ps(wv[r], xv, acc[i][r]);
+      }
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    for (int r = 0; r < R; ++r) {
+      float s = sum_lanes_avx2(acc[i][r]);
+      for (int64_t t = c; t < k; ++t) {
+        s = std::fma(wr[r * k + t], x[i * ldx + t], s);
+      }
+      out[i * ldo + j + r] = s;
+    }
+  }
+}
+
+template <int M>
+__attribute__((target("avx2,fma"))) void dot_rows_avx2(const float* x, int64_t ldx, const float* w, int64_t k,
+                                                       int64_t j0, int64_t j1, float* out, int64_t ldo) {
+  int64_t j = j0;
+  for (; j + 2 <= j1; j += 2) {
+    dot_avx2<M, 2>(x, ldx, w, k, j, out, ldo);
+  }
+  for (; j < j1; ++j) {
+    dot_avx2<M, 1>(x, ldx, w, k, j, out, ldo);
+  }
+}
+
+template <int M, int V>
+__attribute__((target("avx2,fma"))) void axpy_avx2(const float* x, int64_t ldx, const float* w, int64_t k,
+                                                   int64_t n, int64_t j, float* out, int64_t ldo) {
+  __m256 acc[M][V];
+  for (int i = 0; i < M; ++i) {
+    for (int v = 0; v < V; ++v) {
+      acc[i][v] = _mm256_setzero_ps();
+    }
+  }
+  for (int64_t c = 0; c < k; ++c) {
+    const float* wr = w + c * n + j;
+    __m256 wv[V];
+    for (int v = 0; v < V; ++v) {
+      wv[v] = _mm256_loadu_ps(wr + 8 * v);
+    }
+    for (int i = 0; i < M; ++i) {
+      const __m256 xv = _mm256_set1_ps(x[i * ldx + c]);
+      for (int v = 0; v < V; ++v) {
+        acc[i][v] = _mm256_fmadd_ps(xv, wv[v], acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    for (int v = 0; v < V; ++v) {
+      _mm256_storeu_ps(out + i * ldo + j + 8 * v, acc[i][v]);
+    }
+  }
+}
+
+template <int M>
+__attribute__((target("avx2,fma"))) void axpy_rows_avx2(const float* x, int64_t ldx, const float* w, int64_t k,
+                                                        int64_t n, int64_t j0, int64_t j1, float* out,
+                                                        int64_t ldo) {
+  int64_t j = j0;
+  for (; j + 24 <= j1; j += 24) {
+    axpy_avx2<M, 3>(x, ldx, w, k, n, j, out, ldo);
+  }
+  for (; j + 8 <= j1; j += 8) {
+    axpy_avx2<M, 1>(x, ldx, w, k, n, j, out, ldo);
+  }
+  if (j < j1) {
+    axpy_plain(x, ldx, M, w, k, n, j, j1, out, ldo);
+  }
+}
+
+#endif  // x86
+
+// Up to four input rows at a time through the kernels of one instruction set.
+template <int M>
+void rows_mm_chunk(Isa level, const float* x, int64_t ldx, const float* w, bool transposed, int64_t k, int64_t n,
+                   int64_t j0, int64_t j1, float* out, int64_t ldo) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (level == Isa::kAvx512) {
+    transposed ? axpy_rows_avx512<M>(x, ldx, w, k, n, j0, j1, out, ldo)
+               : dot_rows_avx512<M>(x, ldx, w, k, j0, j1, out, ldo);
+    return;
+  }
+  if (level == Isa::kAvx2) {
+    transposed ? axpy_rows_avx2<M>(x, ldx, w, k, n, j0, j1, out, ldo)
+               : dot_rows_avx2<M>(x, ldx, w, k, j0, j1, out, ldo);
+    return;
+  }
+#endif
+  transposed ? axpy_plain(x, ldx, M, w, k, n, j0, j1, out, ldo) : dot_plain(x, ldx, M, w, k, j0, j1, out, ldo);
+}
+
+}  // namespace
+
+int64_t rows_mm_block(bool transposed) {
+  return transposed ? 192 : 64;
+}
+
+void rows_mm_f32(const float* x, int64_t ldx, int64_t m, const float* w, bool transposed, int64_t k,
+                 int64_t n, int64_t j0, int64_t j1, float* out, int64_t ldo) {
+  const Isa level = isa();
+  for (int64_t i = 0; i < m; i += 4) {
+    const float* xi = x + i * ldx;
+    float* oi = out + i * ldo;
+    switch (std::min<int64_t>(4, m - i)) {
+      case 1:
+        rows_mm_chunk<1>(level, xi, ldx, w, transposed, k, n, j0, j1, oi, ldo);
+        break;
+      case 2:
+        rows_mm_chunk<2>(level, xi, ldx, w, transposed, k, n, j0, j1, oi, ldo);
+        break;
+      case 3:
+        rows_mm_chunk<3>(level, xi, ldx, w, transposed, k, n, j0, j1, oi, ldo);
+        break;
+      default:
+        rows_mm_chunk<4>(level, xi, ldx, w, transposed, k, n, j0, j1, oi, ldo);
+        break;
+    }
+  }
+}
+
+}  // namespace moe_runtime

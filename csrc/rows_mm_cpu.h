@@ -1,0 +1,30 @@
+// Few rows times one weight matrix, streaming the weight once: the memory-bound products of decode.
+//
+// With one to a few rows per expert (a decode step, a short prompt), a product reads a whole expert
+// matrix to do a few multiply-adds per weight, so its speed is the speed of reading the weight. A
+// general GEMM (MKL's sgemm on these machines) reaches about 70% of what one core streams here; these
+// kernels stream each weight row (or column block) once for up to four input rows at a time, with
+// AVX-512 or AVX2 chosen at run time (plain C++ otherwise). A product can be split by output features
+// across threads, so two threads share the bytes of one expert.
+//
+// Every output element is computed by the same sequence of operations whatever the number of rows,
+// the split or the thread count, so results do not depend on how the work is cut.
+#pragma once
+
+#include <cstdint>
+
+namespace moe_runtime {
+
+// Largest rows per product the kernels take (beyond it a blocked GEMM reuses weights better).
+constexpr int64_t kStreamRowsMax = 16;
+
+// Output features per unit of work when a product is split across threads.
+int64_t rows_mm_block(bool transposed);
+
+// out[i, j] = sum_c x[i, c] * W(j, c) for rows i < m and output features j in [j0, j1), where
+// W(j, c) = w[j * k + c] (w is [n, k] row-major) or, when transposed, w[c * n + j] (w is [k, n]).
+// x rows have stride ldx, out rows stride ldo; every pointer is float32.
+void rows_mm_f32(const float* x, int64_t ldx, int64_t m, const float* w, bool transposed, int64_t k,
+                 int64_t n, int64_t j0, int64_t j1, float* out, int64_t ldo);
+
+}  // namespace moe_runtime
