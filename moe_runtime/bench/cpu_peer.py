@@ -150,7 +150,10 @@ def _llama(gguf: Path, threads: int, **kwargs):
 def _child_tokenize(gguf: Path, job: _Job, cache_dir: str) -> dict:
     import llama_cpp
 
-    llm = _llama(gguf, 1, vocab_only=True)
+    try:
+        llm = _llama(gguf, 1, vocab_only=True)
+    except (ValueError, RuntimeError):  # a version that needs a context: map the weights too
+        llm = _llama(gguf, 1)
     ids = [llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) for text in job.texts]
     return {
         "ids": ids,
