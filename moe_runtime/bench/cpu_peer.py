@@ -450,14 +450,17 @@ def format_table(result: dict) -> str:
     names = {"llama.cpp": "llama.cpp", "resident": "moe-runtime", "offload": f"offload {s['offload_budget']}"}
     header = f"{'threads':>7}  {'':<14}" + "".join(f"{names[x]:>14}" for x in systems)
     header += "".join(f"{'ratio ' + ('res' if x == 'resident' else 'off'):>11}" for x in systems[1:])
+    lines.append(
+        "  ratio = moe-runtime / llama.cpp at equal threads (tok/s: above 1 is faster; load, RSS: below 1 is less)"
+    )
     lines += ["", header]
-    metrics = (("decode tok/s", "decode_tokens_per_s", 1, "decode"),
-               ("prefill tok/s", "prefill_tokens_per_s", 1, "prefill"),
-               ("load s", "load_s", 1, "load"),
-               ("peak RSS GB", "peak_rss_bytes", 1e9, "peak_rss"))  # fmt: skip
+    metrics = (("decode tok/s", "decode_tokens_per_s", 1, "decode", ".1f"),
+               ("prefill tok/s", "prefill_tokens_per_s", 1, "prefill", ".1f"),
+               ("load s", "load_s", 1, "load", ".2f"),
+               ("peak RSS GB", "peak_rss_bytes", 1e9, "peak_rss", ".2f"))  # fmt: skip
     for threads, row in result["threads"].items():
-        for label, key, scale, ratio in metrics:
-            line = f"{threads:>7}  {label:<14}" + "".join(f"{row[x][key] / scale:>14.3g}" for x in systems)
+        for label, key, scale, ratio, spec in metrics:
+            line = f"{threads:>7}  {label:<14}" + "".join(f"{row[x][key] / scale:>14{spec}}" for x in systems)
             line += "".join(f"{row[x]['vs_llama_cpp'][ratio]:>10.2f}x" for x in systems[1:])
             lines.append(line)
         match = ", ".join(f"{names[x]} {row[x]['token_match_rate']:.3f}" for x in systems[1:])
