@@ -370,6 +370,7 @@ def bench_cpu_peer(
             )
     prompt_ids = expected[: len(prompts)]
 
+    load_before = list(os.getloadavg())
     systems = [s for s in SYSTEMS if s != "offload" or settings.offload_budget is not None]
     runs: dict[tuple[str, int], list[dict]] = {(s, t): [] for s in systems for t in settings.threads}
     bar = tqdm(
@@ -429,7 +430,7 @@ def bench_cpu_peer(
         "prompt_tokens": [len(p) for p in prompt_ids],
         "prompts": prompts,
         "reference_tokens": reference,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average": {"start": load_before, "end": list(os.getloadavg())},  # 1, 5, 15 minutes
         "threads": by_threads,
     }
 
@@ -446,6 +447,8 @@ def format_table(result: dict) -> str:
         f"{s['new_tokens']} new tokens, greedy, batch 1, {s['repeats']} repeats interleaved (medians); "
         f"llama-cpp-python {result['llama_cpp_python']}, pre-tokenizer {result['pre_tokenizer']!r} "
         f"(ids equal to transformers' on {result['tokenization_checked_texts']} texts)",
+        f"  load average (1 min) {result['load_average']['start'][0]:.1f} at the start, "
+        f"{result['load_average']['end'][0]:.1f} at the end",
     ]
     names = {"llama.cpp": "llama.cpp", "resident": "moe-runtime", "offload": f"offload {s['offload_budget']}"}
     header = f"{'threads':>7}  {'':<14}" + "".join(f"{names[x]:>14}" for x in systems)
