@@ -18,6 +18,7 @@ BENCHES = (
     "auto-adapter",
     "export",
     "scale",
+    "cpu-peer",
 )
 # moe_runtime.testing.shapes.SHAPES (named here: building the parser imports no torch)
 SCALE_SHAPES = ("olmoe-1b-7b", "deepseek-v2-lite", "qwen3-30b-a3b", "mixtral-8x7b")
@@ -27,7 +28,7 @@ def register(sub) -> None:
     parser = add_verb(
         sub,
         "bench",
-        help="run a benchmark (profile, tune, reroute, offload, esft-quality, peft-mixed, serve, auto-adapter, export, scale)",
+        help="run a benchmark (profile, tune, reroute, offload, esft-quality, peft-mixed, serve, auto-adapter, export, scale, cpu-peer)",
         description=(
             "Run one benchmark on the embedded model (or --model) and print a table; --json writes the "
             "numbers. Every figure is compared with a baseline measured in the same run."
@@ -46,6 +47,8 @@ def register(sub) -> None:
             "moe-runtime bench scale --shape deepseek-v2-lite --layers 4 --budget 25% --workdir /tmp/scale --json s.json",
             "moe-runtime bench scale --shape olmoe-1b-7b --layers 2 --write-only /tmp/scale/olmoe-2",
             "moe-runtime bench scale --checkpoint ./dsv2-lite --shape deepseek-v2-lite --budget 6GB --no-accelerate",
+            "moe-runtime bench cpu-peer --converter llama.cpp/convert_hf_to_gguf.py --json cpu_peer.json",
+            "moe-runtime bench cpu-peer --hidden 64 --layers 2 --repeats 1 --new-tokens 8   # a tiny model, seconds",
         ],
         threads=True,
         func=run,
@@ -92,7 +95,10 @@ def register(sub) -> None:
         "'smoke' = a tiny one (seconds)",
     )
     parser.add_argument(
-        "--expert-budget", default="25%", metavar="X", help="offload: share of experts (default 25%%)"
+        "--expert-budget",
+        default="25%",
+        metavar="X",
+        help="offload, cpu-peer: share of experts (default 25%%)",
     )
     parser.add_argument(
         "--no-accelerate", action="store_true", help="offload: skip the transformers + accelerate baseline"
@@ -161,7 +167,7 @@ def register(sub) -> None:
         "--new-tokens",
         type=int,
         default=None,
-        help="peft-mixed, scale: tokens generated per request (default 16, scale 4)",
+        help="peft-mixed, scale, cpu-peer: tokens generated per request (default 16, scale 4, cpu-peer 32)",
     )
     scale = parser.add_argument_group(
         "scale",
@@ -174,7 +180,9 @@ def register(sub) -> None:
     scale.add_argument(
         "--shape", choices=SCALE_SHAPES, default="deepseek-v2-lite", help="the real model to copy"
     )
-    scale.add_argument("--layers", type=int, metavar="N", help="decoder layers (default: the model's)")
+    scale.add_argument(
+        "--layers", type=int, metavar="N", help="decoder layers (default: the model's; cpu-peer 8)"
+    )
     scale.add_argument(
         "--budget", default="25%", metavar="X", help="expert budget: share or bytes (default 25%%)"
     )
@@ -196,6 +204,25 @@ def register(sub) -> None:
     )
     scale.add_argument("--prompts", type=int, default=2, help="requests, each decoded alone (default 2)")
     scale.add_argument("--prompt-len", type=int, default=10, help="prompt tokens (default 10)")
+    peer = parser.add_argument_group(
+        "cpu-peer",
+        "bench cpu-peer: llama.cpp (llama-cpp-python, the [peer] extra) against moe-runtime resident and "
+        "--offload disk at --expert-budget, on one random float32 Mixtral (hidden 1024, 8 layers, 16 experts "
+        "top-2, 426M parameters) with the demo tokenizer, converted to GGUF f32 by llama.cpp's own converter; "
+        "4 prompts of 20-30 tokens, greedy, batch 1, each run a child process, the runs interleaved; reports "
+        "decode and prefill tok/s, load time, peak RSS and the ratios to llama.cpp, and checks the tokens",
+    )
+    peer.add_argument(
+        "--converter",
+        metavar="PATH",
+        help="llama.cpp's convert_hf_to_gguf.py (default: $LLAMA_CPP_CONVERTER, or a llama.cpp folder in "
+        "$LLAMA_CPP_DIR, . or ~)",
+    )
+    peer.add_argument(
+        "--thread-counts", default="1,2", metavar="N,N,...", help="compute threads of each run (default 1,2)"
+    )
+    peer.add_argument("--hidden", type=int, default=1024, metavar="N", help="hidden size (default 1024)")
+    peer.add_argument("--no-offload", action="store_true", help="skip the --offload disk runs")
 
 
 def _table(rows: dict, indent: str = "") -> str:
@@ -326,6 +353,8 @@ def run(args: argparse.Namespace) -> int:
         result = _bench_scale(args)
         if result is None:
             return 0
+    elif args.name == "cpu-peer":
+        result = _bench_cpu_peer(args)
     elif args.name == "peft-mixed":
         from ..bench.peft_bench import bench_peft_mixed
 
@@ -348,6 +377,10 @@ def run(args: argparse.Namespace) -> int:
         from ..bench.serve_bench import format_auto_table, format_serve_table
 
         print(format_serve_table(result) if args.name == "serve" else format_auto_table(result))
+    elif args.name == "cpu-peer":
+        from ..bench.cpu_peer import format_table
+
+        print(format_table(result))
     else:
         print(_table(result))
     if args.json:
@@ -449,6 +482,29 @@ def _bench_scale(args: argparse.Namespace) -> dict | None:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "moe_runtime_scale"
     result = bench_scale(settings, workdir=workdir, checkpoint=args.checkpoint, keep=args.keep)
     return {"bench": "scale", **result}
+
+
+def _bench_cpu_peer(args: argparse.Namespace) -> dict:
+    from ..bench.cpu_peer import CpuPeerSettings, bench_cpu_peer, check_peer_installed
+    from ..bench.cpu_peer_convert import find_converter
+
+    try:
+        threads = tuple(int(x) for x in args.thread_counts.split(","))
+    except ValueError:
+        raise UsageError(f"--thread-counts '{args.thread_counts}': give whole numbers, e.g. 1,2") from None
+    if budget_flag("--expert-budget", args.expert_budget).share is None:
+        raise UsageError(f"--expert-budget {args.expert_budget}: bench cpu-peer takes a share (e.g. 25%)")
+    settings = CpuPeerSettings(
+        hidden_size=args.hidden,
+        num_hidden_layers=8 if args.layers is None else args.layers,
+        new_tokens=32 if args.new_tokens is None else args.new_tokens,
+        repeats=args.repeats,
+        threads=threads,
+        offload_budget=None if args.no_offload else args.expert_budget,
+    )
+    settings.validate()
+    check_peer_installed()
+    return bench_cpu_peer(settings, find_converter(args.converter))
 
 
 def _bench_profile(args: argparse.Namespace) -> dict:
