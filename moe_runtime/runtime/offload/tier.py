@@ -223,10 +223,10 @@ class OffloadTier:
             for prefetcher in self.prefetchers:
                 prefetcher.end_step()
         num_experts = slots.num_experts
-        table = slots.table  # [A, E]: base expert id, or an adapter slot >= E
+        table = slots.table  # [A, E]: base expert id, an adapter slot >= E, or -1 (entry dropped)
         valid = (top_k_index >= 0) & (top_k_index < num_experts)
         logical = table[owners.unsqueeze(1), top_k_index.clamp(0, num_experts - 1)]
-        base_ids = logical[valid & (logical < num_experts)]
+        base_ids = logical[valid & (logical >= 0) & (logical < num_experts)]
         needed = torch.unique(base_ids).tolist()
         size = cache.slots
         chunks = [
@@ -254,12 +254,13 @@ class OffloadTier:
                 slot_of = torch.full((num_experts,), -1, dtype=torch.int32)
                 ids = torch.tensor(group, dtype=torch.int64)
                 slot_of[ids] = cache.slot_table[ids]
-            base = slot_of.to(table.device)[table.long().clamp(max=num_experts - 1)]
+            base = slot_of.to(table.device)[table.long().clamp(0, num_experts - 1)]
             if chunks:
                 adapter = table - num_experts + size if first else torch.full_like(table, -1)
                 combined = torch.where(table < num_experts, base, adapter)
             else:
-                combined = base
+                combined = torch.where(table < num_experts, base, -1)
+            combined = torch.where(table >= 0, combined, -1)
             yield combined, [cache.segment, *chunks]
             self.stats.passes += 1
             group, first = (upcoming if cache.overlaps else start()), False
