@@ -64,7 +64,9 @@ def test_frozen_experts_gradcheck_and_forward(moe_checkpoint):
             expected = reference(hidden.detach(), index, kept)
         torch.testing.assert_close(frozen.run(hidden, index, weights), expected, rtol=1e-12, atol=1e-12)
 
-        assert torch.autograd.gradcheck(lambda h, w: frozen.run(h, index, w), (hidden, weights), fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda h, w: frozen.run(h, index, w), (hidden, weights), fast_mode=True
+        )
     finally:
         tier.close()
 
