@@ -94,6 +94,13 @@ def register(sub) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="keep only each decoder layer's input for backward and recompute the layer there: "
+        "activation memory of one layer instead of all, for one more forward (with --offload, "
+        "frozen experts are then read three times per micro-batch)",
+    )
+    parser.add_argument(
         "--dtype",
         "--compute-dtype",
         dest="dtype",
@@ -257,6 +264,7 @@ def _run_tune(method, args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         save_steps=args.save_steps,
         aux_loss_coef=args.aux_loss_coef,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     train.validate()
     config = _method_config(method, args)
@@ -335,6 +343,7 @@ def _plan(method, config, train, offload, args: argparse.Namespace) -> int:
         micro_batch=max(1, train.batch_size // train.grad_accum),
         max_length=train.max_length,
         grad_accum=train.grad_accum,
+        checkpointing=train.gradient_checkpointing,
     )
     print(json.dumps({"method": method.name, **plan}, indent=2))
     return 0

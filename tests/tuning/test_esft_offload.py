@@ -71,11 +71,14 @@ def test_frozen_experts_gradcheck_and_forward(moe_checkpoint):
         tier.close()
 
 
-def _step(model, info, selection, ids, tier=None):
+def _step(model, info, selection, ids, tier=None, checkpointing=False):
     """One ESFT forward/backward on ``ids``; loss, trainable grads, misses before/after backward, and
     every tensor autograd saved for backward during the forward."""
     model.config.output_router_logits = True  # the router's aux loss, as the trainer runs it
     arena, _ = prepare_esft(model, info, ExpertSelection(experts=selection), tier)
+    if checkpointing:
+        model.train()
+        model.activation_checkpointing_enable({"use_reentrant": False})
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = model(input_ids=ids, labels=ids, use_cache=False)
@@ -120,3 +123,23 @@ def test_one_step_equals_resident_esft(f32_checkpoints, family):
                 assert tensor.untyped_storage().data_ptr() in trainable, tuple(tensor.shape)
     finally:
         tier.close()
+
+
+def test_gradient_checkpointing_reads_a_third_time_and_changes_nothing(f32_checkpoints):
+    path, selection = f32_checkpoints["qwen2_moe"], SELECTION["qwen2_moe"]
+    ids = torch.randint(2, 200, (4, 24), generator=torch.Generator().manual_seed(0))
+    resident = load_model(path, dtype="float32")
+    loss, grads, *_ = _step(resident, find_moe_layers(resident), selection, ids)
+    counts = {}
+    for checkpointing in (False, True):
+        model, info, tier = _tier(path, "25%", torch.float32)
+        try:
+            got_loss, got_grads, forward, total, *_ = _step(model, info, selection, ids, tier, checkpointing)
+        finally:
+            tier.close()
+        torch.testing.assert_close(got_loss, loss, **TOL)
+        for name, grad in grads.items():
+            torch.testing.assert_close(got_grads[name], grad, **TOL, msg=name)
+        counts[checkpointing] = (forward, total - forward)
+    assert counts[True][0] == counts[False][0]  # the same forward
+    assert counts[True][1] > counts[False][1]  # backward recomputes the layers: more reads

@@ -130,6 +130,7 @@ def plan_tuning(
     micro_batch: int,
     max_length: int,
     grad_accum: int = 1,
+    checkpointing: bool = False,
 ) -> dict:
     """What tuning ``model`` needs (experts offloaded with ``offload``, or resident), without running.
 
@@ -145,6 +146,8 @@ def plan_tuning(
                      touched (uniform routing); the forward reads them and the backward reads them
                      again except the ``slots`` still resident: estimate (d + max(0, d - slots)),
                      worst 2 x min(E, tokens x K), each ``expert_read_bytes`` as stored.
+        with ``checkpointing`` (gradient checkpointing): activations are every layer's input plus one
+                     layer's full set; the recomputed forward reads the experts once more.
 
     Returns:
         :func:`plan_memory`'s dict (its ``ram_bytes`` renamed ``weights_ram_bytes``) with
@@ -160,8 +163,13 @@ def plan_tuning(
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
     layers = int(config.num_hidden_layers)
     vocab = int(config.vocab_size)
-    activations = layers * (tokens * hidden * 24 + 2 * micro_batch * heads * max_length**2) * size
+    per_layer = (tokens * hidden * 24 + 2 * micro_batch * heads * max_length**2) * size
+    if checkpointing:
+        activations = layers * tokens * hidden * size + per_layer
+    else:
+        activations = layers * per_layer
     activations += 3 * tokens * vocab * size
+    reads = 3 if checkpointing else 2
     weights = plan.pop("ram_bytes")
     read = plan["expert_read_bytes"]
     slots = plan["slots_per_layer"]
@@ -170,8 +178,8 @@ def plan_tuning(
         for layer in info.layers:
             per_expert = read * layer.expert_bytes / max(info.layers[0].expert_bytes, 1)
             touched = layer.num_experts * (1 - (1 - layer.top_k / layer.num_experts) ** tokens)
-            estimate += (touched + max(0.0, touched - slots)) * per_expert
-            worst += 2 * min(layer.num_experts, tokens * layer.top_k) * per_expert
+            estimate += (touched + (reads - 1) * max(0.0, touched - slots)) * per_expert
+            worst += reads * min(layer.num_experts, tokens * layer.top_k) * per_expert
     plan.update(
         {
             "weights_ram_bytes": weights,
@@ -179,6 +187,7 @@ def plan_tuning(
             "gradient_bytes": trainable,
             "optimizer_bytes": 2 * trainable,
             "tokens_per_micro_batch": tokens,
+            "gradient_checkpointing": checkpointing,
             "activation_bytes_estimate": int(activations),
             "ram_bytes": int(weights + 4 * trainable + activations),
             "bytes_read_per_step_estimate": int(estimate * grad_accum),
