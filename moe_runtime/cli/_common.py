@@ -103,13 +103,19 @@ def disk_offload_config(args: argparse.Namespace):
     from ..errors import UsageError
 
     if args.offload == "none":
-        if args.expert_budget is not None:
-            raise UsageError("--expert-budget goes with --offload disk")
+        for flag, value in (
+            ("--expert-budget", args.expert_budget),
+            ("--slot-dtype", getattr(args, "slot_dtype", None)),
+        ):
+            if value is not None and value != "compute":
+                raise UsageError(f"{flag} goes with --offload disk")
         return None
     from ..runtime.offload import OffloadConfig
 
     budget = budget_flag("--expert-budget", "25%" if args.expert_budget is None else args.expert_budget)
-    config = OffloadConfig(tier=args.offload, budget=budget)
+    config = OffloadConfig(
+        tier=args.offload, budget=budget, slot_dtype=getattr(args, "slot_dtype", "compute")
+    )
     config.validate()
     return config
 

@@ -124,6 +124,14 @@ def register(sub) -> None:
         "as slots (the trained experts come on top); at least top-k experts per layer",
     )
     parser.add_argument(
+        "--slot-dtype",
+        choices=("compute", "storage"),
+        default="compute",
+        help="with --offload disk: the dtype of the expert slots; 'storage' keeps the checkpoint's (bf16: half "
+        "the slot RAM at float32 compute) and widens each pass's experts as they are used, with identical "
+        "results (default compute)",
+    )
+    parser.add_argument(
         "--plan",
         action="store_true",
         help="print the RAM (weights, slots, trainable experts, gradients, optimizer state, an activation "

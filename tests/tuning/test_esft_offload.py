@@ -143,3 +143,27 @@ def test_gradient_checkpointing_reads_a_third_time_and_changes_nothing(f32_check
         counts[checkpointing] = (forward, total - forward)
     assert counts[True][0] == counts[False][0]  # the same forward
     assert counts[True][1] > counts[False][1]  # backward recomputes the layers: more reads
+
+
+def test_slots_in_the_storage_dtype_change_nothing(tmp_path):
+    """bf16 stored, float32 computed: slots kept in bf16 (half the memory), each pass's experts widened
+    as it runs; loss and gradients equal resident ESFT on the float32-widened weights."""
+    path = save_checkpoint(tmp_path / "bf16", "qwen2_moe", dtype=torch.bfloat16, num_hidden_layers=2)
+    selection = SELECTION["qwen2_moe"]
+    ids = torch.randint(2, 200, (4, 24), generator=torch.Generator().manual_seed(0))
+    resident = load_model(path, dtype="float32")
+    loss, grads, *_ = _step(resident, find_moe_layers(resident), selection, ids)
+    model, info, store = load_offloaded_model(path, dtype=torch.float32)
+    tier = OffloadTier(info, store, OffloadConfig(budget="25%", slot_dtype="storage"))
+    try:
+        got_loss, got_grads, forward, total, *_ = _step(model, info, selection, ids, tier)
+        slots = [t for cache in tier.caches.values() for t in cache.tensors.values()]
+        assert all(t.dtype == torch.bfloat16 for t in slots)
+        assert tier.resident_expert_bytes() <= parse_budget("25%").share * tier.offloaded_bytes() / 2
+        assert 0 < forward < total
+    finally:
+        tier.close()
+    torch.testing.assert_close(got_loss, loss, **TOL)
+    for name, grad in grads.items():
+        assert got_grads[name].dtype == torch.float32
+        torch.testing.assert_close(got_grads[name], grad, **TOL, msg=name)

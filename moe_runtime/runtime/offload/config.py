@@ -214,6 +214,10 @@ class OffloadConfig:
             thread pre-empted by a reader stalls all of them (measured here on 2 cores: 1 compute
             thread served about 10% faster than 2 on a quiet machine, and 2 compute threads ran 7x
             slower when other work shared the cores). ``None`` leaves torch as is.
+        slot_dtype: ``"compute"`` (default): slots hold experts in the compute dtype, widened once as
+            they are read. ``"storage"`` (disk tier): slots keep the checkpoint's narrower dtype (half
+            the slot memory for bf16 stored, float32 computed) and each pass widens only its own
+            experts into a temporary of the compute dtype; results are identical (widening is exact).
     """
 
     tier: str = "disk"
@@ -226,6 +230,7 @@ class OffloadConfig:
     pack: bool = False
     compute_threads: int | str | None = "auto"
     compute_device: str | None = None
+    slot_dtype: str = "compute"
 
     def __post_init__(self) -> None:
         self.budget = parse_budget(self.budget)
@@ -281,6 +286,10 @@ class OffloadConfig:
                 raise UsageError(f"offload: compute device '{self.compute_device}': CUDA is not available")
         if self.num_threads <= 0:
             raise UsageError("offload: num_threads must be positive")
+        if self.slot_dtype not in ("compute", "storage"):
+            raise UsageError(f"offload: slot dtype '{self.slot_dtype}': choose compute or storage")
+        if self.slot_dtype == "storage" and self.tier != "disk":
+            raise UsageError("offload: slots in the storage dtype go with the disk tier")
         if self.compute_threads not in (None, "auto") and (
             not isinstance(self.compute_threads, int) or self.compute_threads <= 0
         ):

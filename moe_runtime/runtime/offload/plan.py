@@ -78,6 +78,10 @@ def _plan(model, offload, dtype):
     else:
         slots = fast_tier_slots(info, offload.budget, device)
         ram = non_expert + slots * sum(layer.expert_bytes for layer in info.layers)
+        if offload.slot_dtype == "storage":  # slots as stored; one pass's experts widened at a time
+            per_slot = sum(layer.expert_bytes * storage_size // compute_size for layer in info.layers)
+            widest = max(layer.expert_bytes for layer in info.layers)
+            ram = non_expert + slots * per_slot + slots * widest
         if offload.tier == "cpu":  # every expert in host memory, the slots on the compute device
             ram = non_expert + routed
         worst = sum(k * b for k, b in zip(top_k, expert_read))

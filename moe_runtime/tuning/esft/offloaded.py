@@ -121,7 +121,8 @@ class OffloadedLayerTrainable(LayerTrainable):
     """A layer's trainable copies (started from the store) next to its offloaded frozen experts."""
 
     def __init__(self, layer: MoELayer, expert_ids: list[int], tier) -> None:
-        super().__init__(layer, expert_ids, start=_read_start(tier.store, layer, expert_ids))
+        start = _read_start(tier.store, layer, expert_ids, tier.compute_dtype)
+        super().__init__(layer, expert_ids, start=start)
         ids = torch.tensor(self.expert_ids, dtype=torch.long)
         table = torch.full((layer.num_experts,), -1, dtype=torch.int32)
         table[ids] = torch.arange(len(self.expert_ids), dtype=torch.int32)
@@ -143,15 +144,15 @@ class OffloadedLayerTrainable(LayerTrainable):
         state_of(layer.experts).executor = self.execute
 
 
-def _read_start(store, layer: MoELayer, expert_ids: list[int]) -> Segment:
-    """The selected experts' weights read from the store, stacked ``[n_selected, ...]`` (compute dtype)."""
+def _read_start(store, layer: MoELayer, expert_ids: list[int], dtype: torch.dtype) -> Segment:
+    """The selected experts' weights read from the store, stacked ``[n_selected, ...]`` in ``dtype``."""
     read = [store.read_expert(layer.index, expert) for expert in expert_ids]
     layout = layer.layout
 
     def stacked(name: str) -> torch.Tensor | None:
         if name not in read[0]:
             return None
-        out = torch.empty((len(read), *read[0][name].shape), dtype=read[0][name].dtype)
+        out = torch.empty((len(read), *read[0][name].shape), dtype=dtype)
         for position, tensors in enumerate(read):
             out[position].copy_(tensors.pop(name))
         return out
