@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -73,12 +74,16 @@ def _run(argv: list[str], rss_limit: int, log: Path) -> dict:
     print("$ moe-runtime " + " ".join(argv), flush=True)
     start = time.time()
     with log.open("w") as out:
-        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        watched, killed = psutil.Process(child.pid), False
+        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        watched, killed, seen = psutil.Process(child.pid), False, 0
         while child.poll() is None:
-            rss = sum(p.memory_info().rss for p in watched.children(recursive=True) if p.is_running())
-            if rss > rss_limit:
-                child.kill()
+            try:
+                rss = sum(p.memory_info().rss for p in watched.children(recursive=True))
+            except psutil.Error:  # a child ended between the listing and the query
+                rss = 0
+            seen = max(seen, rss)
+            if rss > rss_limit and not killed:
+                os.killpg(child.pid, signal.SIGKILL)  # /usr/bin/time and the python under it
                 killed = True
             time.sleep(0.5)
     text = log.read_text()
@@ -89,6 +94,7 @@ def _run(argv: list[str], rss_limit: int, log: Path) -> dict:
         "wall_s": time.time() - start,
         "peak_rss_bytes": int(peak[1]) * 1024 if peak else None,
         "killed_over_rss_limit": killed,
+        "watchdog_max_rss_bytes": seen,
         "offload_line": next((line for line in text.splitlines() if line.startswith("offload:")), None),
         "result_line": next((line for line in text.splitlines() if line.startswith("trained ")), None),
     }
