@@ -98,6 +98,38 @@ def budget_flag(flag: str, value: str):
         raise UsageError(f"{flag} {exc.detail}") from None
 
 
+def disk_offload_config(args: argparse.Namespace):
+    """The ``--offload disk [--expert-budget X]`` settings of a verb, or None (checked before anything loads)."""
+    from ..errors import UsageError
+
+    if args.offload == "none":
+        for flag, value in (
+            ("--expert-budget", args.expert_budget),
+            ("--slot-dtype", getattr(args, "slot_dtype", None)),
+        ):
+            if value is not None and value != "compute":
+                raise UsageError(f"{flag} goes with --offload disk")
+        return None
+    from ..runtime.offload import OffloadConfig
+
+    budget = budget_flag("--expert-budget", "25%" if args.expert_budget is None else args.expert_budget)
+    config = OffloadConfig(
+        tier=args.offload, budget=budget, slot_dtype=getattr(args, "slot_dtype", "compute")
+    )
+    config.validate()
+    return config
+
+
+def offload_summary(tier) -> str:
+    """One stderr line: slots, resident expert bytes against all routed experts, reads."""
+    stats = tier.stats
+    return (
+        f"offload: {tier.num_slots} expert slots per layer, {tier.resident_expert_bytes()} of "
+        f"{tier.offloaded_bytes()} routed-expert bytes in RAM; {stats.misses} reads, "
+        f"{stats.bytes_read} bytes read, hit rate {stats.hit_rate:.3f}"
+    )
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the torchrun process group when launched by torchrun; returns (rank, world)."""
     import torch

@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
-from ._common import COMPUTE_DTYPES, add_verb, budget_flag, init_distributed, is_rank_zero
+from ._common import (
+    COMPUTE_DTYPES,
+    add_verb,
+    disk_offload_config,
+    init_distributed,
+    is_rank_zero,
+    offload_summary,
+)
 
 
 def register(sub) -> None:
@@ -98,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import check_output_dir
     from ..profiler import merge_profiles
 
-    offload = _offload_config(args)
+    offload = disk_offload_config(args)
     if args.plan:
         if not args.model or args.merge or args.task:
             raise UsageError("--plan takes --model only (it sizes the model, it reads no tasks)")
@@ -160,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
                 meta, profiles = profile_model(
                     engine.model, engine.tokenizer, tasks, config, parts=engine.offload.expert_parts
                 )
-            print(_offload_summary(engine.offload), file=sys.stderr)
+            print(offload_summary(engine.offload), file=sys.stderr)
         finally:
             engine.close()
     meta.model = str(args.model)
@@ -168,30 +175,6 @@ def run(args: argparse.Namespace) -> int:
         print(write_profile(args.out, meta, profiles, plots=not args.no_plots, color_scale=args.color_scale))
         _print_written(Path(args.out))
     return 0
-
-
-def _offload_config(args: argparse.Namespace):
-    """The ``--offload disk`` settings, or None (checked before anything loads)."""
-    if args.offload == "none":
-        if args.expert_budget is not None:
-            raise UsageError("--expert-budget goes with --offload disk")
-        return None
-    from ..runtime.offload import OffloadConfig
-
-    budget = budget_flag("--expert-budget", "25%" if args.expert_budget is None else args.expert_budget)
-    config = OffloadConfig(tier=args.offload, budget=budget)
-    config.validate()
-    return config
-
-
-def _offload_summary(tier) -> str:
-    """One stderr line: slots, resident expert bytes against all routed experts, reads."""
-    stats = tier.stats
-    return (
-        f"offload: {tier.num_slots} expert slots per layer, {tier.resident_expert_bytes()} of "
-        f"{tier.offloaded_bytes()} routed-expert bytes in RAM; {stats.misses} reads, "
-        f"{stats.bytes_read} bytes read, hit rate {stats.hit_rate:.3f}"
-    )
 
 
 def _print_written(out: Path) -> None:

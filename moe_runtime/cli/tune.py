@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import UsageError
-from ._common import add_verb, init_distributed, is_rank_zero
+from ._common import add_verb, disk_offload_config, init_distributed, is_rank_zero, offload_summary
 
 
 def register(sub) -> None:
@@ -28,7 +29,11 @@ def register(sub) -> None:
             "Runs data-parallel under torchrun (rank 0 writes); --batch-size is the global batch. The adapter "
             "directory also gets routing_profile.json: the base model's expert frequencies on up to "
             "--profile-tokens tokens of the training data, which 'auto' requests of generate/serve match "
-            "prompts against."
+            "prompts against. With --offload disk (esft) the routed experts stay in the checkpoint's files: "
+            "the selected experts are read once into RAM and trained there, every other expert is read "
+            "through --expert-budget slots per layer in the forward pass and read again in the backward "
+            "pass (same loss, gradients and adapter as resident); --plan prints the RAM, disk and bytes "
+            "read per step that implies, without training."
         ),
         examples=[
             "moe-runtime tune --model demo --data arith_train.jsonl --method esft --experts arith_cfg.json --out ad/",
@@ -40,13 +45,15 @@ def register(sub) -> None:
             "moe-runtime tune --model demo --data d.jsonl --method routed-lora --variant dynmole --lora-top-p 0.75 --out rl/",
             "torchrun --nproc-per-node 2 -m moe_runtime tune --model demo --data d.jsonl --method esft --experts cfg.json --out ad/",
             "moe-runtime tune ... --save-steps 50 && moe-runtime tune ... --resume   # continue from the last checkpoint",
+            "moe-runtime tune --model ./dsv2-lite --data d.jsonl --method esft --experts cfg.json --offload disk --expert-budget 10% --out ad/",
+            "moe-runtime tune --model ./dsv2-lite --method esft --experts cfg.json --offload disk --expert-budget 10% --batch-size 4 --max-length 256 --plan",
         ],
         threads=True,
         func=run_tune,
     )
     parser.add_argument("--model", required=True, help="local checkpoint directory or 'demo'")
-    parser.add_argument("--data", required=True, metavar="PATH", help="training JSONL")
-    parser.add_argument("--out", required=True, metavar="DIR", help="adapter directory to write")
+    parser.add_argument("--data", metavar="PATH", help="training JSONL (required unless --plan)")
+    parser.add_argument("--out", metavar="DIR", help="adapter directory to write (required unless --plan)")
     parser.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps (default 100)")
     parser.add_argument(
         "--profile-tokens",
@@ -87,10 +94,49 @@ def register(sub) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="keep only each decoder layer's input for backward and recompute the layer there: "
+        "activation memory of one layer instead of all, for one more forward (with --offload, "
+        "frozen experts are then read three times per micro-batch)",
+    )
+    parser.add_argument(
         "--dtype",
+        "--compute-dtype",
+        dest="dtype",
         default="float32",
         choices=("float32", "bfloat16", "float64"),
-        help="training dtype (default float32)",
+        help="training (compute) dtype; a checkpoint stored narrower is widened as it is read (default "
+        "float32: this CPU has no bf16 instructions)",
+    )
+    parser.add_argument(
+        "--offload",
+        choices=("none", "disk"),
+        default="none",
+        help="'disk' (esft): routed experts stay in the checkpoint's safetensors files; the selected "
+        "ones are trained in RAM, the frozen ones read through --expert-budget slots per layer in the "
+        "forward and again in the backward pass (default none)",
+    )
+    parser.add_argument(
+        "--expert-budget",
+        metavar="X",
+        help="with --offload disk: share ('25%%', default) or bytes ('2GB') of routed experts held in RAM "
+        "as slots (the trained experts come on top); at least top-k experts per layer",
+    )
+    parser.add_argument(
+        "--slot-dtype",
+        choices=("compute", "storage"),
+        default="compute",
+        help="with --offload disk: the dtype of the expert slots; 'storage' keeps the checkpoint's (bf16: half "
+        "the slot RAM at float32 compute) and widens each pass's experts as they are used, with identical "
+        "results (default compute)",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the RAM (weights, slots, trainable experts, gradients, optimizer state, an activation "
+        "estimate), disk and expert bytes read per step as JSON, from config.json, the safetensors "
+        "headers and --experts only (no weights loaded, nothing written), and exit",
     )
     parser.deferred.append(_add_method_flags)  # needs the tuning methods: added when tune runs
 
@@ -206,9 +252,15 @@ def _run_tune(method, args: argparse.Namespace) -> int:
     from ..models import find_moe_layers, load_model, load_tokenizer, pad_token_id
     from ..tuning.data import encode_examples
     from ..tuning.meta import META_FILE
-    from ..tuning.registry import TuneJob
+    from ..tuning.registry import TuneJob, tunable
     from ..tuning.trainer import TrainConfig
 
+    offload = disk_offload_config(args)
+    if offload is not None and not method.offloads:
+        able = [name for name, m in tunable().items() if m.offloads]
+        raise UsageError(
+            f"--offload {offload.tier} works with --method {' or '.join(able)}, not {method.name}"
+        )
     train = TrainConfig(
         steps=args.steps,
         lr=args.lr,
@@ -220,32 +272,55 @@ def _run_tune(method, args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         save_steps=args.save_steps,
         aux_loss_coef=args.aux_loss_coef,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     train.validate()
     config = _method_config(method, args)
-    check_output_dir(args.out, replace_marker=META_FILE)  # refused before training, not after
-    examples = read_examples(args.data)
-    model = load_model(args.model, dtype=args.dtype)
-    info = find_moe_layers(model)
-    if method.check_model is not None:
-        method.check_model(config, info)  # refused before any training
-    tokenizer = load_tokenizer(args.model)
-    features = encode_examples(tokenizer, examples, train.max_length, where=args.data)
+    if args.plan:
+        return _plan(method, config, train, offload, args)
+    for flag in ("data", "out"):
+        if not getattr(args, flag):
+            raise UsageError(f"--{flag} is required (unless --plan)")
     if args.profile_tokens < 0:
         raise UsageError(f"--profile-tokens must be >= 0, got {args.profile_tokens}")
-    routing = _routing_profile(model, tokenizer, examples, args) if args.profile_tokens else None
-    init_distributed()
-    job = TuneJob(
-        model=model,
-        info=info,
-        features=features,
-        train=train,
-        out=Path(args.out),
-        pad_id=pad_token_id(tokenizer),
-        resume=args.resume,
-        write=is_rank_zero(),
-    )
-    summary = method.tune(job, config)
+    check_output_dir(args.out, replace_marker=META_FILE)  # refused before training, not after
+    examples = read_examples(args.data)
+    engine = tier = None
+    if offload is None:
+        model = load_model(args.model, dtype=args.dtype)
+        info = find_moe_layers(model)
+        tokenizer = load_tokenizer(args.model)
+    else:
+        from ..runtime import MultiAdapterEngine
+
+        # the engine's executor serves the routing profile below; ESFT then attaches its own
+        engine = MultiAdapterEngine.from_pretrained(args.model, dtype=args.dtype, offload=offload)
+        model, info, tokenizer, tier = engine.model, engine.info, engine.tokenizer, engine.offload
+    try:
+        if method.check_model is not None:
+            method.check_model(config, info)  # refused before any training
+        features = encode_examples(tokenizer, examples, train.max_length, where=args.data)
+        routing = None
+        if args.profile_tokens:
+            routing = _routing_profile(model, tokenizer, examples, args, tier)
+        init_distributed()
+        job = TuneJob(
+            model=model,
+            info=info,
+            features=features,
+            train=train,
+            out=Path(args.out),
+            pad_id=pad_token_id(tokenizer),
+            resume=args.resume,
+            write=is_rank_zero(),
+            offload=tier,
+        )
+        summary = method.tune(job, config)
+    finally:
+        if engine is not None:
+            engine.close()
+    if tier is not None and is_rank_zero():
+        print(offload_summary(tier), file=sys.stderr)
     if is_rank_zero() and routing is not None:
         from ..runtime.profiles import write_routing_profile
 
@@ -259,13 +334,44 @@ def _run_tune(method, args: argparse.Namespace) -> int:
     return 0
 
 
-def _routing_profile(model, tokenizer, examples, args: argparse.Namespace):
-    """The base model's routing on the training data (before training changes any weight)."""
+def _plan(method, config, train, offload, args: argparse.Namespace) -> int:
+    """``tune --plan``: the sizing answer as JSON on stdout; nothing loaded, nothing written."""
+    import json
+
+    from ..runtime.offload.plan import plan_tuning
+
+    if method.trainable_bytes is None:
+        able = [name for name, m in _tunable().items() if m.trainable_bytes is not None]
+        raise UsageError(f"--plan sizes --method {' or '.join(able)}, not {method.name}")
+    plan = plan_tuning(
+        args.model,
+        offload,
+        args.dtype,
+        trainable_bytes=lambda info: method.trainable_bytes(config, info),
+        micro_batch=max(1, train.batch_size // train.grad_accum),
+        max_length=train.max_length,
+        grad_accum=train.grad_accum,
+        checkpointing=train.gradient_checkpointing,
+    )
+    print(json.dumps({"method": method.name, **plan}, indent=2))
+    return 0
+
+
+def _tunable():
+    from ..tuning.registry import tunable
+
+    return tunable()
+
+
+def _routing_profile(model, tokenizer, examples, args: argparse.Namespace, tier=None):
+    """The base model's routing on the training data (before training changes any weight); with an
+    offload ``tier`` its executor runs the experts and the fingerprint reads them from it."""
     from ..profiler import ProfileConfig, profile_model
     from ..runtime.profiles import RoutingProfile
 
     config = ProfileConfig(max_tokens=args.profile_tokens, max_length=args.max_length, progress=False)
-    meta, profiles = profile_model(model, tokenizer, {"task": examples}, config)
+    parts = tier.expert_parts if tier is not None else None
+    meta, profiles = profile_model(model, tokenizer, {"task": examples}, config, parts=parts)
     task = profiles["task"]
     return RoutingProfile.from_counts(meta.layers, task.counts, task.tokens, task=Path(args.data).stem)
 

@@ -20,6 +20,8 @@ from torch import nn
 __all__ = ["fingerprint_tensors", "model_fingerprint"]
 
 
+_PIECE = 1 << 24  # values hashed per piece (a 100k x 2k embedding is not copied whole, twice)
+
 Parts = Callable[[str, torch.Tensor], Iterable[torch.Tensor]]
 """``parts(name, tensor)``: the contents of a tensor that is not materialized (on the meta device),
 as consecutive pieces along its first dimension (e.g. one expert at a time, read from disk)."""
@@ -31,6 +33,8 @@ def _update(digest: hashlib._Hash, name: str, tensor: torch.Tensor, parts: Parts
     dtype = "float" if floating else str(tensor.dtype).removeprefix("torch.")
     digest.update(f"{name}|{dtype}|{tuple(tensor.shape)}|".encode())
     pieces = [tensor]
+    if tensor.dim() and tensor.numel() > _PIECE:  # rows at a time: the conversions below copy
+        pieces = tensor.split(max(1, _PIECE // max(1, tensor[0].numel())))
     if tensor.is_meta:
         if parts is None:
             raise ValueError(

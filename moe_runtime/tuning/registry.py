@@ -90,6 +90,8 @@ class TuneJob:
         write: write the adapter (rank 0 under torchrun).
         progress: show a progress bar.
         log_file: where the Trainer's log rows go as JSON lines (None: nowhere).
+        offload: an offload tier serving the routed experts, which ``model`` holds on the meta device
+            (only for methods with ``Method.offloads``); None: every weight is in ``model``.
     """
 
     model: nn.Module
@@ -103,6 +105,7 @@ class TuneJob:
     write: bool = True
     progress: bool = True
     log_file: Path | None = None
+    offload: Any = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -205,6 +208,9 @@ class Method:
             the caller saves them and releases them before the next step. None when the
             adapter cannot live in the base weights (``unmergeable`` says why).
         unmergeable: why adapters of this method cannot be merged (shown when ``merge`` is None).
+        offloads: ``tune`` trains with the routed experts offloaded (``TuneJob.offload``).
+        trainable_bytes: ``trainable_bytes(config, info) -> int``: bytes of the parameters the method
+            trains on the model ``info`` describes, in its dtype (for ``tune --plan``); None: not sized.
     """
 
     name: str
@@ -221,6 +227,8 @@ class Method:
     check_model: Callable[[Any, Any], None] | None = None
     merge: Callable[[MergeTarget, Any, bool], Iterator[tuple[nn.Module, list[str]]]] | None = None
     unmergeable: str = "its weights cannot be merged into the base model"
+    offloads: bool = False
+    trainable_bytes: Callable[[Any, Any], int] | None = None
 
     @property
     def stored_name(self) -> str:

@@ -40,6 +40,8 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         save_steps: checkpoint every N steps (0: only at the end) into ``<out>.checkpoints``.
         aux_loss_coef: router load-balancing loss weight; None keeps the model config's value.
+        gradient_checkpointing: keep only each decoder layer's input for backward and run the layer
+            again there (less activation memory, one more forward; offloaded experts are read again).
     """
 
     steps: int = 100
@@ -52,6 +54,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     save_steps: int = 0
     aux_loss_coef: float | None = None
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         """Raises ConfigError naming the field."""
@@ -229,6 +232,8 @@ def train(
             raise ConfigError("resume", f"no checkpoint in '{work_dir}'")
     router_logits_before = getattr(wrapped.model.config, "output_router_logits", None)
     _enable_aux_loss(wrapped.model, config.aux_loss_coef)
+    if config.gradient_checkpointing:  # on the model itself: the Trainer would ask our wrapper
+        wrapped.model.activation_checkpointing_enable({"use_reentrant": False})
     args = TrainingArguments(
         output_dir=str(work_dir),
         max_steps=config.steps,
@@ -269,6 +274,8 @@ def train(
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.accelerator.wait_for_everyone()  # no rank still looks into work_dir when it goes
     finally:
+        if config.gradient_checkpointing:
+            wrapped.model.activation_checkpointing_disable()
         if router_logits_before is not None:  # generation with router logits on breaks in some families
             wrapped.model.config.output_router_logits = router_logits_before
         if not config.save_steps and not resume and trainer.is_world_process_zero():
@@ -283,6 +290,7 @@ def train(
         )
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {
+        "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
         "train_loss": float(result.training_loss),
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,

@@ -46,6 +46,10 @@ def test_bf16_stored_float32_served_equals_transformers(bf16_checkpoints, tmp_pa
         "disk": MultiAdapterEngine.from_pretrained(
             path, dtype="float32", offload=OffloadConfig(budget="50%", cache_dir=str(tmp_path / "c"))
         ),
+        # bf16 slots, each pass's experts widened as it runs (exact: the same tokens and logits)
+        "disk-bf16-slots": MultiAdapterEngine.from_pretrained(
+            path, dtype="float32", offload=OffloadConfig(budget="50%", slot_dtype="storage")
+        ),
     }
     for name, engine in engines.items():
         assert next(engine.model.parameters()).dtype == torch.float32, name
@@ -53,6 +57,9 @@ def test_bf16_stored_float32_served_equals_transformers(bf16_checkpoints, tmp_pa
         for completion, (tokens, logits) in zip(completions, expected):
             assert completion.token_ids == tokens, name
             torch.testing.assert_close(completion.logits, logits, **TOL)
+    narrow = engines["disk-bf16-slots"].offload
+    assert all(t.dtype == torch.bfloat16 for c in narrow.caches.values() for t in c.tensors.values())
+    assert narrow.stats.misses > 0
     offload = engines["disk"].offload
     store = offload.store
     assert (

@@ -237,6 +237,10 @@ class OffloadConfig:
         chunk_bytes: bound on one chunk's intermediates (``"256MiB"``, bytes): per token, top-k
             routed entries of about ``2H + 3I`` values in the compute dtype (gathered input, up and
             activation, down output); see :func:`chunk_tokens_for`.
+        slot_dtype: ``"compute"`` (default): slots hold experts in the compute dtype, widened once as
+            they are read. ``"storage"`` (disk tier): slots keep the checkpoint's narrower dtype (half
+            the slot memory for bf16 stored, float32 computed) and each pass widens only its own
+            experts into a temporary of the compute dtype; results are identical (widening is exact).
     """
 
     tier: str = "disk"
@@ -251,6 +255,7 @@ class OffloadConfig:
     compute_device: str | None = None
     chunk_tokens: int | None = None
     chunk_bytes: int | str = "256MiB"
+    slot_dtype: str = "compute"
 
     def __post_init__(self) -> None:
         self.budget = parse_budget(self.budget)
@@ -325,6 +330,10 @@ class OffloadConfig:
             or self.chunk_bytes <= 0
         ):
             raise UsageError(f"offload: chunk_bytes must be a positive size, got {self.chunk_bytes!r}")
+        if self.slot_dtype not in ("compute", "storage"):
+            raise UsageError(f"offload: slot dtype '{self.slot_dtype}': choose compute or storage")
+        if self.slot_dtype == "storage" and self.tier != "disk":
+            raise UsageError("offload: slots in the storage dtype go with the disk tier")
         if self.compute_threads not in (None, "auto") and (
             not isinstance(self.compute_threads, int) or self.compute_threads <= 0
         ):

@@ -17,6 +17,7 @@ only base experts are offloaded. :class:`OffloadTier` is the executor's
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -101,6 +102,11 @@ class OffloadTier:
         from ...ops.loader import ExpertLoader
 
         config.validate()
+        self.compute_dtype = store.dtype
+        # slots in the stored dtype: each pass widens its own experts (see _narrow_pass)
+        self.widens_per_pass = config.slot_dtype == "storage" and store.widens
+        if self.widens_per_pass:
+            store = dataclasses.replace(store, dtype=store.storage_dtype)
         self.info = info
         self.config = config
         self.offloaded_to = config.tier
@@ -150,8 +156,20 @@ class OffloadTier:
     # the BaseExperts interface ----------------------------------------------------------------
 
     def segment(self, layer: MoELayer) -> Segment:
-        """The cache slots of the layer (adapter chunks take their shape, dtype and device)."""
-        return self.caches[layer.index].segment
+        """The cache slots of the layer (adapter chunks take their shape, dtype and device); with slots
+        in the storage dtype, a view of their shape in the compute dtype that holds no memory."""
+        segment = self.caches[layer.index].segment
+        if not self.widens_per_pass:
+            return segment
+
+        def like(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return torch.empty((), dtype=self.compute_dtype, device=t.device).expand(t.shape)
+
+        return Segment(
+            0, like(segment.up), like(segment.down), like(segment.up_bias), like(segment.down_bias)
+        )
 
     def chunk_tokens(self, layer: MoELayer) -> int:
         """Tokens run through the layer's experts at a time, within each pass (``OffloadConfig.chunk_tokens``)."""
@@ -236,10 +254,10 @@ class OffloadTier:
             for prefetcher in self.prefetchers:
                 prefetcher.end_step()
         num_experts = slots.num_experts
-        table = slots.table  # [A, E]: base expert id, or an adapter slot >= E
+        table = slots.table  # [A, E]: base expert id, an adapter slot >= E, or -1 (entry dropped)
         valid = (top_k_index >= 0) & (top_k_index < num_experts)
         logical = table[owners.unsqueeze(1), top_k_index.clamp(0, num_experts - 1)]
-        base_ids = logical[valid & (logical < num_experts)]
+        base_ids = logical[valid & (logical >= 0) & (logical < num_experts)]
         needed = torch.unique(base_ids).tolist()
         size = cache.slots
         chunks = [
@@ -267,12 +285,46 @@ class OffloadTier:
                 slot_of = torch.full((num_experts,), -1, dtype=torch.int32)
                 ids = torch.tensor(group, dtype=torch.int64)
                 slot_of[ids] = cache.slot_table[ids]
-            base = slot_of.to(table.device)[table.long().clamp(max=num_experts - 1)]
+            base = slot_of.to(table.device)[table.long().clamp(0, num_experts - 1)]
             if chunks:
                 adapter = table - num_experts + size if first else torch.full_like(table, -1)
                 combined = torch.where(table < num_experts, base, adapter)
             else:
-                combined = base
-            yield combined, [cache.segment, *chunks]
+                combined = torch.where(table < num_experts, base, -1)
+            combined = torch.where(table >= 0, combined, -1)
+            if self.widens_per_pass:
+                yield self._narrow_pass(cache, group, combined, slots.chunks, num_experts)
+            else:
+                yield combined, [cache.segment, *chunks]
             self.stats.passes += 1
             group, first = (upcoming if cache.overlaps else start()), False
+
+    def _narrow_pass(
+        self,
+        cache: LayerCache,
+        group: list[int],
+        combined: torch.Tensor,
+        adapter: list[Segment],
+        num_experts: int,
+    ) -> tuple[torch.Tensor, list[Segment]]:
+        """A pass over slots in the storage dtype: its group's slots widened into a compact segment
+        ``[n, ...]`` of the compute dtype, the table renumbered (cache slot -> position, adapter
+        slots shifted down by the slots left out)."""
+        size = cache.slots
+        used = sorted(cache.slot_of[e] for e in group) or [0]
+        index = torch.tensor(used, dtype=torch.long)
+        remap = torch.full((size,), -1, dtype=torch.int32)
+        remap[index] = torch.arange(len(used), dtype=torch.int32)
+        table = combined.long()
+        cached = remap.to(table.device)[table.clamp(0, size - 1)]
+        table = torch.where(table < 0, -1, torch.where(table < size, cached, table - size + len(used)))
+
+        def widened(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, index.to(t.device)).to(self.compute_dtype)
+
+        seg = cache.segment
+        segment = Segment(0, widened(seg.up), widened(seg.down), widened(seg.up_bias), widened(seg.down_bias))
+        chunks = [
+            Segment(c.start - num_experts + len(used), c.up, c.down, c.up_bias, c.down_bias) for c in adapter
+        ]
+        return table.to(torch.int32), [segment, *chunks]

@@ -46,6 +46,13 @@ class ESFTConfig:
         if selection.num_experts == 0 and not (selection.shared_experts or selection.non_expert_modules):
             raise UsageError(f"{selection.source}: selects no experts, nothing to train")
 
+    def trainable_bytes(self, info: MoEModelInfo) -> int:
+        """Bytes of the selected routed experts (the trainable arena) in the model's dtype; shared
+        experts and non-expert modules, when flagged, are not counted (they are in RAM anyway)."""
+        return sum(
+            len(ids) * info.by_index(layer).expert_bytes for layer, ids in self.experts.experts.items()
+        )
+
 
 def _tune(job: TuneJob, config: ESFTConfig) -> dict:
     summary = tune_esft(job, config.experts)
@@ -119,5 +126,7 @@ METHOD = register(
         serve=_serve,
         check_model=lambda config, info: config.check_model(info),
         merge=_merge,
+        offloads=True,
+        trainable_bytes=lambda config, info: config.trainable_bytes(info),
     )
 )

@@ -57,24 +57,34 @@ class LayerTrainable(SlotExecuted, nn.Module):
     Args:
         layer: the MoE layer.
         expert_ids: selected routed expert ids (sorted).
+        start: the selected experts' starting weights as a segment ``[n_selected, ...]`` (default:
+            copied out of the layer's own fused parameters; offloaded experts are read from their store).
+            Its tensors become the parameters (not copied).
     """
 
-    def __init__(self, layer: MoELayer, expert_ids: list[int]) -> None:
+    def __init__(self, layer: MoELayer, expert_ids: list[int], start: Segment | None = None) -> None:
         super().__init__()
         self.layer_index = layer.index
         self.num_experts = layer.num_experts
         self.expert_ids = list(expert_ids)
-        base = expert_segment(layer)
-        ids = torch.tensor(self.expert_ids, dtype=torch.long, device=base.up.device)
-        self.up = nn.Parameter(base.up.detach()[ids].clone())
-        self.down = nn.Parameter(base.down.detach()[ids].clone())
-        self.up_bias = nn.Parameter(base.up_bias.detach()[ids].clone()) if base.up_bias is not None else None
-        self.down_bias = (
-            nn.Parameter(base.down_bias.detach()[ids].clone()) if base.down_bias is not None else None
-        )
+        if start is None:
+            base = expert_segment(layer)
+            ids = torch.tensor(self.expert_ids, dtype=torch.long, device=base.up.device)
+            start = Segment(
+                0,
+                *(
+                    None if t is None else t.detach()[ids]
+                    for t in (base.up, base.down, base.up_bias, base.down_bias)
+                ),
+            )
+        self.up = nn.Parameter(start.up.detach())
+        self.down = nn.Parameter(start.down.detach())
+        self.up_bias = nn.Parameter(start.up_bias.detach()) if start.up_bias is not None else None
+        self.down_bias = nn.Parameter(start.down_bias.detach()) if start.down_bias is not None else None
+        ids = torch.tensor(self.expert_ids, dtype=torch.long)
         table = torch.arange(self.num_experts, dtype=torch.int32)
-        table[ids.cpu()] = self.num_experts + torch.arange(len(self.expert_ids), dtype=torch.int32)
-        self.register_buffer("slot_table", table.unsqueeze(0).to(base.up.device), persistent=False)
+        table[ids] = self.num_experts + torch.arange(len(self.expert_ids), dtype=torch.int32)
+        self.register_buffer("slot_table", table.unsqueeze(0).to(self.up.device), persistent=False)
 
     def segment(self) -> Segment:
         return Segment(self.num_experts, self.up, self.down, self.up_bias, self.down_bias)

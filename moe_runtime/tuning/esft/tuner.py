@@ -1,10 +1,16 @@
-"""ESFT: train only the selected experts (and, if flagged, shared experts / non-expert modules)."""
+"""ESFT: train only the selected experts (and, if flagged, shared experts / non-expert modules).
+
+With ``job.offload`` (an offload tier) the frozen routed experts stay on disk and are read through the
+tier in the forward and again in the backward pass (see :mod:`.offloaded`); the adapter is the same.
+"""
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
-from ...models import MoEModelInfo, install, model_fingerprint
+from ...models import MoEModelInfo, fingerprint_tensors, install, model_fingerprint
 from ...models.weights import split_slices
 from ..registry import TuneJob
 from ..trainer import TrainableModel
@@ -20,16 +26,24 @@ def _router_params(info: MoEModelInfo) -> set[int]:
 
 
 def prepare_esft(
-    model: nn.Module, info: MoEModelInfo, selection: ExpertSelection
+    model: nn.Module, info: MoEModelInfo, selection: ExpertSelection, offload=None
 ) -> tuple[TrainableExperts, list[str]]:
     """Freeze the model, attach an arena of the selected experts, unfreeze flagged extras.
+
+    Args:
+        offload: an offload tier holding the routed experts (the model's are on meta), or None.
 
     Returns:
         The arena and the names of model parameters trained besides it (shared / non-expert).
     """
     install(model, info)
     model.requires_grad_(False)
-    arena = TrainableExperts(info, selection)
+    if offload is None:
+        arena = TrainableExperts(info, selection)
+    else:
+        from .offloaded import OffloadedTrainableExperts
+
+        arena = OffloadedTrainableExperts(info, selection, offload)
     arena.attach()
     extras: list[str] = []
     expert_params = {id(p) for layer in info.layers for p in layer.experts.parameters()}
@@ -64,12 +78,29 @@ def tune_esft(job: TuneJob, selection: ExpertSelection) -> dict:
     Returns:
         Training summary with ``trainable_params`` and ``adapter_bytes``.
     """
-    model, info = job.model, job.info
-    arena, extras = prepare_esft(model, info, selection)
+    model, info, tier = job.model, job.info, job.offload
+    arena, extras = prepare_esft(model, info, selection, tier)
     params = dict(model.named_parameters())
-    replaced = replaced_fingerprint(model, info, selection, extras)
-    base_fp = model_fingerprint(model)
-    summary = job.run(TrainableModel(model, arena))
+    if tier is None:
+        replaced = replaced_fingerprint(model, info, selection, extras)
+        base_fp = model_fingerprint(model)
+        running = contextlib.nullcontext()
+    else:  # the base experts it replaces are the arena's starting copies; the rest is read from disk
+        named = [
+            (f"{info.by_index(layer).experts_name}.{expert}.{name}", tensor)
+            for (layer, expert), tensors in tuned_experts(arena, info).items()
+            for name, tensor in tensors.items()
+        ]
+        replaced = fingerprint_tensors(named + [(name, params[name]) for name in extras])
+        del named
+        base_fp = model_fingerprint(model, tier.expert_parts)
+        from .offloaded import unregistered_experts
+
+        running = contextlib.ExitStack()
+        running.enter_context(unregistered_experts(info))
+        running.enter_context(tier.threads())
+    with running:
+        summary = job.run(TrainableModel(model, arena))
     tuned = tuned_experts(arena, info)
     others = {name: params[name] for name in extras}
     summary["adapter_bytes"] = sum(
