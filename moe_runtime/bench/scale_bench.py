@@ -159,8 +159,12 @@ def _measured_generate(engine, settings: ScaleBenchSettings, ckpt: Path) -> dict
     decode_times: list[float] = []
     mark: list = []
 
+    counted = ("misses", "prefetches", "prefetch_hits")
+    counts = {name: dict.fromkeys(counted, 0) for name in phases}
+
     def before(module, args, kwargs):
         mark[:] = [time.perf_counter(), stats.bytes_read if stats else 0, stats.stall_s if stats else 0.0]
+        mark.append([getattr(stats, c) if stats else 0 for c in counted])
 
     def after(module, args, kwargs, output):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -170,6 +174,8 @@ def _measured_generate(engine, settings: ScaleBenchSettings, ckpt: Path) -> dict
         phase[1] += (stats.bytes_read if stats else 0) - mark[1]
         phase[2] += (stats.stall_s if stats else 0.0) - mark[2]
         phase[3] += 1
+        for counter, start in zip(counted, mark[3]):
+            counts[name][counter] += (getattr(stats, counter) if stats else 0) - start
         if name == "decode":
             decode_times.append(seconds)
 
@@ -198,6 +204,7 @@ def _measured_generate(engine, settings: ScaleBenchSettings, ckpt: Path) -> dict
                 f"{name}_bytes_read": nbytes,
                 f"{name}_stall_s": stall,
                 f"{name}_forwards": forwards,
+                **{f"{name}_{counter}": value for counter, value in counts[name].items()},
             }
         )
     return out
@@ -479,6 +486,10 @@ def _result(settings, ckpt, layers, wrote, write_s, plan, bandwidth, offload, pa
         "decode_s": offload["decode_s"],
         "decode_stall_s": offload["decode_stall_s"],
         "hit_rate": offload["stats"]["hit_rate"],
+        "offload_stats": offload["stats"],
+        "decode_misses": offload["decode_misses"],
+        "decode_prefetches": offload["decode_prefetches"],
+        "decode_prefetch_hits": offload["decode_prefetch_hits"],
         "store": offload["store"],
         "plan": plan,
         "tokens_per_s_resident": (

@@ -4,7 +4,8 @@
     per count          -> bench_scale on a reduced copy of the shape (written into the work directory,
                           deleted after its run unless ``keep``) or, for "all", the checkpoint given;
                           its JSON kept in ``work/series/`` and reused by a later series with the same
-                          settings (points can be run one by one, then assembled)
+                          settings, the accelerate baseline aside (points can be run one by one, each
+                          with or without the baseline, then assembled)
     compute fit        -> shared by every point (``work/compute_fit.json``)
     table + PNG        -> layers, model GB, bytes missed per decoded token, s/token (measured and
                           bound), peak RSS; cost per token against bytes missed and against model size
@@ -26,46 +27,76 @@ from ..errors import UsageError
 from ..io import atomic_write_json
 from .scale_bench import ScaleBenchSettings, bench_scale, check_shape
 
-__all__ = ["bench_scale_series", "format_series_table", "series_layers", "write_growth_plot"]
+__all__ = ["bench_scale_series", "format_series_table", "series_layers", "series_points", "write_growth_plot"]
 
 _DISK_MARGIN = 10**9
 
 
-def series_layers(spec: str, total: int) -> list[int]:
-    """Layer counts of ``spec`` ("1/4,1/2,all", fractions or whole counts) of a ``total``-layer model.
+def _fraction_layers(item: str, spec: str, total: int) -> int:
+    try:
+        if item == "all":
+            value = Fraction(1)
+        elif "/" in item or "." in item:
+            value = Fraction(item)
+            if not 0 < value <= 1:
+                raise ValueError
+        else:
+            value = Fraction(int(item), total)
+            if not 2 <= int(item) <= total:
+                raise ValueError
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(
+            f"--layers-series '{spec}': '{item}' is not 'all', a fraction in (0, 1] or a layer count "
+            f"from 2 to {total}"
+        ) from None
+    return max(2, min(total, int(value * total + Fraction(1, 2))))
+
+
+def series_points(spec: str, total: int) -> list[tuple[int, str | None]]:
+    """``(layers, budget)`` of each entry of ``spec``: "1/4,1/2,all" (fractions or whole counts of a
+    ``total``-layer model, at least 2 layers), an entry optionally at its own budget: "1/4@25%".
+
+    Budget None: the bench's ``--budget``. Sorted, duplicates dropped.
 
     Raises:
-        UsageError: an entry that is neither "all", a fraction in (0, 1] nor a count in [2, total].
+        UsageError: an entry that is neither "all", a fraction in (0, 1] nor a count in [2, total],
+            or a budget that does not parse.
     """
-    counts = []
-    for item in spec.split(","):
-        item = item.strip()
-        try:
-            if item == "all":
-                value = Fraction(1)
-            elif "/" in item or "." in item:
-                value = Fraction(item)
-                if not 0 < value <= 1:
-                    raise ValueError
-            else:
-                value = Fraction(int(item), total)
-                if not 2 <= int(item) <= total:
-                    raise ValueError
-        except (ValueError, ZeroDivisionError):
-            raise UsageError(
-                f"--layers-series '{spec}': '{item}' is not 'all', a fraction in (0, 1] or a layer count "
-                f"from 2 to {total}"
-            ) from None
-        counts.append(max(2, min(total, int(value * total + Fraction(1, 2)))))
-    return sorted(set(counts))
+    from ..runtime.offload.config import BudgetError, parse_budget
+
+    points = set()
+    for entry in spec.split(","):
+        item, _, budget = entry.strip().partition("@")
+        if budget:
+            try:
+                parse_budget(budget)
+            except BudgetError as exc:
+                raise UsageError(f"--layers-series '{spec}': '{entry}': budget {exc.detail}") from None
+        points.add((_fraction_layers(item.strip(), spec, total), budget or None))
+    return sorted(points, key=lambda p: (p[1] is not None, p[0], p[1] or ""))
 
 
-def _point_file(work: Path, shape: str, layers: int) -> Path:
-    return work / "series" / f"{shape}-{layers}l.json"
+def series_layers(spec: str, total: int) -> list[int]:
+    """The distinct layer counts of ``spec`` (see :func:`series_points`)."""
+    return sorted({layers for layers, _ in series_points(spec, total)})
+
+
+def _point_file(work: Path, settings: ScaleBenchSettings) -> Path:
+    budget = settings.budget.replace("/", "_")
+    return work / "series" / f"{settings.shape}-{settings.layers}l-{budget}.json"
+
+
+_BASELINE_FIELDS = ("accelerate", "accelerate_timeout_s")  # not part of our own measurement
 
 
 def _same_settings(point: dict, settings: ScaleBenchSettings) -> bool:
-    return point.get("settings") == json.loads(json.dumps(dataclasses.asdict(settings)))
+    """The point measured ``settings`` (whether the accelerate baseline ran beside it aside)."""
+    wanted = json.loads(json.dumps(dataclasses.asdict(settings)))
+    stored = dict(point.get("settings") or {})
+    for name in _BASELINE_FIELDS:
+        stored.pop(name, None)
+        wanted.pop(name, None)
+    return stored == wanted
 
 
 def bench_scale_series(
@@ -78,7 +109,11 @@ def bench_scale_series(
     plot: str | Path,
     log=print,
 ) -> dict:
-    """Run :func:`bench_scale` at each layer count of ``spec``; returns ``{"points": [...], ...}``.
+    """Run :func:`bench_scale` at each entry of ``spec`` (:func:`series_points`).
+
+    Returns:
+        ``{"shape", "layers_total", "spec", "budget", "points": [bench_scale results],
+        "accelerate_largest", "plot"}``.
 
     Raises:
         UsageError: a bad spec, a checkpoint of another shape, or not enough disk for the largest copy.
@@ -91,15 +126,19 @@ def bench_scale_series(
         total = check_shape(Path(checkpoint), settings)
     else:
         total = shape_config(settings.shape, layers=settings.layers)["num_hidden_layers"]
-    counts = series_layers(spec, total)
-    todo = []
-    for layers in counts:
-        point_settings = dataclasses.replace(settings, layers=layers)
-        file = _point_file(work, settings.shape, layers)
-        if file.is_file() and _same_settings(json.loads(file.read_text()), point_settings):
-            continue
-        todo.append(layers)
-    written = [n for n in todo if not (checkpoint is not None and n == total)]
+    entries = [
+        dataclasses.replace(settings, layers=layers, budget=budget or settings.budget)
+        for layers, budget in series_points(spec, total)
+    ]
+    reuse = {}
+    for entry in entries:
+        file = _point_file(work, entry)
+        if file.is_file():
+            point = json.loads(file.read_text())
+            if _same_settings(point, entry):
+                reuse[file] = point
+    written = [e.layers for e in entries if _point_file(work, e) not in reuse]
+    written = [n for n in written if not (checkpoint is not None and n == total)]
     if written:
         largest = max(written)
         need = checkpoint_bytes(shape_config(settings.shape, layers=largest, **(settings.widths or {})))
@@ -110,21 +149,21 @@ def bench_scale_series(
                 f"(+{_DISK_MARGIN / 1e9:.0f} GB margin), {free / 1e9:.2f} GB free"
             )
     points = []
-    for layers in counts:
-        point_settings = dataclasses.replace(settings, layers=layers)
-        file = _point_file(work, settings.shape, layers)
-        if layers not in todo:
-            log(f"layers {layers}: reusing {file}")
-            points.append(json.loads(file.read_text()))
+    for entry in entries:
+        file = _point_file(work, entry)
+        if file in reuse:
+            log(f"layers {entry.layers}, budget {entry.budget}: reusing {file}")
+            points.append(reuse[file])
             continue
-        log(f"layers {layers}: running")
-        ckpt = checkpoint if checkpoint is not None and layers == total else None
-        result = bench_scale(point_settings, workdir=work, checkpoint=ckpt, keep=keep)
+        log(f"layers {entry.layers}, budget {entry.budget}: running")
+        ckpt = checkpoint if checkpoint is not None and entry.layers == total else None
+        result = bench_scale(entry, workdir=work, checkpoint=ckpt, keep=keep)
         atomic_write_json(file, result)
         points.append(result)
-    out = {"shape": settings.shape, "layers_total": total, "spec": spec, "points": points}
+    out = {"shape": settings.shape, "layers_total": total, "spec": spec, "budget": settings.budget}
+    out["points"] = points
     out["accelerate_largest"] = _largest_accelerate(points)
-    out["plot"] = str(write_growth_plot(points, plot))
+    out["plot"] = str(write_growth_plot(points, plot, budget=settings.budget))
     return out
 
 
@@ -144,6 +183,7 @@ def _row(p: dict) -> dict:
     bound = p["bound_tokens_per_s"]
     return {
         "layers": p["layers"],
+        "budget": p["budget"],
         "model GB": p["checkpoint_bytes"] / 1e9,
         "missed MB/token": p["bytes_read_per_decode_token"] / 1e6,
         "s/token": p["s_per_token"],
@@ -174,8 +214,12 @@ def format_series_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_growth_plot(points: list[dict], path: str | Path) -> Path:
-    """Seconds per decoded token against bytes missed per token and against model size, atomically."""
+def write_growth_plot(points: list[dict], path: str | Path, *, budget: str | None = None) -> Path:
+    """Seconds per decoded token against bytes missed per token and against model size, atomically.
+
+    Points at ``budget`` (default: the first point's) are joined by a line; points at other budgets
+    are marked apart (same model size, other bytes missed).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,22 +227,37 @@ def write_growth_plot(points: list[dict], path: str | Path) -> Path:
 
     path = Path(path)
     rows = sorted((_row(p) for p in points), key=lambda r: r["layers"])
+    budget = budget or (rows[0]["budget"] if rows else None)
+    main = [r for r in rows if r["budget"] == budget]
+    other = [r for r in rows if r["budget"] != budget]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for ax, x_name, label in (
         (axes[0], "missed MB/token", "bytes missed per decoded token (MB)"),
         (axes[1], "model GB", "model size on disk (GB)"),
     ):
-        xs = [r[x_name] for r in rows]
-        ax.plot(xs, [r["s/token"] for r in rows], "o-", label="measured")
-        ax.plot(xs, [r["bound s/token"] for r in rows], "s--", mfc="none", label="bound (compute + reads)")
-        for r, x in zip(rows, xs):
-            ax.annotate(f"{r['layers']} layers", (x, r["s/token"]), textcoords="offset points", xytext=(4, 4))
+        xs = [r[x_name] for r in main]
+        ax.plot(xs, [r["s/token"] for r in main], "o-", label=f"measured, budget {budget}")
+        ax.plot(
+            xs, [r["bound s/token"] for r in main], "s--", mfc="none", label="compute + reads / bandwidth"
+        )
+        if other:
+            ax.plot(
+                [r[x_name] for r in other], [r["s/token"] for r in other], "D", label="measured, other budget"
+            )
+            ax.plot(
+                [r[x_name] for r in other], [r["bound s/token"] for r in other], "s", mfc="none", color="C1"
+            )
+        for r in rows:
+            tag = f"{r['layers']} layers" + (f" @ {r['budget']}" if r["budget"] != budget else "")
+            ax.annotate(tag, (r[x_name], r["s/token"]), textcoords="offset points", xytext=(4, 4))
         ax.set_xlabel(label)
         ax.set_ylabel("seconds per decoded token")
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
+        top = max((v for r in rows for v in (r["s/token"], r["bound s/token"]) if v), default=1.0)
+        right = max((r[x_name] for r in rows), default=1.0)
+        ax.set_xlim(0, 1.2 * right)
+        ax.set_ylim(0, 1.2 * top)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="lower right", fontsize="small")
     shape = points[0]["shape"] if points else ""
     fig.suptitle(f"bench scale: {shape}, cost per token as layers grow")
     path.parent.mkdir(parents=True, exist_ok=True)

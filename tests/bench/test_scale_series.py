@@ -10,7 +10,12 @@ import pytest
 
 from moe_runtime.bench import scale_series
 from moe_runtime.bench.scale_bench import ScaleBenchSettings
-from moe_runtime.bench.scale_series import bench_scale_series, format_series_table, series_layers
+from moe_runtime.bench.scale_series import (
+    bench_scale_series,
+    format_series_table,
+    series_layers,
+    series_points,
+)
 from moe_runtime.cli import main
 from moe_runtime.errors import UsageError
 from moe_runtime.testing import shapes
@@ -28,9 +33,10 @@ def test_series_layers():
     assert series_layers("1/4,1/2,all", 27) == [7, 14, 27]
     assert series_layers("all,0.5", 4) == [2, 4]
     assert series_layers("1/100,3", 16) == [2, 3]  # at least 2 layers; whole counts taken as they are
-    for bad in ("abc", "0", "3/2", "1", "40", "1/0", ""):
+    assert series_points("1/4,all,1/4@25%,1/4", 27) == [(7, None), (27, None), (7, "25%")]
+    for bad in ("abc", "0", "3/2", "1", "40", "1/0", "", "1/4@lots", "all@0%"):
         with pytest.raises(UsageError, match="--layers-series"):
-            series_layers(bad, 27)
+            series_points(bad, 27)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,7 @@ def _fake_point(settings: ScaleBenchSettings, layers: int) -> dict:
     import dataclasses
 
     return {
-        "shape": settings.shape, "layers": layers, "checkpoint_bytes": layers * 10**9,
+        "shape": settings.shape, "layers": layers, "budget": settings.budget, "checkpoint_bytes": layers * 10**9,
         "bytes_read_per_decode_token": layers * 10**8, "s_per_token": 0.1 * layers,
         "bound_tokens_per_s": 1 / (0.08 * layers), "bound_fraction": 0.8, "peak_rss_bytes": 2 * 10**9,
         "peak_rss_limit_bytes": 3 * 10**9, "speedup_vs_accelerate_end_to_end": 4.0 if layers < 4 else None,
@@ -115,16 +121,23 @@ def test_series_reuses_points_and_writes_table_and_plot(tmp_path, monkeypatch):
     assert [p.name for p in plot.parent.iterdir()] == ["growth.png"]  # no temporary file left
     assert result["accelerate_largest"]["layers"] == 2
     table = format_series_table(result).splitlines()
-    assert table[0].split()[:3] == ["layers", "model", "GB"] and len(table) == 4  # header, 2 rows, a note
+    assert table[0].split()[:4] == ["layers", "budget", "model", "GB"] and len(table) == 4  # 2 rows, a note
     assert "accelerate at 4 layers: not run" in table[-1]
 
     result = bench_scale_series(
         settings, spec="1/2,all", workdir=tmp_path / "w", plot=plot, log=lambda _: None
     )
     assert runs == [2, 4] and [p["layers"] for p in result["points"]] == [2, 4]  # both reused
-    changed = ScaleBenchSettings(**{**settings.__dict__, "budget": "50%"})
+    result = bench_scale_series(settings, spec="1/2,all,1/2@50%", workdir=tmp_path / "w", plot=plot,
+                                log=lambda _: None)  # fmt: skip
+    assert runs == [2, 4, 2]  # only the new budget runs; the others are reused
+    assert [(p["layers"], p["budget"]) for p in result["points"]] == [(2, "25%"), (4, "25%"), (2, "50%")]
+    no_baseline = ScaleBenchSettings(**{**settings.__dict__, "accelerate": False})
+    bench_scale_series(no_baseline, spec="all", workdir=tmp_path / "w", plot=plot, log=lambda _: None)
+    assert runs == [2, 4, 2]  # the same measurement, with or without the accelerate baseline
+    changed = ScaleBenchSettings(**{**settings.__dict__, "prompts": 3})
     bench_scale_series(changed, spec="all", workdir=tmp_path / "w", plot=plot, log=lambda _: None)
-    assert runs == [2, 4, 4]  # other settings: run again
+    assert runs == [2, 4, 2, 4]  # other settings: run again
 
 
 @pytest.mark.slow
