@@ -139,6 +139,7 @@ def bench_scale_series(
                 reuse[file] = point
     written = [e.layers for e in entries if _point_file(work, e) not in reuse]
     written = [n for n in written if not (checkpoint is not None and n == total)]
+    written = [n for n in written if not (work / f"{settings.shape}-{n}l" / "config.json").is_file()]
     if written:
         largest = max(written)
         need = checkpoint_bytes(shape_config(settings.shape, layers=largest, **(settings.widths or {})))

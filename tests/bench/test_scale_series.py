@@ -163,3 +163,21 @@ def test_series_runs_on_a_tiny_copy(tmp_path):
     assert point["peak_rss_within_limit"] is True
     assert plot.read_bytes().startswith(PNG_MAGIC)
     assert sorted(p.name for p in work.iterdir()) == ["compute_fit.json", "series"]  # copies deleted
+
+
+def test_disk_check_skips_copies_already_there(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    monkeypatch.setattr(scale_series, "bench_scale", lambda s, **kw: _fake_point(s, s.layers))
+    settings = ScaleBenchSettings(layers=4, widths=shapes.TINY_WIDTHS["deepseek-v2-lite"])
+    work = tmp_path / "w"
+    (work / "deepseek-v2-lite-2l").mkdir(parents=True)
+    (work / "deepseek-v2-lite-2l" / "config.json").write_text("{}")  # written before, e.g. by --write-only
+    with pytest.raises(UsageError, match="4-layer copy"):
+        bench_scale_series(
+            settings, spec="1/2,all", workdir=work, plot=tmp_path / "g.png", log=lambda _: None
+        )
+    result = bench_scale_series(
+        settings, spec="1/2", workdir=work, plot=tmp_path / "g.png", log=lambda _: None
+    )
+    assert [p["layers"] for p in result["points"]] == [2]
