@@ -1,11 +1,4 @@
-"""By-hand check at real widths: HF float32 greedy tokens vs moe-runtime --offload disk (bf16 on disk, float32 compute).
-
-Usage: python docs/bench/exact_real_widths.py SHAPE LAYERS   (prints one JSON object)
-
-The reference is transformers' own model class, weights and generate() in float32, loaded through
-moe_runtime.models.load_model (transformers' from_pretrained with a low-memory read, values
-bit-identical), so that a 2-layer qwen3-30b-a3b copy (7.4 GB in float32) loads within 12 GB.
-"""
+"""By-hand check at real widths: HF float32 greedy tokens vs moe-runtime --offload disk (bf16 on disk, float32 compute)."""
 
 import gc
 import json
@@ -14,8 +7,8 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from moe_runtime.models import load_model
 from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
 from moe_runtime.runtime.offload import OffloadConfig
 from moe_runtime.testing import shapes
@@ -26,7 +19,7 @@ out = Path(f"/tmp/scale/exact-{shape}-{layers}")
 if not out.exists():
     shapes.write_checkpoint(shapes.shape_config(shape, layers=layers), out)
 prompts = [[5, 17, 42, 7, 99, 12, 300, 801], [3, 250, 11, 64, 1000]]
-ref = load_model(out, dtype=torch.float32).eval()
+ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
 expected = []
 with torch.no_grad():
     for p in prompts:
