@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
-from ._common import add_verb, budget_flag
+from ._common import COMPUTE_DTYPES, add_verb, budget_flag
 
 BENCHES = (
     "profile",
@@ -47,6 +47,8 @@ def register(sub) -> None:
             "moe-runtime bench scale --shape deepseek-v2-lite --layers 4 --budget 25% --workdir /tmp/scale --json s.json",
             "moe-runtime bench scale --shape olmoe-1b-7b --layers 2 --write-only /tmp/scale/olmoe-2",
             "moe-runtime bench scale --checkpoint ./dsv2-lite --shape deepseek-v2-lite --budget 6GB --no-accelerate",
+            "moe-runtime bench scale --checkpoint ./dsv2-lite --budget 10% --layers-series 1/4,1/2,all "
+            "--workdir /tmp/scale --json growth.json --plot growth.png",
             "moe-runtime bench cpu-peer --converter llama.cpp/convert_hf_to_gguf.py --json cpu_peer.json",
             "moe-runtime bench cpu-peer --hidden 64 --layers 2 --repeats 1 --new-tokens 8   # a tiny model, seconds",
         ],
@@ -223,6 +225,32 @@ def register(sub) -> None:
     )
     peer.add_argument("--hidden", type=int, default=1024, metavar="N", help="hidden size (default 1024)")
     peer.add_argument("--no-offload", action="store_true", help="skip the --offload disk runs")
+    scale.add_argument(
+        "--compute-dtype",
+        choices=COMPUTE_DTYPES,
+        default="auto",
+        help="dtype the experts and other weights are computed in (default auto: float32 on the CPU)",
+    )
+    scale.add_argument(
+        "--compute-layers",
+        default="2,4",
+        metavar="N,N",
+        help="layer counts of the reduced copies (same widths) timed resident for the bound's compute "
+        "time when the model does not fit in RAM (default 2,4; a line through them, read at the full count)",
+    )
+    scale.add_argument(
+        "--layers-series",
+        metavar="SPEC",
+        help="cost growth: the same bench at these fractions or counts of the shape's layers, e.g. "
+        "1/4,1/2,all (reduced copies written into --workdir one at a time; each point's JSON kept in "
+        "WORKDIR/series/ and reused by a later series with the same settings); prints a table and writes "
+        "a PNG (--plot)",
+    )
+    scale.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="--layers-series: the PNG (default: --json with .png, else WORKDIR/scale_growth.png)",
+    )
 
 
 def _table(rows: dict, indent: str = "") -> str:
@@ -353,6 +381,15 @@ def run(args: argparse.Namespace) -> int:
         result = _bench_scale(args)
         if result is None:
             return 0
+        if "points" in result:  # --layers-series
+            from ..bench.scale_series import format_series_table
+
+            print(format_series_table(result))
+            print(f"plot: {result['plot']}")
+            if args.json:
+                atomic_write_json(args.json, result)
+                print(f"json: {args.json}")
+            return 0
     elif args.name == "cpu-peer":
         result = _bench_cpu_peer(args)
     elif args.name == "peft-mixed":
@@ -455,10 +492,12 @@ def _check_device(args: argparse.Namespace) -> None:
 
 
 def _bench_scale(args: argparse.Namespace) -> dict | None:
+    import sys
     import tempfile
     from pathlib import Path
 
     from ..bench.scale_bench import ScaleBenchSettings, bench_scale
+    from ..io import check_output_file
     from ..testing.shapes import shape_config, write_checkpoint
 
     budget_flag("--budget", args.budget)
@@ -466,6 +505,12 @@ def _bench_scale(args: argparse.Namespace) -> dict | None:
         out = write_checkpoint(shape_config(args.shape, layers=args.layers), args.write_only, progress=True)
         print(out)
         return None
+    try:
+        compute_layers = tuple(int(x) for x in args.compute_layers.split(","))
+    except ValueError:
+        raise UsageError(f"--compute-layers '{args.compute_layers}': give layer counts, e.g. 2,4") from None
+    if not compute_layers or min(compute_layers) < 1:
+        raise UsageError(f"--compute-layers '{args.compute_layers}': layer counts must be positive")
     settings = ScaleBenchSettings(
         shape=args.shape,
         layers=args.layers,
@@ -476,10 +521,34 @@ def _bench_scale(args: argparse.Namespace) -> dict | None:
         pack=args.pack_experts,
         accelerate=not args.no_accelerate,
         resident=not args.no_resident,
+        compute_dtype=args.compute_dtype,
+        compute_layers=compute_layers,
     )
     if min(settings.prompts, settings.prompt_len, settings.new_tokens) <= 0:
         raise UsageError("--prompts, --prompt-len and --new-tokens must be positive")
+    if args.checkpoint and not Path(args.checkpoint).is_dir():
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such directory")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "moe_runtime_scale"
+    if args.layers_series:
+        from ..bench.scale_series import bench_scale_series
+
+        if args.layers is not None:
+            raise UsageError("--layers-series sets the layer counts itself: drop --layers")
+        plot = args.plot or (
+            Path(args.json).with_suffix(".png") if args.json else workdir / "scale_growth.png"
+        )
+        check_output_file(plot)
+        return bench_scale_series(
+            settings,
+            spec=args.layers_series,
+            workdir=workdir,
+            checkpoint=args.checkpoint,
+            keep=args.keep,
+            plot=plot,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    if args.plot:
+        raise UsageError("--plot goes with --layers-series")
     result = bench_scale(settings, workdir=workdir, checkpoint=args.checkpoint, keep=args.keep)
     return {"bench": "scale", **result}
 
