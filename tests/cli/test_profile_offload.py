@@ -92,7 +92,9 @@ def test_offloaded_profile_equals_resident(
     res, off = tmp_path / "res", tmp_path / "off"
     assert json.loads((off / "meta.json").read_text()) == json.loads((res / "meta.json").read_text())
     assert json.loads((off / "overview.json").read_text()) == json.loads((res / "overview.json").read_text())
-    gate_tol = 1e-12 if which == "qwen2_moe" else 1e-6  # float64, else float32 compute
+    # float64: exact to rounding; float32: the offloaded path may run other kernels (few-row streaming
+    # products, chunked passes), so sums over thousands of tokens differ in the last bits
+    gate_tol = 1e-12 if which == "qwen2_moe" else 1e-5
     for task in task_files:
         got, want = (json.loads((d / task / "counts.json").read_text()) for d in (off, res))
         np.testing.assert_allclose(got.pop("gate_sums"), want.pop("gate_sums"), rtol=gate_tol, atol=0)
