@@ -40,3 +40,18 @@ def save_checkpoint(
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     return directory
+
+
+def damaged_copy(src: Path, dst: Path, damage: str) -> tuple[Path, str]:
+    """Copy checkpoint ``src`` to ``dst`` with its second shard ``"missing"`` or ``"truncated"`` (100
+    bytes cut); returns the copy and the damaged shard's name."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    shard = sorted(Path(dst).glob("*.safetensors"))[1]
+    if damage == "missing":
+        shard.unlink()
+    else:
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size - 100)
+    return Path(dst), shard.name

@@ -7,8 +7,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_runtime.models import MoEModelInfo, find_moe_layers, model_fingerprint, split_expert
+from helpers.checkpoints import save_checkpoint
+from helpers.routed_lora import write_random_lora
+from moe_runtime.models import MoEModelInfo, find_moe_layers, load_model, model_fingerprint, split_expert
 from moe_runtime.tuning.esft import ExpertSelection, read_adapter, replaced_fingerprint, write_adapter
+from moe_runtime.tuning.routed_lora import RoutedLoraSettings
 
 
 def make_adapter(
@@ -113,3 +116,19 @@ def make_esft_lora_adapter(
         replaced=replaced_fingerprint(model, info, selection),
         base_fingerprint=model_fingerprint(model),
     )
+
+
+def esft_and_routed_lora(root: Path, family: str, **overrides) -> tuple[Path, dict[str, Path], Path]:
+    """A float64 checkpoint of ``family`` under ``root``, an ESFT adapter (two experts in the first and
+    last MoE layers) and a random perft-r routed-LoRA adapter: ``(path, {"esft", "rl"}, root)``."""
+
+    path = save_checkpoint(root / "model", family, **overrides)
+    base = load_model(path)
+    info = find_moe_layers(base)
+    layers = info.layer_indices
+    esft = make_adapter(
+        base, root / "esft", {layers[0]: [1, 3], layers[-1]: [0, 2]}, seed=1, scale=1.0, info=info
+    )
+    settings = RoutedLoraSettings(variant="perft-r", num_experts=4, top_k=2, rank=4)
+    lora = write_random_lora(base, root / "rl", settings, seed=2, b_std=0.5)
+    return path, {"esft": esft, "rl": lora}, root

@@ -12,34 +12,21 @@ import threading
 
 import pytest
 import torch
-from helpers.checkpoints import save_checkpoint
-from helpers.routed_lora import write_random_lora
-from helpers.serving import make_adapter
+from helpers.serving import esft_and_routed_lora, make_adapter
 
 from moe_runtime.errors import AdapterError, UsageError
-from moe_runtime.models import find_moe_layers, load_model
 from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
 from moe_runtime.runtime.offload import OffloadConfig
 from moe_runtime.runtime.profiles import RoutingProfile
 from moe_runtime.runtime.scheduler import TextStream
 from moe_runtime.testing.random_models import build_random_model
-from moe_runtime.tuning.routed_lora import RoutedLoraSettings
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A float64 qwen2_moe checkpoint (tokenizer included), an ESFT and a routed-LoRA adapter."""
     root = tmp_path_factory.mktemp("cb")
-    path = save_checkpoint(root / "model", "qwen2_moe", num_hidden_layers=3)
-    base = load_model(path)
-    info = find_moe_layers(base)
-    layers = info.layer_indices
-    esft = make_adapter(
-        base, root / "esft", {layers[0]: [1, 3], layers[-1]: [0, 2]}, seed=1, scale=1.0, info=info
-    )
-    settings = RoutedLoraSettings(variant="perft-r", num_experts=4, top_k=2, rank=4)
-    lora = write_random_lora(base, root / "rl", settings, seed=2, b_std=0.5)
-    return path, {"esft": esft, "rl": lora}, root
+    return esft_and_routed_lora(root, "qwen2_moe", num_hidden_layers=3)
 
 
 def _engine(checkpoint, offload: bool) -> MultiAdapterEngine:

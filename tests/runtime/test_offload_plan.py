@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import pytest
 import torch
+from helpers.checkpoints import damaged_copy
 
 from moe_runtime.cli import main
 from moe_runtime.runtime import MultiAdapterEngine
@@ -79,18 +79,11 @@ def test_budget_below_top_k_is_one_line(tiny, capsys):
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
 @pytest.mark.parametrize("offload", ["none", "disk"])
 def test_damaged_shard_is_one_line(tiny, tmp_path, capsys, damage, offload):
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny, bad)
-    shard = sorted(bad.glob("*.safetensors"))[1]
-    if damage == "missing":
-        shard.unlink()
-    else:
-        with open(shard, "r+b") as f:
-            f.truncate(shard.stat().st_size - 100)
+    bad, shard_name = damaged_copy(tiny, tmp_path / "bad", damage)
     for extra in (["--prompt", "x"], ["--plan"]):
         code, out, err = _run(capsys, "generate", "--model", bad, "--offload", offload, *extra)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
-        assert shard.name in err and damage in err and "Traceback" not in err, err
+        assert shard_name in err and damage in err and "Traceback" not in err, err
 
 
 def test_compute_dtype_flag(tiny, capsys):

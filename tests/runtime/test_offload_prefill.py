@@ -12,17 +12,13 @@ import random
 
 import pytest
 import torch
-from helpers.checkpoints import save_checkpoint
-from helpers.routed_lora import write_random_lora
-from helpers.serving import make_adapter
+from helpers.serving import esft_and_routed_lora
 
 from moe_runtime.errors import UsageError
-from moe_runtime.models import find_moe_layers, load_model
 from moe_runtime.ops import slot_routed
 from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
 from moe_runtime.runtime.generation import left_pad
 from moe_runtime.runtime.offload import OffloadConfig
-from moe_runtime.tuning.routed_lora import RoutedLoraSettings
 
 LENGTHS = (2, 5, 9, 14)  # prompts of different lengths: the batch is left-padded up to 14
 NEW_TOKENS = 3
@@ -32,16 +28,7 @@ NEW_TOKENS = 3
 def checkpoint(tmp_path_factory):
     """A float64 mixtral (2 layers, 16 experts, top-2), an ESFT and a routed-LoRA adapter."""
     root = tmp_path_factory.mktemp("prefill")
-    path = save_checkpoint(root / "model", "mixtral", num_hidden_layers=2, num_local_experts=16)
-    base = load_model(path)
-    info = find_moe_layers(base)
-    layers = info.layer_indices
-    esft = make_adapter(
-        base, root / "esft", {layers[0]: [1, 3], layers[-1]: [0, 2]}, seed=1, scale=1.0, info=info
-    )
-    settings = RoutedLoraSettings(variant="perft-r", num_experts=4, top_k=2, rank=4)
-    lora = write_random_lora(base, root / "rl", settings, seed=2, b_std=0.5)
-    return path, {"esft": esft, "rl": lora}, root
+    return esft_and_routed_lora(root, "mixtral", num_hidden_layers=2, num_local_experts=16)
 
 
 def _engine(checkpoint, offload: bool, **settings) -> MultiAdapterEngine:

@@ -5,11 +5,11 @@ and writes nothing; bad input is one line and exit 2 with nothing written."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.checkpoints import damaged_copy
 from safetensors.torch import load_file
 
 from moe_runtime.cli import main
@@ -114,18 +114,6 @@ def test_plan_prints_the_sizes_and_writes_nothing(tiny, inputs, tmp_path, capsys
     assert code == 0 and plan["offload"] is None and plan["bytes_read_per_step_worst"] == 0, err
 
 
-def _damaged(tiny, tmp_path, damage) -> tuple[Path, str]:
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny, bad)
-    shard = sorted(bad.glob("*.safetensors"))[1]
-    if damage == "missing":
-        shard.unlink()
-    else:
-        with open(shard, "r+b") as f:
-            f.truncate(shard.stat().st_size - 100)
-    return bad, shard.name
-
-
 @pytest.mark.parametrize(
     "case", ["budget below top-k", "other method", "budget without offload", "truncated", "missing"]
 )
@@ -137,7 +125,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, inputs, tmp_path, capsys
     elif case == "budget without offload":
         extra, expect = ["--expert-budget", "50%"], "--expert-budget goes with --offload disk"
     elif case in ("truncated", "missing"):
-        model, expect = _damaged(tiny, tmp_path, case)
+        model, expect = damaged_copy(tiny, tmp_path / "bad", case)
     argv = _tune(model, inputs, tmp_path / "ad", *extra)
     if case == "other method":
         argv[argv.index("esft")] = "lora"
