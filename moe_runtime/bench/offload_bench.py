@@ -327,6 +327,22 @@ def _child_offload(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) -
     }
 
 
+def hf_greedy_timed(
+    model, prompts: list[list[int]], new_tokens: int, device=None
+) -> tuple[list[list[int]], float]:
+    """Transformers' own greedy ``generate``, one prompt at a time, exactly ``new_tokens`` each: the
+    tokens and the seconds they took (the baselines' decode loop)."""
+    import torch
+
+    tokens, start = [], time.perf_counter()
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=device)
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            tokens.append(out[0, ids.shape[1] :].tolist())
+    return tokens, time.perf_counter() - start
+
+
 def _child_accelerate(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -348,18 +364,7 @@ def _child_accelerate(ckpt: Path, settings: OffloadBenchSettings, cache_dir: str
         )
         devices = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()})
         drop_page_cache([Path(ckpt), Path(folder)])
-        tokens, start = [], time.perf_counter()
-        with torch.no_grad():
-            for prompt in _prompts(settings):
-                ids = torch.tensor([prompt], device=settings.device)
-                out = model.generate(
-                    ids,
-                    max_new_tokens=settings.new_tokens,
-                    min_new_tokens=settings.new_tokens,
-                    do_sample=False,
-                )
-                tokens.append(out[0, ids.shape[1] :].tolist())
-        seconds = time.perf_counter() - start
+        tokens, seconds = hf_greedy_timed(model, _prompts(settings), settings.new_tokens, settings.device)
     return {
         "tokens": tokens,
         "seconds": seconds,

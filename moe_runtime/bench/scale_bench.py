@@ -49,7 +49,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from .memory import peak_rss_bytes, run_child
-from .offload_bench import drop_page_cache
+from .offload_bench import drop_page_cache, hf_greedy_timed
 from .scale_bound import cold_bandwidth, compute_fit, fits_resident
 
 __all__ = ["ScaleBenchSettings", "bench_scale", "check_shape"]
@@ -268,18 +268,7 @@ def _child_accelerate(ckpt: Path, settings: ScaleBenchSettings, cache_dir: str) 
         load_s = time.perf_counter() - start
         folder_bytes = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
         drop_page_cache([Path(ckpt), Path(folder)])
-        tokens, start = [], time.perf_counter()
-        with torch.no_grad():
-            for prompt in _prompts(settings, _vocab(ckpt)):
-                ids = torch.tensor([prompt])
-                out = model.generate(
-                    ids,
-                    max_new_tokens=settings.new_tokens,
-                    min_new_tokens=settings.new_tokens,
-                    do_sample=False,
-                )
-                tokens.append(out[0, ids.shape[1] :].tolist())
-        seconds = time.perf_counter() - start
+        tokens, seconds = hf_greedy_timed(model, _prompts(settings, _vocab(ckpt)), settings.new_tokens)
     return {
         "tokens": tokens,
         "seconds": seconds,
