@@ -300,9 +300,9 @@ def _run_tune(method, args: argparse.Namespace) -> int:
         if method.check_model is not None:
             method.check_model(config, info)  # refused before any training
         features = encode_examples(tokenizer, examples, train.max_length, where=args.data)
-        routing = None
-        if args.profile_tokens:
-            routing = _routing_profile(model, tokenizer, examples, args, tier)
+        routing, base_fingerprint = None, None
+        if args.profile_tokens:  # its fingerprint of the untrained base is the adapter's too
+            routing, base_fingerprint = _routing_profile(model, tokenizer, examples, args, tier)
         init_distributed()
         job = TuneJob(
             model=model,
@@ -314,6 +314,7 @@ def _run_tune(method, args: argparse.Namespace) -> int:
             resume=args.resume,
             write=is_rank_zero(),
             offload=tier,
+            base_fingerprint=base_fingerprint,
         )
         summary = method.tune(job, config)
     finally:
@@ -364,8 +365,9 @@ def _tunable():
 
 
 def _routing_profile(model, tokenizer, examples, args: argparse.Namespace, tier=None):
-    """The base model's routing on the training data (before training changes any weight); with an
-    offload ``tier`` its executor runs the experts and the fingerprint reads them from it."""
+    """The base model's routing on the training data (before training changes any weight) and the
+    base's fingerprint; with an offload ``tier`` its executor runs the experts and the fingerprint
+    reads them from it."""
     from ..profiler import ProfileConfig, profile_model
     from ..runtime.profiles import RoutingProfile
 
@@ -373,7 +375,8 @@ def _routing_profile(model, tokenizer, examples, args: argparse.Namespace, tier=
     parts = tier.expert_parts if tier is not None else None
     meta, profiles = profile_model(model, tokenizer, {"task": examples}, config, parts=parts)
     task = profiles["task"]
-    return RoutingProfile.from_counts(meta.layers, task.counts, task.tokens, task=Path(args.data).stem)
+    profile = RoutingProfile.from_counts(meta.layers, task.counts, task.tokens, task=Path(args.data).stem)
+    return profile, meta.fingerprint
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -92,6 +92,8 @@ class TuneJob:
         log_file: where the Trainer's log rows go as JSON lines (None: nowhere).
         offload: an offload tier serving the routed experts, which ``model`` holds on the meta device
             (only for methods with ``Method.offloads``); None: every weight is in ``model``.
+        base_fingerprint: the untrained base's ``model_fingerprint`` when already known (``tune``'s
+            routing profile computes it); None: :meth:`base_fp` computes it once.
     """
 
     model: nn.Module
@@ -106,11 +108,22 @@ class TuneJob:
     progress: bool = True
     log_file: Path | None = None
     offload: Any = None
+    base_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         if self.work_dir is None:
             self.work_dir = self.out.with_name(self.out.name + ".checkpoints")
+
+    def base_fp(self) -> str:
+        """The base model's fingerprint before training: given, or computed once (with an offload tier,
+        its experts are read from the tier, so it equals the resident model's)."""
+        if self.base_fingerprint is None:
+            from ..models import model_fingerprint
+
+            parts = self.offload.expert_parts if self.offload is not None else None
+            self.base_fingerprint = model_fingerprint(self.model, parts)
+        return self.base_fingerprint
 
     def run(self, trainable) -> dict:
         """Train ``trainable`` (a :class:`~moe_runtime.tuning.trainer.TrainableModel`); the summary."""

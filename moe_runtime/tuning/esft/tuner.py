@@ -10,7 +10,7 @@ import contextlib
 
 from torch import nn
 
-from ...models import MoEModelInfo, fingerprint_tensors, install, model_fingerprint
+from ...models import MoEModelInfo, fingerprint_tensors, install
 from ...models.weights import split_slices
 from ..registry import TuneJob
 from ..trainer import TrainableModel
@@ -83,7 +83,7 @@ def tune_esft(job: TuneJob, selection: ExpertSelection) -> dict:
     params = dict(model.named_parameters())
     if tier is None:
         replaced = replaced_fingerprint(model, info, selection, extras)
-        base_fp = model_fingerprint(model)
+        base_fp = job.base_fp()
         running = contextlib.nullcontext()
     else:  # the base experts it replaces are the arena's starting copies; the rest is read from disk
         named = [
@@ -93,7 +93,7 @@ def tune_esft(job: TuneJob, selection: ExpertSelection) -> dict:
         ]
         replaced = fingerprint_tensors(named + [(name, params[name]) for name in extras])
         del named
-        base_fp = model_fingerprint(model, tier.expert_parts)
+        base_fp = job.base_fp()
         from .offloaded import unregistered_experts
 
         running = contextlib.ExitStack()

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from ...errors import UsageError
-from ...models import MoEModelInfo, find_moe_layers, install, model_fingerprint
+from ...models import MoEModelInfo, find_moe_layers, install
 from ..esft import replaced_fingerprint
 from ..esft.config import ExpertSelection, read_expert_config
 from ..registry import ConfigError, Method, TuneJob, option, register
@@ -93,7 +93,7 @@ def tune_esft_lora(job: TuneJob, config: EsftLoraConfig) -> dict:
     install(model, info)
     model.requires_grad_(False)
     replaced = replaced_fingerprint(model, info, selection)
-    base_fp = model_fingerprint(model)
+    base_fp = job.base_fp()
     factors = LowRankExperts(info, selection, config.rank, config.alpha, seed=job.train.seed)
     factors.attach()
     try:

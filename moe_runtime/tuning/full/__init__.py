@@ -8,7 +8,6 @@ from pathlib import Path
 from torch import nn
 
 from ...errors import AdapterError, UsageError
-from ...models import model_fingerprint
 from ..meta import check_base, save_adapter_dir
 from ..registry import Method, TuneJob, register
 from ..trainer import TrainableModel
@@ -35,7 +34,7 @@ class FullAdapter:
 def tune_full(job: TuneJob) -> dict:
     """Train every parameter; write the whole model plus metadata (``job.write``)."""
     model = job.model
-    base_fp = model_fingerprint(model)
+    base_fp = job.base_fp()
     model.requires_grad_(True)
     summary = job.run(TrainableModel(model))
     summary["adapter_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from ...errors import AdapterError
-from ...models import MoEModelInfo, model_fingerprint
+from ...models import MoEModelInfo
 from ..meta import check_base, save_adapter_dir
 from ..registry import ConfigError, Method, TuneJob, option, register
 from ..trainer import TrainableModel
@@ -78,7 +78,7 @@ def tune_lora(job: TuneJob, settings: LoraSettings | None = None) -> dict:
     from peft import get_peft_model
 
     settings = settings or LoraSettings()
-    base_fp = model_fingerprint(job.model)
+    base_fp = job.base_fp()
     peft_model = get_peft_model(job.model, lora_config(job.model, job.info, settings))
     summary = job.run(TrainableModel(peft_model))
     summary["adapter_bytes"] = sum(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...models import MoEModelInfo, find_moe_layers, model_fingerprint
+from ...models import MoEModelInfo, find_moe_layers
 from ..registry import TuneJob
 from ..trainer import TrainableModel
 from .adapter import RoutedLoraAdapter, write_routed_lora
@@ -63,7 +63,7 @@ def tune_routed_lora(job: TuneJob, settings: RoutedLoraSettings | None = None) -
         Training summary with ``trainable_params`` and ``adapter_bytes``.
     """
     settings = settings or RoutedLoraSettings()
-    base_fp = model_fingerprint(job.model)
+    base_fp = job.base_fp()
     lora = prepare_routed_lora(job.model, job.info, settings, seed=job.train.seed)
     try:
         summary = job.run(RoutedLoraTrainable(job.model, lora))
