@@ -150,10 +150,7 @@ def _llama(gguf: Path, threads: int, **kwargs):
 def _child_tokenize(gguf: Path, job: _Job, cache_dir: str) -> dict:
     import llama_cpp
 
-    try:
-        llm = _llama(gguf, 1, vocab_only=True)
-    except (ValueError, RuntimeError):  # a version that needs a context: map the weights too
-        llm = _llama(gguf, 1)
+    llm = _llama(gguf, 1, vocab_only=True)  # the tokenizer only (llama-cpp-python >= 0.3.36, the extra's pin)
     ids = [llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) for text in job.texts]
     return {
         "ids": ids,
