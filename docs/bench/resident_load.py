@@ -37,13 +37,13 @@ def main() -> None:
     floor = hwm_mb()
     from moe_runtime.models import load_model
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model = load_model(path)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     peak = hwm_mb()
     print(json.dumps({
-        "floor_mb": floor, "peak_mb": peak, "weights_mb": round(weights), "load_s": round(seconds, 2),
+        "floor_mb": floor, "peak_mb": peak, "weights_mb": round(weights), "load_s": round(seconds, 2), "load_cpu_s": round(cpu, 2),
         "peak_over_weights": round(peak / weights, 3), "above_floor_over_weights": round((peak - floor) / weights, 3),
     }))  # fmt: skip
 
