@@ -549,7 +549,7 @@ class _DirectReads:
 
 
 # two readers: the page faults and copies out of the page cache (kernel time) overlap on two cores
-_READERS = int(os.environ.get("MOE_RUNTIME_LOAD_READERS", "2"))
+_READERS = 2
 
 
 class _Unread:
