@@ -115,15 +115,17 @@ def load_model(model: str | Path, *, dtype: torch.dtype | str | None = None, **k
         UsageError: the directory does not hold a loadable model.
     """
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model)
+    headers = []
     if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists():
         from .checkpoint_files import check_shards
 
-        check_shards(path)  # a missing or truncated shard: one line naming it
+        headers = check_shards(path)  # a missing or truncated shard: one line naming it
     try:
-        with _read_once(cpu="device_map" not in kwargs):
+        with _read_once(cpu="device_map" not in kwargs, path=path, headers=headers, dtype=dtype):
+            from transformers import AutoModelForCausalLM  # its model code: imported while weights are read
+
             loaded = AutoModelForCausalLM.from_pretrained(
                 path, local_files_only=True, dtype=dtype or "auto", **kwargs
             )
@@ -137,7 +139,7 @@ _LOADING = threading.Lock()  # _read_once patches transformers process-wide: one
 
 
 @contextlib.contextmanager
-def _read_once(cpu: bool) -> Iterator[None]:
+def _read_once(cpu: bool, path: Path | None = None, headers=(), dtype=None) -> Iterator[None]:
     """Load safetensors weights so that the process never holds them twice (a CPU load).
 
     transformers memory-maps each shard and reads tensors ahead on 4 threads: every page read stays in
@@ -146,24 +148,57 @@ def _read_once(cpu: bool) -> Iterator[None]:
     load peaked at about 2.1x the weights. Here tensors are read with ``pread`` into fresh memory, one
     parameter group at a time (each group converted, e.g. experts stacked into ``[E, ...]``, before
     the next is read), and freed heap pages go back to the system afterwards: about 1.0x, plus one
-    layer's experts while they are fused.
+    layer's experts while they are fused. Per-expert tensors stored in the parameter's dtype (or a
+    16-bit float widened to float32) are read with ``pread`` straight into their slot of the fused
+    parameter (:class:`_DirectReads`, off the GIL): no temporary tensor, no second copy; these reads
+    start before transformers imports its modeling code and builds the model, and run beside it.
     """
     if not cpu:
         yield
         return
     with _LOADING:
-        yield from _read_once_locked()
+        direct = _DirectReads(headers)
+        try:
+            if headers and path is not None:
+                _start_prefetch(direct, path, dtype)
+            yield from _read_once_locked(direct)
+        finally:
+            direct.close()
 
 
-def _read_once_locked() -> Iterator[None]:
+def _start_prefetch(direct: _DirectReads, path: Path, dtype) -> None:
+    """Plan and start the fused reads; a checkpoint or table this cannot plan is read as it comes."""
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if dtype is None or dtype == "auto":
+            dtype = stored_dtype(path)
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        if isinstance(model_type, str) and isinstance(dtype, torch.dtype):
+            direct.prefetch(model_type, dtype)
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError, UsageError):
+        direct.close()
+
+
+def _read_once_locked(direct: _DirectReads) -> Iterator[None]:
+    import transformers.core_model_loading as core_model_loading
     import transformers.modeling_utils as modeling_utils
 
     opener = modeling_utils.safe_open
+    spawn = core_model_loading.spawn_materialize
 
     def pread_open(file, framework="pt", device="cpu", backend=None, **kw):
         if str(device) == "cpu" and backend in (None, "mmap"):
             backend = "pread"
-        return opener(file, framework=framework, device=device, backend=backend, **kw)
+        handle = opener(file, framework=framework, device=device, backend=backend, **kw)
+        return _Handle(handle, os.fspath(file)) if str(device) == "cpu" else handle
+
+    def pending_spawn(thread_pool, tensor, device=None, dtype=None, sharding_op=None, tensor_idx=None):
+        source = tensor.source if isinstance(tensor, _Slice) else None
+        job = spawn(thread_pool, tensor, device, dtype, sharding_op=sharding_op, tensor_idx=tensor_idx)
+        if source is None or sharding_op is not None or not callable(job) or not _on_cpu(device):
+            return job
+        return _Pending(job, source, dtype)
 
     from transformers.core_model_loading import WeightConverter
 
@@ -177,6 +212,7 @@ def _read_once_locked() -> Iterator[None]:
         # as they are) until ``into`` writes each into its slot
         for key, items in self.collected_tensors.items():
             self.collected_tensors[key] = [_Unread(item) for item in items]
+        into.direct = direct
         operations, self.operations = self.operations, [into]
         try:
             return convert(self, layer_name, **kw)
@@ -186,6 +222,7 @@ def _read_once_locked() -> Iterator[None]:
     saved = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
     os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
     modeling_utils.safe_open = pread_open
+    core_model_loading.spawn_materialize = pending_spawn
     WeightConverter.convert = fused_convert
     threads = torch.get_num_threads()
     # the load is copies, bound by memory: a second OpenMP thread does not speed them up, and on a
@@ -196,6 +233,7 @@ def _read_once_locked() -> Iterator[None]:
     finally:
         torch.set_num_threads(threads)
         WeightConverter.convert = convert
+        core_model_loading.spawn_materialize = spawn
         modeling_utils.safe_open = opener
         if saved is None:
             os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
@@ -236,10 +274,17 @@ def _stack_into(converter):
         return None
 
     class StackInto(ConversionOps):
+        direct: _DirectReads | None = None
+
         @torch.no_grad()
         def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
             target = target_patterns[0] if join is None else join.get_target_pattern(target_patterns)
             order = [pattern for pattern in source_patterns if pattern in input_dict]
+            if self.direct is not None:
+                out = self.direct.read([[load.read for load in input_dict[p]] for p in order], join)
+                if out is not None:
+                    input_dict.clear()
+                    return {target: out}
             # each pattern's first expert, read first: the fused shape and dtype, as stack + cat make them
             firsts = {pattern: input_dict[pattern][0].read() for pattern in order}
             head = firsts[order[0]]
@@ -264,6 +309,247 @@ def _stack_into(converter):
             return {target: out}
 
     return StackInto()
+
+
+def _on_cpu(device) -> bool:
+    if device is None:
+        return True
+    try:
+        return torch.device(device).type == "cpu"
+    except (RuntimeError, TypeError):
+        return False
+
+
+class _Handle:
+    """A safetensors file opened by transformers, whose slices remember where they come from."""
+
+    def __init__(self, handle, path: str) -> None:
+        self._handle, self._path = handle, path
+
+    def get_slice(self, key):
+        return _Slice(self._handle.get_slice(key), (self._path, key))
+
+    def __enter__(self):
+        self._handle.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        return self._handle.__exit__(*exc_info)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+
+class _Slice:
+    """A checkpoint tensor not read yet (safetensors' slice) and its ``(file, key)``."""
+
+    def __init__(self, inner, source: tuple[str, str]) -> None:
+        self._inner, self.source = inner, source
+
+    def __getitem__(self, index):
+        return self._inner[index]
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class _Pending:
+    """transformers' deferred read of one checkpoint tensor, with its ``(file, key)`` and the dtype
+    it is to be read in (None: the file's)."""
+
+    __slots__ = ("job", "source", "dtype")
+
+    def __init__(self, job, source: tuple[str, str], dtype) -> None:
+        self.job, self.source, self.dtype = job, source, dtype
+
+    def __call__(self):
+        return self.job()
+
+
+_FILE_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+}
+
+
+class _DirectReads:
+    """Reads per-expert checkpoint tensors with ``pread`` straight into their slot of the fused
+    ``[E, ...]`` parameter, on the compiled ExpertLoader's threads (without the GIL).
+
+    Only where the bytes are the values: the tensor is stored in the parameter's dtype, or as
+    bfloat16 / float16 for a float32 parameter (widened by the reader, exactly as ``.to`` does), and
+    each expert's slot is contiguous (stacked experts, joined along dim 1 at most). For anything else
+    :meth:`read` returns None and transformers' tensors are read as before.
+
+    :meth:`prefetch` starts these reads before transformers imports its modeling code and builds the
+    model, from the checkpoint's headers and transformers' conversion table; :meth:`read` hands over
+    a prefetched tensor only if it was planned from exactly the tensors transformers collected (same
+    files, keys, order and dtype). On the first that was not, every prefetched tensor is dropped
+    (memory stays that of one copy of the weights) and the rest is read as transformers asks.
+    """
+
+    def __init__(self, headers) -> None:
+        self._where = {}  # (file, key) -> (where the file's data starts, header entry)
+        for header in headers:
+            file = os.fspath(header.file)
+            for key, entry in header.tensors.items():
+                self._where[(file, key)] = (header.data_start, entry)
+        self._loader = None
+        self._ahead: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
+
+    def _slot(self, source: tuple[str, str], want: torch.dtype | None):
+        """``(file, offset, nbytes, shape, stored dtype, dtype)`` of one tensor read as ``want``
+        (None: its stored dtype), or None if its bytes cannot go straight into a slot."""
+        where = self._where.get(source)
+        if where is None:
+            return None
+        start, entry = where
+        stored = _FILE_DTYPES.get(entry.get("dtype"))
+        want = want or stored
+        if stored is None or want is None:
+            return None
+        if want != stored and not (want == torch.float32 and stored in (torch.bfloat16, torch.float16)):
+            return None
+        begin, end = (int(v) for v in entry["data_offsets"])
+        shape = tuple(int(v) for v in entry["shape"])
+        if end - begin != torch.Size(shape).numel() * stored.itemsize:
+            return None
+        return source[0], start + begin, end - begin, shape, stored, want
+
+    @staticmethod
+    def _layout(slots: list[list], join_dim: int | None):
+        """Shape and dtype of the fused tensor of ``slots`` (per source pattern, per expert), or None."""
+        if not slots or not all(slots) or any(slot is None for pattern in slots for slot in pattern):
+            return None
+        if join_dim not in (None, 1) or (join_dim is None and len(slots) != 1):
+            return None
+        dtype, experts = slots[0][0][5], len(slots[0])
+        shapes = [pattern[0][3] for pattern in slots]
+        for pattern, shape in zip(slots, shapes, strict=True):
+            if len(pattern) != experts or any(slot[3] != shape or slot[5] != dtype for slot in pattern):
+                return None
+        if join_dim is None:
+            return [experts, *shapes[0]], dtype
+        if not shapes[0] or any(len(s) != len(shapes[0]) or s[1:] != shapes[0][1:] for s in shapes):
+            return None
+        return [experts, sum(s[0] for s in shapes), *shapes[0][1:]], dtype
+
+    def _submit(self, slots, join_dim, shape, dtype, priority: int) -> tuple[torch.Tensor, list[int]]:
+        out = torch.empty(shape, dtype=dtype)
+        loader = self._open()
+        tickets = []
+        for expert in range(shape[0]):
+            row = 0
+            for pattern in slots:
+                file, offset, nbytes, slot_shape, stored, _ = pattern[expert]
+                if join_dim is None:
+                    dest = out[expert]
+                else:
+                    dest = out[expert].narrow(0, row, slot_shape[0])
+                    row += slot_shape[0]
+                widen = stored if stored != dtype else None
+                tickets.append(loader.submit(file, [(offset, nbytes)], dest, priority, widen_from=widen))
+        return out, tickets
+
+    def read(self, items: list[list], join) -> torch.Tensor | None:
+        """The fused tensor of ``items`` (per source pattern, per expert: transformers' pending
+        reads) stacked, and joined along ``join.dim`` (None: one pattern), or None (read them as
+        before)."""
+        if not items or not all(isinstance(item, _Pending) for loads in items for item in loads):
+            return None
+        join_dim = None if join is None else join.dim
+        slots = [[self._slot(item.source, item.dtype) for item in loads] for loads in items]
+        layout = self._layout(slots, join_dim)
+        if layout is None:
+            return None
+        key = (tuple(tuple(item.source for item in loads) for loads in items), join_dim, layout[1])
+        ahead = self._ahead.pop(key, None)
+        if ahead is None:
+            self._drop()  # planned from something else than what transformers collects
+            ahead = self._submit(slots, join_dim, *layout, priority=0)
+        out, tickets = ahead
+        for ticket in tickets:
+            self._loader.promote(ticket, 0)
+        for ticket in tickets:
+            self._loader.wait(ticket)
+        return out
+
+    def prefetch(self, model_type: str | None, dtype: torch.dtype | None) -> None:
+        """Start reading every fused expert tensor that transformers' conversion table for
+        ``model_type`` makes of this checkpoint, as ``dtype`` (None: as stored), layer by layer."""
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import (
+            Concatenate,
+            MergeModulelist,
+            WeightConverter,
+            dot_natural_key,
+        )
+
+        groups: dict[tuple, dict[int, list[tuple[str, str]]]] = {}
+        joins: dict[int, int | None] = {}
+        for index, converter in enumerate(get_checkpoint_conversion_mapping(model_type) or []):
+            ops = converter.operations if isinstance(converter, WeightConverter) else None
+            if not ops or type(ops[0]) is not MergeModulelist or ops[0].dim != 0:
+                continue
+            if len(ops) == 1 and len(converter.source_patterns) == 1:
+                joins[index] = None
+            elif len(ops) == 2 and type(ops[1]) is Concatenate and ops[1].dim == 1:
+                joins[index] = 1
+            else:
+                continue
+            for source in self._where:
+                match = converter.compiled_sources.search(source[1])
+                if match is not None and match.lastgroup is not None:
+                    group = (index, source[1][: match.start()], source[1][match.end() :])
+                    groups.setdefault(group, {}).setdefault(int(match.lastgroup[1:]), []).append(source)
+        for group in sorted(groups, key=lambda g: dot_natural_key(g[1] + g[2])):
+            patterns = groups[group]
+            sources = [sorted(patterns[p], key=lambda s: dot_natural_key(s[1])) for p in sorted(patterns)]
+            slots = [[self._slot(source, dtype) for source in pattern] for pattern in sources]
+            layout = self._layout(slots, joins[group[0]])
+            if layout is not None:
+                key = (tuple(tuple(pattern) for pattern in sources), joins[group[0]], layout[1])
+                self._ahead[key] = self._submit(slots, joins[group[0]], *layout, priority=1)
+
+    def _drop(self) -> None:
+        """Forget every prefetched tensor (queued reads cancelled, running ones finished first)."""
+        if not self._ahead:
+            return
+        from ..ops.loader import LoaderError
+
+        for _, tickets in self._ahead.values():
+            for ticket in tickets:
+                self._loader.cancel(ticket)
+        for _, tickets in self._ahead.values():
+            for ticket in tickets:
+                with contextlib.suppress(LoaderError):
+                    self._loader.wait(ticket)
+        self._ahead.clear()
+
+    def _open(self):
+        if self._loader is None:
+            from ..ops.loader import ExpertLoader
+
+            self._loader = ExpertLoader(num_threads=_READERS)
+        return self._loader
+
+    def close(self) -> None:
+        """Drop what was not handed over and stop the reader threads."""
+        self._drop()
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+
+
+# two readers: the page faults and copies out of the page cache (kernel time) overlap on two cores
+_READERS = 2
 
 
 class _Unread:

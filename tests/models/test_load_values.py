@@ -1,0 +1,100 @@
+"""``load_model`` gives transformers' own values: every parameter bit-identical to ``from_pretrained``.
+
+``load_model`` reads per-expert checkpoint tensors straight into the fused ``[E, ...]`` parameters,
+started before transformers builds the model (see ``_DirectReads`` in moe_runtime/models/loading.py).
+Each case loads one small random checkpoint both ways and compares every tensor (dtype, shape, bits):
+stacked experts, stacked and joined gate/up (dim 1), a sharded checkpoint, bfloat16 widened to float32
+by the reader, a narrowing (transformers converts; no direct read), and a prefetch planned from the
+wrong dtype (bfloat16 planned as float32: dropped at the first mismatch, then read as transformers asks).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moe_runtime.models.loading as loading
+from moe_runtime.models import load_model
+from moe_runtime.testing import build_random_model
+
+
+@pytest.fixture
+def reads(monkeypatch) -> dict[str, int]:
+    """Counts of the direct path: fused tensors prefetched, handed over, read directly, prefetches dropped."""
+    seen = {"planned": 0, "handed": 0, "direct": 0, "dropped": 0}
+    prefetch, drop, read = (
+        loading._DirectReads.prefetch,
+        loading._DirectReads._drop,
+        loading._DirectReads.read,
+    )
+
+    def counted_prefetch(self, *args):
+        prefetch(self, *args)
+        seen["planned"] += len(self._ahead)
+
+    def counted_drop(self):
+        seen["dropped"] += len(self._ahead)
+        drop(self)
+
+    def counted_read(self, items, join):
+        before = len(self._ahead)
+        out = read(self, items, join)
+        seen["direct"] += out is not None
+        seen["handed"] += out is not None and len(self._ahead) == before - 1
+        return out
+
+    monkeypatch.setattr(loading._DirectReads, "prefetch", counted_prefetch)
+    monkeypatch.setattr(loading._DirectReads, "_drop", counted_drop)
+    monkeypatch.setattr(loading._DirectReads, "read", counted_read)
+    return seen
+
+
+def _save(tmp_path, family: str, dtype: torch.dtype, shard: str | None = None):
+    model = build_random_model(family, seed=3, dtype=dtype)
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    return tmp_path
+
+
+def _assert_same(path, dtype) -> None:
+    ours = load_model(path, dtype=dtype).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=dtype or "auto"
+    ).state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        got = ours[name]
+        assert (got.dtype, got.shape) == (tensor.dtype, tensor.shape), name
+        assert torch.equal(got, tensor), name
+
+
+@pytest.mark.parametrize(
+    ("family", "stored", "dtype", "shard"),
+    [
+        ("mixtral", torch.float32, None, None),  # w1 + w3 stacked and joined (dim 1), w2 stacked
+        ("qwen2_moe", torch.float32, None, "40KB"),  # experts spread over several shards
+        ("mixtral", torch.bfloat16, torch.float32, None),  # widened by the reader
+    ],
+)
+def test_direct_reads_are_transformers_values(tmp_path, reads, family, stored, dtype, shard):
+    path = _save(tmp_path, family, stored, shard)
+    if shard:
+        assert len(list(path.glob("*.safetensors"))) > 2
+    _assert_same(path, dtype)
+    assert reads["planned"] > 0 and reads["handed"] == reads["direct"] == reads["planned"]
+    assert reads["dropped"] == 0
+
+
+def test_a_narrowing_is_transformers_conversion(tmp_path, reads):
+    _assert_same(_save(tmp_path, "mixtral", torch.float32), torch.bfloat16)
+    assert reads["planned"] == reads["direct"] == 0
+
+
+def test_a_prefetch_that_does_not_match_is_dropped(tmp_path, reads, monkeypatch):
+    prefetch = loading._DirectReads.prefetch  # the counting one
+    monkeypatch.setattr(
+        loading._DirectReads, "prefetch", lambda self, kind, dtype: prefetch(self, kind, torch.float32)
+    )
+    _assert_same(_save(tmp_path, "mixtral", torch.bfloat16), None)  # loaded as stored, planned widened
+    assert reads["planned"] > 0 and reads["dropped"] == reads["planned"] and reads["handed"] == 0
+    assert reads["direct"] > 0  # read straight into the parameters as transformers asks
