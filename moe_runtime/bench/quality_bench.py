@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..data import read_examples
+from ..demo.tasks import TASK_RECIPE
 from ..models import find_moe_layers, load_model, load_tokenizer, pad_token_id
 from ..profiler import ProfileConfig, profile_model, select_experts
 from ..profiler.store import esft_summary
@@ -46,15 +47,15 @@ __all__ = ["METHODS", "QualitySettings", "bench_esft_quality"]
 class QualitySettings:
     """The training recipe shared by every method (learning rates per method)."""
 
-    steps: int = 300
+    steps: int = TASK_RECIPE["steps"]
     batch_size: int = 16
     seeds: tuple[int, ...] = (0, 1, 2)
     lr: dict[str, float] = field(
         default_factory=lambda: {
             "full": 3e-4,
             "lora": 1e-3,
-            "esft_gate": 1e-3,
-            "esft_token": 1e-3,
+            "esft_gate": TASK_RECIPE["lr"],
+            "esft_token": TASK_RECIPE["lr"],
             "routed_lora": 1e-3,
             "esft_lora": 3e-3,
             "mola": 1e-3,

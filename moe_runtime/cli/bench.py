@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..demo.tasks import TASK_RECIPE
 from ..errors import UsageError
 from ._common import COMPUTE_DTYPES, add_verb, budget_flag
 
@@ -62,7 +63,10 @@ def register(sub) -> None:
         "--repeats", type=int, default=5, help="timed repeats, the median reported (default 5)"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="training steps (tune: 20, esft-quality: 300)"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps (tune: 20, esft-quality: {TASK_RECIPE['steps']})",
     )
     parser.add_argument(
         "--tasks",
@@ -320,7 +324,7 @@ def _bench_quality(args: argparse.Namespace) -> dict:
         seeds = (args.seed,) if args.seed is not None else tuple(int(s) for s in args.seeds.split(","))
     except ValueError:
         raise UsageError(f"--seeds '{args.seeds}': give integers separated by commas, e.g. 0,1,2") from None
-    settings = QualitySettings(steps=args.steps or 300, seeds=seeds)
+    settings = QualitySettings(steps=args.steps or TASK_RECIPE["steps"], seeds=seeds)
     if args.methods is not None:
         settings.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         bad = [m for m in settings.methods if m not in METHODS]

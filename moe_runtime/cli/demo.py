@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ..demo.tasks import TASK_RECIPE
 from ..errors import UsageError
 from ._common import add_verb
 
@@ -35,7 +36,11 @@ def register(sub) -> None:
         "--max-tokens", type=int, default=8192, metavar="N", help="tokens profiled per task (default 8192)"
     )
     parser.add_argument(
-        "--tune-steps", type=int, default=300, metavar="N", help="ESFT steps per adapter (default 300)"
+        "--tune-steps",
+        type=int,
+        default=TASK_RECIPE["steps"],
+        metavar="N",
+        help=f"ESFT steps per adapter (default {TASK_RECIPE['steps']})",
     )
     parser = add_verb(
         sub,
@@ -189,7 +194,6 @@ def _tune_one(
     ``base`` is the untouched base model and ``base_general`` its loss on ``general`` (the forgetting set).
     """
     from ..data import read_examples
-    from ..demo.tasks import TASK_RECIPE
     from ..models import find_moe_layers, load_model, pad_token_id
     from ..tuning import TrainConfig, TuneJob, apply_adapter
     from ..tuning.data import encode_examples
