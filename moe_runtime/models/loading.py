@@ -366,19 +366,6 @@ class _Pending:
         return self.job()
 
 
-_FILE_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-}
-
-
 class _DirectReads:
     """Reads per-expert checkpoint tensors with ``pread`` straight into their slot of the fused
     ``[E, ...]`` parameter, on the compiled ExpertLoader's threads (without the GIL).
@@ -411,7 +398,9 @@ class _DirectReads:
         if where is None:
             return None
         start, entry = where
-        stored = _FILE_DTYPES.get(entry.get("dtype"))
+        from ..interop.tensor_files import DTYPES  # the safetensors dtype names
+
+        stored = DTYPES.get(entry.get("dtype"))
         want = want or stored
         if stored is None or want is None:
             return None
