@@ -120,27 +120,20 @@ def test_demo_model_arrivals_with_auto(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["jamba", "granitemoe_swa"])
-def test_unmergeable_caches_run_as_groups(family):
+def test_unmergeable_caches_run_as_groups(family, tmp_path):
     """Hybrid (SSM) caches and unpadded families keep arrivals in separate groups: still exact."""
     torch.manual_seed(0)
     model = build_random_model(family, seed=0, dtype=torch.float64)
     engine = MultiAdapterEngine(model)
     info = engine.info
     make = make_adapter(
-        model, _tmp_dir(family), {info.layer_indices[0]: [0, 1]}, seed=3, scale=1.0, info=info
+        model, tmp_path / "adapter", {info.layer_indices[0]: [0, 1]}, seed=3, scale=1.0, info=info
     )
     engine.add_adapter("a", make)
     plan = _plan(2, model.config.get_text_config().vocab_size, [None, "a"], n=6)
     got, _ = _serve_arrivals(engine, plan, one_group=False)
     for _, request in plan:
         assert got[request.id].token_ids == engine.generate([request])[0].token_ids, request.id
-
-
-def _tmp_dir(name: str):
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.mkdtemp(prefix=f"cb-{name}-")) / "adapter"
 
 
 def test_sampling_seed_independent_of_batch(checkpoint):
