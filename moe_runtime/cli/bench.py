@@ -324,7 +324,9 @@ def _bench_quality(args: argparse.Namespace) -> dict:
         seeds = (args.seed,) if args.seed is not None else tuple(int(s) for s in args.seeds.split(","))
     except ValueError:
         raise UsageError(f"--seeds '{args.seeds}': give integers separated by commas, e.g. 0,1,2") from None
-    settings = QualitySettings(steps=args.steps or TASK_RECIPE["steps"], seeds=seeds)
+    settings = QualitySettings(seeds=seeds)
+    if args.steps:
+        settings.steps = args.steps
     if args.methods is not None:
         settings.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         bad = [m for m in settings.methods if m not in METHODS]
