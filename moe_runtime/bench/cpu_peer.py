@@ -400,6 +400,7 @@ def bench_cpu_peer(
                 "prefill_tokens_per_s": _median(got, "prefill_tokens_per_s"),
                 "load_s": _median(got, "load_s"),
                 "peak_rss_bytes": int(_median(got, "peak_rss_bytes")),
+                "peak_rss_vs_weights": _median(got, "peak_rss_bytes") / built["bytes"],
                 "token_match_rate": sum(agree) / sum(total),
                 "tokens_identical": sum(agree) == sum(total),
                 "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in got],
@@ -463,6 +464,10 @@ def format_table(result: dict) -> str:
             line = f"{threads:>7}  {label:<14}" + "".join(f"{row[x][key] / scale:>14{spec}}" for x in systems)
             line += "".join(f"{row[x]['vs_llama_cpp'][ratio]:>10.2f}x" for x in systems[1:])
             lines.append(line)
+        lines.append(
+            f"{threads:>7}  {'RSS / weights':<14}"
+            + "".join(f"{row[x]['peak_rss_vs_weights']:>14.2f}" for x in systems)
+        )
         match = ", ".join(f"{names[x]} {row[x]['token_match_rate']:.3f}" for x in systems[1:])
         lines.append(f"{threads:>7}  {'tokens = llama.cpp':<14}  {match}")
     return "\n".join(lines)

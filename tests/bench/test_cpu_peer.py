@@ -189,8 +189,11 @@ def test_tiny_end_to_end_tokens_equal_llama_cpp(tmp_path, converter):
         assert row[system]["token_match_rate"] == 1.0
         for ratio in ("decode", "prefill", "peak_rss", "load"):
             assert row[system]["vs_llama_cpp"][ratio] > 0
+        assert row[system]["peak_rss_vs_weights"] == pytest.approx(
+            row[system]["peak_rss_bytes"] / result["model"]["bytes"]
+        )
     assert row["llama.cpp"]["runs"][0]["threads"] == 1
     assert all(len(t) == 8 for t in result["reference_tokens"])
     table = format_table(result)
-    assert "decode tok/s" in table and "llama.cpp" in table
+    assert "decode tok/s" in table and "llama.cpp" in table and "RSS / weights" in table
     assert os.path.exists(result["gguf"])
