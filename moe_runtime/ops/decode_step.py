@@ -160,7 +160,11 @@ def decode_step_reference(
         w = dict(zip(SLOTS, weights[layer * slots : (layer + 1) * slots]))
         keys, values = kv[2 * layer], kv[2 * layer + 1]
         x = _rms(hidden, w["input_norm"], s.eps)
-        q, k, v = _linear(x, w["q"], w["q_bias"]), _linear(x, w["k"], w["k_bias"]), _linear(x, w["v"], w["v_bias"])
+        q, k, v = (
+            _linear(x, w["q"], w["q_bias"]),
+            _linear(x, w["k"], w["k_bias"]),
+            _linear(x, w["v"], w["v_bias"]),
+        )
         if s.qk_norm == "whole":
             q, k = _rms(q, w["q_norm"], s.eps), _rms(k, w["k_norm"], s.eps)
         q = q.view(batch, s.num_heads, s.head_dim)
@@ -193,7 +197,9 @@ def decode_step_reference(
                 out = F.linear(F.silu(gate) * up, w["down"][expert])
                 y.index_add_(0, rows, out * top_w[rows, pick, None])
         if w["shared_up"].numel():
-            shared = F.linear(F.silu(F.linear(x, w["shared_gate"])) * F.linear(x, w["shared_up"]), w["shared_down"])
+            shared = F.linear(
+                F.silu(F.linear(x, w["shared_gate"])) * F.linear(x, w["shared_up"]), w["shared_down"]
+            )
             if w["shared_expert_gate"].numel():
                 shared = torch.sigmoid(F.linear(x, w["shared_expert_gate"])) * shared
             y = y + shared

@@ -55,7 +55,11 @@ class _Family:
 FAMILIES = {
     "mixtral": _Family("Mixtral", None, frozenset({"q_proj", "k_proj", "v_proj", "o_proj"}), None, False),
     "qwen3_moe": _Family(
-        "Qwen3Moe", "head", frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}), None, False
+        "Qwen3Moe",
+        "head",
+        frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}),
+        None,
+        False,
     ),
     "olmoe": _Family(
         "Olmoe", "whole", frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}), None, False
@@ -80,7 +84,9 @@ def _require(ok: bool, why: str) -> None:
 
 
 def _exact(module: object, cls: type | None, what: str) -> None:
-    _require(cls is not None and type(module) is cls, f"{what} is {type(module).__name__}, not the family's own")
+    _require(
+        cls is not None and type(module) is cls, f"{what} is {type(module).__name__}, not the family's own"
+    )
 
 
 def _children(module: nn.Module) -> set[str]:
@@ -169,8 +175,16 @@ class FastDecode:
             "the base model has modules the step does not know",
         )
         _require(type(base.embed_tokens) is nn.Embedding, "the embedding is not a plain nn.Embedding")
-        _require(type(model.lm_head) is nn.Linear and model.lm_head.bias is None, "the LM head is not a plain linear")
-        for field in ("final_logit_softcapping", "attn_logit_softcapping", "logits_scaling", "embedding_multiplier"):
+        _require(
+            type(model.lm_head) is nn.Linear and model.lm_head.bias is None,
+            "the LM head is not a plain linear",
+        )
+        for field in (
+            "final_logit_softcapping",
+            "attn_logit_softcapping",
+            "logits_scaling",
+            "embedding_multiplier",
+        ):
             _require(getattr(config, field, None) in (None, 1.0), f"config.{field} is set")
         _require(getattr(config, "hidden_act", "silu") == "silu", f"hidden_act is {config.hidden_act}")
         rotary = base.rotary_emb
@@ -183,14 +197,19 @@ class FastDecode:
         def norm(module: nn.Module, size: int, what: str) -> tuple:
             _exact(module, norm_cls, what)
             _require(module.variance_epsilon == eps, f"{what} has another epsilon")
-            _require(_params(module) == {"weight"} and module.weight.shape == (size,), f"{what} is not [{size}]")
+            _require(
+                _params(module) == {"weight"} and module.weight.shape == (size,), f"{what} is not [{size}]"
+            )
             return (module._parameters, "weight")
 
         def linear(module: nn.Module, out_f: int, in_f: int, what: str, bias_ok: bool) -> tuple:
             _require(type(module) is nn.Linear, f"{what} is not a plain nn.Linear")
             _require(tuple(module.weight.shape) == (out_f, in_f), f"{what} is not [{out_f}, {in_f}]")
             _require(bias_ok or module.bias is None, f"{what} has a bias")
-            return (module._parameters, "weight"), (module._parameters, "bias") if module.bias is not None else None
+            return (module._parameters, "weight"), (
+                module._parameters,
+                "bias",
+            ) if module.bias is not None else None
 
         hidden = config.hidden_size
         heads, kv_heads, head_dim = None, None, None
@@ -238,11 +257,18 @@ class FastDecode:
                 slot["k_norm"] = norm(attn.k_norm, hk * d, f"layer {i} k_norm")
             mlp = layer.mlp
             if type(mlp) is own("SparseMoeBlock"):
-                expected = {"gate", "experts"} | ({"shared_expert", "shared_expert_gate"} if family.shared_expert else set())
-                _require(_children(mlp) == expected and not _params(mlp), f"layer {i} MoE block has other modules")
+                expected = {"gate", "experts"} | (
+                    {"shared_expert", "shared_expert_gate"} if family.shared_expert else set()
+                )
+                _require(
+                    _children(mlp) == expected and not _params(mlp), f"layer {i} MoE block has other modules"
+                )
                 router, experts = mlp.gate, mlp.experts
                 _exact(router, own("TopKRouter"), f"layer {i} router")
-                _require(_params(router) == {"weight"} and not _children(router), f"layer {i} router has other weights")
+                _require(
+                    _params(router) == {"weight"} and not _children(router),
+                    f"layer {i} router has other weights",
+                )
                 e = router.weight.shape[0]
                 _require(tuple(router.weight.shape) == (e, hidden), f"layer {i} router is not [E, {hidden}]")
                 k = router.top_k
@@ -252,7 +278,9 @@ class FastDecode:
                     top_k, norm_topk = k, norm_k
                 _require((k, norm_k) == (top_k, norm_topk), "layers differ in top-k routing")
                 _exact(experts, own("Experts"), f"layer {i} experts")
-                _require(_params(experts) == {"gate_up_proj", "down_proj"}, f"layer {i} experts have other weights")
+                _require(
+                    _params(experts) == {"gate_up_proj", "down_proj"}, f"layer {i} experts have other weights"
+                )
                 _require(_is_silu(experts.act_fn), f"layer {i} experts' activation is not SiLU")
                 gu, dn = experts.gate_up_proj, experts.down_proj
                 inter = dn.shape[-1]
@@ -265,8 +293,12 @@ class FastDecode:
                 slot["gate_up"] = (experts._parameters, "gate_up_proj")
                 slot["down"] = (experts._parameters, "down_proj")
                 if family.shared_expert:
-                    slot.update(_mlp(mlp.shared_expert, own("MLP"), hidden, f"layer {i} shared expert", linear))
-                    slot["shared_expert_gate"] = linear(mlp.shared_expert_gate, 1, hidden, f"layer {i} shared gate", False)[0]
+                    slot.update(
+                        _mlp(mlp.shared_expert, own("MLP"), hidden, f"layer {i} shared expert", linear)
+                    )
+                    slot["shared_expert_gate"] = linear(
+                        mlp.shared_expert_gate, 1, hidden, f"layer {i} shared gate", False
+                    )[0]
             elif own("MLP") is not None and type(mlp) is own("MLP"):
                 slot.update(_mlp(mlp, own("MLP"), hidden, f"layer {i} dense MLP", linear))
             else:
@@ -389,7 +421,11 @@ class FastDecode:
             if type(layer) is not DynamicLayer or not layer.is_initialized:
                 return False
             keys = layer.keys
-            if keys.dtype != torch.float32 or keys.dim() != 4 or keys.shape[1:] != (s.num_kv_heads, length, s.head_dim):
+            if (
+                keys.dtype != torch.float32
+                or keys.dim() != 4
+                or keys.shape[1:] != (s.num_kv_heads, length, s.head_dim)
+            ):
                 return False
         return True
 
@@ -425,7 +461,9 @@ def _is_silu(module: nn.Module) -> bool:
 def _mlp(module: nn.Module, cls: type | None, hidden: int, what: str, linear) -> dict:
     """Slots of a SiLU gate/up/down MLP (Qwen2-MoE's shared expert, dense layers)."""
     _exact(module, cls, what)
-    _require(_children(module) == {"gate_proj", "up_proj", "down_proj", "act_fn"}, f"{what} has other modules")
+    _require(
+        _children(module) == {"gate_proj", "up_proj", "down_proj", "act_fn"}, f"{what} has other modules"
+    )
     _require(_is_silu(module.act_fn), f"{what}'s activation is not SiLU")
     inter = module.up_proj.weight.shape[0]
     return {
