@@ -136,3 +136,23 @@ def test_hooks_block_the_step_but_model_hooks_still_fire(monkeypatch):
     _serve_and_compare(engine, [request])
     assert calls[0] == 0
     inner.remove()
+
+
+@requires_extension
+def test_generate_batch_with_the_step_equals_without(monkeypatch):
+    from moe_runtime.runtime import generate_batch
+
+    calls = _counting(monkeypatch)
+    model = build_random_model("qwen2_moe")
+    requests = _requests(model)
+    prompts, limits = [r.prompt for r in requests], [r.max_new_tokens for r in requests]
+    config = DecodeConfig(stop_on_eos=False, output_logits=True)
+    plain = generate_batch(model, prompts, limits, config=config, eos_ids=set(), pad_id=0)
+    assert calls[0] == 0
+    fast = generate_batch(
+        model, prompts, limits, config=config, eos_ids=set(), pad_id=0, fast_decode=FastDecode.of(model)
+    )
+    assert calls[0] == max(limits) - 1
+    for a, b in zip(plain, fast):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(a.logits, b.logits, **TOL)
