@@ -48,23 +48,21 @@ class _Family:
     prefix: str  # class-name prefix in the family's modeling module
     qk_norm: str | None
     attention_children: frozenset[str]
-    bias_attr: str | None  # config field turning on the q/k/v (and o) biases; checked per module
     shared_expert: bool
 
 
 FAMILIES = {
-    "mixtral": _Family("Mixtral", None, frozenset({"q_proj", "k_proj", "v_proj", "o_proj"}), None, False),
+    "mixtral": _Family("Mixtral", None, frozenset({"q_proj", "k_proj", "v_proj", "o_proj"}), False),
     "qwen3_moe": _Family(
         "Qwen3Moe",
         "head",
         frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}),
-        None,
         False,
     ),
     "olmoe": _Family(
-        "Olmoe", "whole", frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}), None, False
+        "Olmoe", "whole", frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}), False
     ),
-    "qwen2_moe": _Family("Qwen2Moe", None, frozenset({"q_proj", "k_proj", "v_proj", "o_proj"}), None, True),
+    "qwen2_moe": _Family("Qwen2Moe", None, frozenset({"q_proj", "k_proj", "v_proj", "o_proj"}), True),
 }
 """The families the op serves, by ``config.model_type``."""
 
@@ -377,12 +375,13 @@ class FastDecode:
     ) -> tuple[KVBuffers, torch.Tensor]:
         """One decode step: ``ids [B]`` at ``positions [B]``, ``mask [B, T]`` (the cache's ``T - 1``
         columns and the new one). Copies the cache into buffers (with room for ``reserve`` more
-        columns) unless it already is a view of ``buffers``; afterwards its layers are views of the
-        returned buffers, one column longer. Returns the buffers and ``logits [B, V]``."""
+        columns, at most doubling its length: a copy per doubling) unless it already is a view of
+        ``buffers``; afterwards its layers are views of the returned buffers, one column longer.
+        Returns the buffers and ``logits [B, V]``."""
         length = mask.shape[1]
         layers = list(cache.layers)
         if buffers is None or buffers.capacity < length or not buffers.viewed_by(layers, length - 1):
-            buffers = self._copy(layers, length - 1, length + max(reserve, 0))
+            buffers = self._copy(layers, length - 1, length + min(max(reserve, 0), max(length, 32)))
         tensors = self._tensors()
         per_layer = len(SLOTS) * len(layers)
         logits = decode_step(

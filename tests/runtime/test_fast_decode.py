@@ -156,3 +156,14 @@ def test_generate_batch_with_the_step_equals_without(monkeypatch):
     for a, b in zip(plain, fast):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(a.logits, b.logits, **TOL)
+
+
+@requires_extension
+def test_buffers_grow_past_their_first_capacity(monkeypatch):
+    """A 2-token prompt and 45 new tokens: the buffers first hold the prompt plus 32 columns, then
+    are copied into bigger ones; the tokens stay transformers'."""
+    calls = _counting(monkeypatch)
+    model = build_random_model("olmoe")
+    engine = MultiAdapterEngine(model)
+    _serve_and_compare(engine, [Request([5, 9], max_new_tokens=45)])
+    assert calls[0] == 44
