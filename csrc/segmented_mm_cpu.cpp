@@ -24,6 +24,7 @@
 // benchmark can compare both in one process).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <dlfcn.h>
 #include <torch/library.h>
 
@@ -220,7 +221,11 @@ at::Tensor segmented_mm_cpu(const at::Tensor& x, at::TensorList weights, const a
   if (done) {
     return out;
   }
+  // ATen ops on OpenMP workers: they start with default thread-local state (grad mode on, ...), so
+  // the caller's is carried into each of them.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t g = begin; g < end; ++g) {
       const Group& group = groups[g];
       at::Tensor dst = out.narrow(0, group.lo, group.rows);
