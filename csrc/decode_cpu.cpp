@@ -96,7 +96,11 @@ void run_products(const std::vector<Product>& products) {
   if (total == 0) {
     return;
   }
-  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+  int64_t bytes = 0;
+  for (const Product& q : products) {
+    bytes += q.m > 0 ? q.n * q.k * 4 : 0;
+  }
+  at::parallel_for(0, total, parallel_grain(bytes / total), [&](int64_t begin, int64_t end) {
     size_t p = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin()) - 1;
     for (int64_t b = begin; b < end;) {
       while (b >= starts[p + 1]) {
