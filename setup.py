@@ -11,6 +11,7 @@ TORCH_CUDA_ARCH_LIST. Environment switches:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -38,14 +39,18 @@ def _extensions() -> tuple[list, dict]:
             f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={cpp_extension.CUDA_HOME}"
         )
     sources = sorted(str(p) for p in CSRC.glob("*.cpp"))
-    args = {"cxx": ["-O3"]}
+    # at::parallel_for is an OpenMP region compiled into the caller (ATen/ParallelOpenMP.h): without
+    # -fopenmp it runs serially. The extension then uses torch's own libgomp (same soname, found
+    # through the rpath below), so torch.set_num_threads governs its threads too.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    args = {"cxx": ["-O3", *openmp]}
     if with_cuda:
         sources += sorted(str(p) for p in CSRC.glob("cuda/*.cu"))
         args["nvcc"] = ["-O3"]
     make = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     # The rpath lets `import moe_runtime._C` find libtorch (and cudart) even before `import torch`.
     lib_dirs = cpp_extension.library_paths(device_type="cuda" if with_cuda else "cpu")
-    rpath = [f"-Wl,-rpath,{path}" for path in lib_dirs]
+    rpath = [f"-Wl,-rpath,{path}" for path in lib_dirs] + openmp
     ext = make(
         "moe_runtime._C", sources, extra_compile_args=args, extra_link_args=rpath, py_limited_api=False
     )

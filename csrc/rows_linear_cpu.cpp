@@ -43,7 +43,7 @@ at::Tensor rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     float* out_ptr = out.mutable_data_ptr<float>();
     const int64_t block = rows_mm_block(false);
     const int64_t pieces = (out_features + block - 1) / block;
-    at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, pieces, parallel_grain(block * in * 4), [&](int64_t begin, int64_t end) {
       const int64_t j0 = begin * block, j1 = std::min(out_features, end * block);
       rows_mm_f32(x_ptr, in, rows, w_ptr, false, in, out_features, j0, j1, out_ptr, out_features);
     });

@@ -11,6 +11,7 @@
 // the split or the thread count, so results do not depend on how the work is cut.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace moe_runtime {
@@ -20,6 +21,16 @@ constexpr int64_t kStreamRowsMax = 16;
 
 // Output features per unit of work when a product is split across threads.
 int64_t rows_mm_block(bool transposed);
+
+// Bytes of weight a thread should get at least before a product is split across threads: below it
+// the fork and join of a parallel region (and, on a busy machine, waiting for a descheduled worker)
+// cost more than the reads they share.
+constexpr int64_t kParallelMinBytes = int64_t{1} << 18;
+
+// The at::parallel_for grain for `units` units of `bytes_per_unit` weight bytes each.
+inline int64_t parallel_grain(int64_t bytes_per_unit) {
+  return bytes_per_unit <= 0 ? 1 : std::max<int64_t>(1, (kParallelMinBytes + bytes_per_unit - 1) / bytes_per_unit);
+}
 
 // out[i, j] = sum_c x[i, c] * W(j, c) for rows i < m and output features j in [j0, j1), where
 // W(j, c) = w[j * k + c] (w is [n, k] row-major) or, when transposed, w[c * n + j] (w is [k, n]).

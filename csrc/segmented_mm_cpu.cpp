@@ -24,6 +24,7 @@
 // benchmark can compare both in one process).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <dlfcn.h>
 #include <torch/library.h>
 
@@ -112,7 +113,8 @@ bool run_blas(const at::Tensor& x, at::TensorList weights, const std::vector<Gro
   const T* x_ptr = x.const_data_ptr<T>();
   T* out_ptr = out.mutable_data_ptr<T>();
   const int64_t k = x.size(1), n = out.size(1);
-  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = parallel_grain(n * k * static_cast<int64_t>(sizeof(T)));
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), grain, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const Group& group = groups[g];
       const at::Tensor& w = weights[group.segment];
@@ -151,7 +153,8 @@ std::vector<Group> run_streamed(const at::Tensor& x, at::TensorList weights, con
   }
   const float* x_ptr = x.const_data_ptr<float>();
   float* out_ptr = out.mutable_data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = parallel_grain(block * k * 4);
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const Group& group = small[pieces[p].group];
       const at::Tensor& w = weights[group.segment];
@@ -220,7 +223,12 @@ at::Tensor segmented_mm_cpu(const at::Tensor& x, at::TensorList weights, const a
   if (done) {
     return out;
   }
-  at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
+  // ATen ops on OpenMP workers: they start with default thread-local state (grad mode on, ...), so
+  // the caller's is carried into each of them.
+  const at::ThreadLocalState caller_state;
+  const int64_t grain = parallel_grain(out_features * xc.size(1) * static_cast<int64_t>(xc.element_size()));
+  at::parallel_for(0, num_groups, grain, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t g = begin; g < end; ++g) {
       const Group& group = groups[g];
       at::Tensor dst = out.narrow(0, group.lo, group.rows);
@@ -284,7 +292,8 @@ at::Tensor slot_rows_mm_cpu(const at::Tensor& x, at::TensorList weights, const a
   }
   const float* x_ptr = xc.const_data_ptr<float>();
   float* out_ptr = out.mutable_data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = parallel_grain(block * in * 4);
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const Piece& piece = pieces[p];
       rows_mm_f32(x_ptr + piece.row / per_row * in, in, 1, piece.w, transposed, in, n, piece.j0, piece.j1,

@@ -31,6 +31,7 @@ def main() -> None:
         save_random_checkpoint(
             "mixtral", path, hidden_size=1024, intermediate_size=1024, num_hidden_layers=layers,
             num_experts=experts, num_attention_heads=16, num_key_value_heads=8, head_dim=64,
+            sliding_window=None,  # full attention, as in issue #19 and `bench cpu-peer`
         )  # fmt: skip
         return
     if mode == "load-cold":

@@ -51,3 +51,11 @@ def _slot_rows_mm_fake(
     torch._check(x.dim() == 2 and len(weights) > 0 and slots.dim() == 1)
     out_features = weights[0].shape[2 if transposed else 1]
     return x.new_empty((slots.shape[0], out_features))
+
+
+@torch.library.register_fake("moe_runtime::decode_step")
+def _decode_step_fake(
+    ids, positions, mask, kv, weights, embed, final_norm, lm_head, inv_freq, *settings
+) -> torch.Tensor:
+    torch._check(ids.dim() == 1 and mask.dim() == 2 and lm_head.dim() == 2)
+    return embed.new_empty((ids.shape[0], lm_head.shape[0]))

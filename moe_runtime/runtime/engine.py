@@ -51,6 +51,7 @@ from ..models import (
 from ..tuning.registry import method_of, read_adapter_dir
 from .arena import ArenaMemory, ExpertArena, TunedExperts
 from .executor import BaseExperts, ResidentExperts, SlotRoutedExecutor, TokenTerm
+from .fast_decode import FastDecode
 from .generation import left_pad
 from .linear_terms import LinearTerms
 from .offload import OffloadConfig, OffloadedExperts, load_offloaded_model
@@ -130,6 +131,7 @@ class MultiAdapterEngine:
             threads=self.base.threads,
             choose=self._choose_adapters,
             phase=None if offload is None else self.base.phase,
+            fast_decode=FastDecode.of(model) if offload is None else None,
         )
         self._scheduler.max_batch_size = max_batch_size
         self._profiles: dict[str, RoutingProfile] = {}  # task routing profiles of "auto" candidates

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import Cache
 
+from .fast_decode import FastDecode
 from .requests import DecodeConfig
 
 __all__ = ["Generated", "generate_batch", "left_pad"]
@@ -108,6 +109,7 @@ def generate_batch(
     pad_id: int,
     before_forward: BeforeForward | None = None,
     seeds: list[int] | None = None,
+    fast_decode: FastDecode | None = None,
 ) -> list[Generated]:
     """Generate for a batch of prompts together, each up to its own token limit.
 
@@ -121,6 +123,8 @@ def generate_batch(
         pad_id: id written into left padding (masked out).
         before_forward: hook run before every forward with the live rows' original indices.
         seeds: per-row sampling seeds (default ``config.seed + row``).
+        fast_decode: the model's compiled decode step (:meth:`FastDecode.of`): decode steps it can
+            serve run through it (never with ``before_forward``: it knows no owners).
 
     Returns:
         One :class:`Generated` per prompt, in order.
@@ -138,18 +142,30 @@ def generate_batch(
     out_ids: list[list[int]] = [[] for _ in prompts]
     out_logits: list[list[torch.Tensor]] = [[] for _ in prompts]
     last_position = positions[:, -1]
+    kv = None  # the compiled step's buffers, viewed by the cache's layers while it serves
     while True:
-        if before_forward is not None:
-            before_forward(rows, input_ids.shape[1])
-        outputs = model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{cache_name: cache},
-            **keep_kwargs,
-        )
-        cache, logits = _output_cache(outputs), outputs.logits[:, -1, :]
+        fast = fast_decode if cache is not None and before_forward is None else None
+        if fast is not None and (
+            not fast.cache_fits(cache, mask.shape[1] - 1) or fast.blocked(rows.shape[0], mask.shape[1])
+        ):
+            fast = None
+        if fast is not None:
+            reserve = max(max_new_tokens[r] - len(out_ids[r]) for r in rows.tolist())
+            kv, outputs = fast.forward(kv, cache, input_ids[:, 0], positions[:, 0], mask, reserve)
+            logits = outputs.logits[:, -1, :]
+        else:
+            kv = None
+            if before_forward is not None:
+                before_forward(rows, input_ids.shape[1])
+            outputs = model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{cache_name: cache},
+                **keep_kwargs,
+            )
+            cache, logits = _output_cache(outputs), outputs.logits[:, -1, :]
         if config.do_sample:
             live_generators = [generators[r] for r in rows.tolist()]
             chosen = _sample(logits, live_generators, config.temperature, config.top_p)

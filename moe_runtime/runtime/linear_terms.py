@@ -95,4 +95,5 @@ class LinearTerms:
                 flat.index_add_(0, tokens, term(x.index_select(0, tokens)).to(flat.dtype))
             return None if flat is None else flat.view(output.shape)
 
+        hook._moe_runtime_base_passthrough = True  # adds nothing to base-model tokens (fast_decode.py)
         return hook

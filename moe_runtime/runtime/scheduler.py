@@ -48,6 +48,8 @@ from torch import nn
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .arena import BASE_OWNER
+from .fast_decode import FastDecode, KVBuffers
 from .generation import _accepts_logits_to_keep, _cache_argument, _keep_rows, _output_cache, left_pad
 from .requests import Completion, DecodeConfig, Request, StreamEvent
 
@@ -256,6 +258,7 @@ class Group:
     def __init__(self, rows: list[Row], cache: Cache, mask, last_position, next_ids) -> None:
         self.rows, self.cache, self.mask = rows, cache, mask
         self.last_position, self.next_ids = last_position, next_ids
+        self.kv: KVBuffers | None = None  # the compiled decode step's buffers (the cache views them)
 
     def owners(self, device) -> torch.Tensor:
         return torch.tensor([r.owner for r in self.rows], dtype=torch.int64, device=device)
@@ -357,6 +360,8 @@ class Scheduler:
         phase: ``phase(name, tokens)``, a context manager around every forward, named ``"prefill"``
             or ``"decode"`` (the offload tier counts its reads per phase); None: no tagging.
         choose: ``choose(counts {layer index: [B, E]}) -> [(adapter name, owner id)]`` for "auto" rows.
+        fast_decode: the compiled decode step of ``model`` (:mod:`.fast_decode`), used for decode
+            steps of base-model rows it can serve; None: every step is the model's forward.
     """
 
     def __init__(
@@ -371,8 +376,10 @@ class Scheduler:
         threads: Callable[[], Any],
         choose: Callable[[dict[int, torch.Tensor]], list[tuple[str | None, int]]],
         phase: Callable[[str, int], Any] | None = None,
+        fast_decode: FastDecode | None = None,
     ) -> None:
         self.model, self.executor, self.tokenizer = model, executor, tokenizer
+        self.fast_decode = fast_decode
         self.eos_ids_of, self.pad_id, self.unpadded = eos_ids, pad_id, unpadded
         self.eos_ids: set[int] = set()
         self.threads, self.choose = threads, choose
@@ -557,6 +564,15 @@ class Scheduler:
     def _decode(self, group: Group) -> None:
         group.mask = torch.cat([group.mask, group.mask.new_ones(group.mask.shape[0], 1)], dim=1)
         group.last_position = group.last_position + 1
+        fast = self._fast_step(group)
+        if fast is not None:
+            reserve = max(row.limit - len(row.tokens) for row in group.rows)
+            group.kv, out = fast.forward(
+                group.kv, group.cache, group.next_ids, group.last_position, group.mask, reserve
+            )
+            self._advance(group, out.logits[:, -1, :])
+            return
+        group.kv = None
         cache, logits = self._forward(
             group.next_ids[:, None],
             group.mask,
@@ -567,6 +583,19 @@ class Scheduler:
         )
         group.cache = cache
         self._advance(group, logits)
+
+    def _fast_step(self, group: Group) -> FastDecode | None:
+        """The compiled decode step if it can serve ``group``'s next step: base-model rows only, no
+        routing observer, a plain cache of the model's layers, nothing :meth:`FastDecode.blocked` names."""
+        fast = self.fast_decode
+        if fast is None or self.executor.observer is not None:
+            return None
+        if any(row.owner != BASE_OWNER for row in group.rows):
+            return None
+        length = group.mask.shape[1]
+        if not fast.cache_fits(group.cache, length - 1) or fast.blocked(len(group.rows), length) is not None:
+            return None
+        return fast
 
     def _advance(self, group: Group, logits: torch.Tensor) -> None:
         """Choose each row's next token from ``logits [B, V]``, emit it, retire finished rows."""

@@ -84,6 +84,23 @@ def test_independent_of_thread_count(threads):
 
 
 @requires_extension
+def test_aten_path_keeps_the_callers_grad_mode_on_every_thread():
+    """bfloat16 groups run ``at::mm_out`` on the OpenMP workers; they must see the caller's no-grad
+    mode (a worker starts with grad mode on, and ``out=`` ops refuse weights that require grad)."""
+    x, weights, offsets = _case([16, 16], _random_rows(32, 3, 0.2), torch.bfloat16, False, in_f=32, out_f=48)
+    weights = [w.requires_grad_() for w in weights]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            got = segmented_mm(x, weights, offsets, False)
+            want = segmented_mm_reference(x, weights, offsets, False)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
+
+
+@requires_extension
 @pytest.mark.parametrize(
     "mutate, match",
     [

@@ -1,0 +1,149 @@
+"""The compiled ``decode_step`` op against its PyTorch reference and Hugging Face's own forward.
+
+Per supported family, a left-padded prefill by the model's forward, then one decode step three ways on
+the same weights and cache: the op, :func:`decode_step_reference`, and the model's forward with its
+cache. Tolerance (float32, logits of order 1): atol 2e-5, rtol 1e-4 (sums of the same products in
+another order; observed differences are ~1e-7). The op's own results do not depend on the batch it
+runs in nor on the thread count (bit-identical).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moe_runtime.ops import extension_available
+from moe_runtime.ops.decode_step import SLOTS, decode_step, decode_step_reference
+from moe_runtime.runtime.fast_decode import FastDecode
+from moe_runtime.runtime.generation import left_pad
+from moe_runtime.testing import build_random_model
+
+requires_extension = pytest.mark.skipif(not extension_available(), reason="moe_runtime._C is not built")
+
+TOL = {"atol": 2e-5, "rtol": 1e-4}
+# family -> config overrides: full attention for Mixtral (the tiny config's window is 4), Qwen3-MoE
+# with a dense first layer and normalised top-k, OLMoE with clipped q/k/v, Qwen2-MoE's shared expert
+FAMILIES = {
+    "mixtral": {"sliding_window": None},
+    "qwen3_moe": {"mlp_only_layers": [0], "norm_topk_prob": True},
+    "olmoe": {"clip_qkv": 0.5},
+    "qwen2_moe": {"qkv_bias": True},
+}
+PROMPTS = [[5, 6, 7, 8, 9], [3, 4], [11, 12, 13, 14, 15, 16, 17]]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    model = build_random_model(request.param, **FAMILIES[request.param])
+    fast, why = FastDecode.recognise(model)
+    assert fast is not None, why
+    return model, fast
+
+
+def _prefill(model, prompts):
+    ids, mask, positions = left_pad(prompts, 0)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    nxt = out.logits[:, -1].argmax(-1)
+    mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+    return out.past_key_values, nxt, positions[:, -1] + 1, mask
+
+
+@requires_extension
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matches_reference_and_transformers(family, rows, threads):
+    model, fast = family
+    cache, nxt, positions, mask = _prefill(model, PROMPTS[:rows])
+    hf_cache = copy.deepcopy(cache)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            buffers = None
+            for _ in range(2):  # the second step reads the buffers the first one wrote
+                buffers, logits = fast.step(buffers, cache, nxt, positions, mask, 4)
+                kv = [t.clone() for t in buffers.tensors]
+                tensors = fast._tensors()
+                split = len(SLOTS) * len(cache.layers)
+                # the reference recomputes the same column from the state before the op wrote it
+                column = mask.shape[1] - 1
+                for t in kv:
+                    t[:, :, column] = 0
+                ref = decode_step_reference(
+                    nxt, positions, mask, kv, tensors[:split], *tensors[split:], fast.settings
+                )
+                hf = model(
+                    input_ids=nxt[:, None],
+                    attention_mask=mask,
+                    position_ids=positions[:, None],
+                    past_key_values=hf_cache,
+                    use_cache=True,
+                ).logits[:, -1]
+                torch.testing.assert_close(logits, ref, **TOL)
+                torch.testing.assert_close(logits, hf, **TOL)
+                for mine, theirs in zip(buffers.tensors, kv):
+                    torch.testing.assert_close(mine[:, :, column], theirs[:, :, column], **TOL)
+                for i, layer in enumerate(hf_cache.layers):
+                    torch.testing.assert_close(cache.layers[i].keys, layer.keys, **TOL)
+                    torch.testing.assert_close(cache.layers[i].values, layer.values, **TOL)
+                nxt = logits.argmax(-1)
+                positions = positions + 1
+                mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+    finally:
+        torch.set_num_threads(before)
+
+
+@requires_extension
+def test_rows_and_threads_do_not_change_results(family):
+    """On the same cache, a row's logits are bit-identical alone (no padding) and in a left-padded
+    batch, at 1 and at 2 threads."""
+    model, fast = family
+    prefilled = _prefill(model, PROMPTS)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            cache, nxt, positions, mask = copy.deepcopy(prefilled)
+            with torch.no_grad():
+                batch = fast.step(None, cache, nxt, positions, mask, 1)[1]
+                results.append(batch)
+                for row, prompt in enumerate(PROMPTS):  # the row alone, on its columns of the cache
+                    alone = copy.deepcopy(prefilled[0])
+                    alone.batch_select_indices(torch.tensor([row]))
+                    for layer in alone.layers:
+                        layer.keys = layer.keys[:, :, -len(prompt) :]
+                        layer.values = layer.values[:, :, -len(prompt) :]
+                    ones = mask.new_ones(1, len(prompt) + 1)
+                    got = fast.step(None, alone, nxt[row : row + 1], positions[row : row + 1], ones, 1)[1]
+                    assert torch.equal(got[0], batch[row])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])
+
+
+@requires_extension
+def test_checks_its_inputs(family):
+    model, fast = family
+    cache, nxt, positions, mask = _prefill(model, PROMPTS[:1])
+    with torch.no_grad():
+        buffers, _ = fast.step(None, cache, nxt, positions, mask, 1)
+    tensors = fast._tensors()
+    split = len(SLOTS) * len(cache.layers)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        decode_step(
+            nxt + 10**6, positions, mask, buffers.tensors, tensors[:split], *tensors[split:], fast.settings
+        )
+    with pytest.raises(RuntimeError, match="kv buffers"):
+        decode_step(
+            nxt,
+            positions,
+            torch.ones(1, 100, dtype=torch.long),
+            buffers.tensors,
+            tensors[:split],
+            *tensors[split:],
+            fast.settings,
+        )
