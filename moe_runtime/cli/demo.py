@@ -21,7 +21,7 @@ def register(sub) -> None:
             "routing is (table + heatmaps), select experts for two held-out tasks the base model cannot do, "
             "tune an ESFT adapter for each (before/after table per adapter), serve a mixed batch, then the "
             "same batch with experts offloaded to disk under a budget, and write a summary PNG. "
-            "About two minutes on 2 CPU cores."
+            "About two and a half minutes on 2 quiet CPU cores."
         ),
         examples=["moe-runtime demo", "moe-runtime demo --workdir /tmp/moe-demo"],
         func=run_demo,
