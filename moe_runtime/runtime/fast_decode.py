@@ -428,6 +428,11 @@ class FastDecode:
                 return False
         return True
 
+    def serves(self, cache, rows: int, length: int) -> bool:
+        """Whether the next step of ``rows`` rows over ``length`` columns (the new one included) can
+        run here: ``cache`` fits (:meth:`cache_fits`) and nothing :meth:`blocked` names stands in the way."""
+        return self.cache_fits(cache, length - 1) and self.blocked(rows, length) is None
+
     def forward(self, buffers, cache, ids, positions, mask, reserve):
         """:meth:`step` with the model's own forward hooks called around it, as around a forward of
         ``input_ids [B, 1]`` (the benches time forwards with them); returns the hook-visible output."""

@@ -144,14 +144,14 @@ def generate_batch(
     last_position = positions[:, -1]
     kv = None  # the compiled step's buffers, viewed by the cache's layers while it serves
     while True:
-        fast = fast_decode if cache is not None and before_forward is None else None
-        if fast is not None and (
-            not fast.cache_fits(cache, mask.shape[1] - 1) or fast.blocked(rows.shape[0], mask.shape[1])
+        if (
+            fast_decode is not None
+            and cache is not None
+            and before_forward is None
+            and fast_decode.serves(cache, rows.shape[0], mask.shape[1])
         ):
-            fast = None
-        if fast is not None:
             reserve = max(max_new_tokens[r] - len(out_ids[r]) for r in rows.tolist())
-            kv, outputs = fast.forward(kv, cache, input_ids[:, 0], positions[:, 0], mask, reserve)
+            kv, outputs = fast_decode.forward(kv, cache, input_ids[:, 0], positions[:, 0], mask, reserve)
             logits = outputs.logits[:, -1, :]
         else:
             kv = None

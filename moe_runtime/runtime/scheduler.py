@@ -586,16 +586,13 @@ class Scheduler:
 
     def _fast_step(self, group: Group) -> FastDecode | None:
         """The compiled decode step if it can serve ``group``'s next step: base-model rows only, no
-        routing observer, a plain cache of the model's layers, nothing :meth:`FastDecode.blocked` names."""
+        routing observer, and :meth:`FastDecode.serves` agrees."""
         fast = self.fast_decode
         if fast is None or self.executor.observer is not None:
             return None
         if any(row.owner != BASE_OWNER for row in group.rows):
             return None
-        length = group.mask.shape[1]
-        if not fast.cache_fits(group.cache, length - 1) or fast.blocked(len(group.rows), length) is not None:
-            return None
-        return fast
+        return fast if fast.serves(group.cache, len(group.rows), group.mask.shape[1]) else None
 
     def _advance(self, group: Group, logits: torch.Tensor) -> None:
         """Choose each row's next token from ``logits [B, V]``, emit it, retire finished rows."""
