@@ -5,8 +5,8 @@
 // The linear layers of a decode step (attention projections, the LM head) multiply one row per
 // sequence by a whole matrix: the product is bound by reading the weight. The rows go through the
 // streaming kernels of rows_mm_cpu.h, cut by output features across threads, so a second thread
-// reads half of every matrix. Any row count works (rows are taken four at a time, each group of four
-// reading the weight again); callers use it for up to kStreamRowsMax rows and a GEMM beyond.
+// reads half of every matrix. Any row count works (past four rows, tile by tile of output features,
+// each tile read from memory once); callers use it for up to rows_mm_max() rows and a GEMM beyond.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -58,6 +58,8 @@ at::Tensor rows_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 
 TORCH_LIBRARY_FRAGMENT(moe_runtime, m) {
   m.def("rows_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // rows up to which callers should prefer rows_linear to a GEMM, for this CPU (see rows_mm_cpu.h)
+  m.def("rows_mm_max() -> int", []() -> int64_t { return rows_mm_max(); });
 }
 
 TORCH_LIBRARY_IMPL(moe_runtime, CPU, m) {

@@ -14,16 +14,26 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 namespace moe_runtime {
 namespace {
 
 enum class Isa { kPlain, kAvx2, kAvx512 };
 
+// MOE_RUNTIME_CPU_ISA=avx2 or =plain caps the instruction set (read once), so the narrower kernels can
+// be tested and timed on a wider machine; anything else (or unset) takes the widest the CPU has.
 Isa detect_isa() {
+  const char* cap = std::getenv("MOE_RUNTIME_CPU_ISA");
+  const bool plain = cap != nullptr && std::strcmp(cap, "plain") == 0;
+  const bool avx2 = cap != nullptr && std::strcmp(cap, "avx2") == 0;
+  if (plain) {
+    return Isa::kPlain;
+  }
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) {
+  if (!avx2 && __builtin_cpu_supports("avx512f")) {
     return Isa::kAvx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
@@ -70,12 +80,19 @@ void axpy_plain(const float* x, int64_t ldx, int64_t m, const float* w, int64_t 
 
 #if defined(__x86_64__) || defined(__i386__)
 
+// Products of two or more input rows prefetch the weight rows two groups ahead (see dot_avx512):
+// 1.1-1.4x on 16 experts x 3-8 rows here (docs/benchmarks.md); one row streams as fast without.
+constexpr int kPrefetchMinRows = 2;
+
 // ---- AVX-512 -----------------------------------------------------------------------------------
 
-// M input rows x R weight rows, dot products over k.
+// M input rows x R weight rows, dot products over k. With `ahead`, the R weight rows at `ahead` are
+// prefetched line by line alongside: each weight row is its own page-sized stream, which the hardware
+// prefetcher learns anew at every row, and with several input rows to multiply the core issues too few
+// loads to cover the memory's latency by itself.
 template <int M, int R>
 __attribute__((target("avx512f,fma"))) void dot_avx512(const float* x, int64_t ldx, const float* w, int64_t k,
-                                                       int64_t j, float* out, int64_t ldo) {
+                                                       int64_t j, float* out, int64_t ldo, const float* ahead) {
   __m512 acc[M][R];
   for (int i = 0; i < M; ++i) {
     for (int r = 0; r < R; ++r) {
@@ -87,6 +104,9 @@ __attribute__((target("avx512f,fma"))) void dot_avx512(const float* x, int64_t l
   for (; c + 16 <= k; c += 16) {
     __m512 wv[R];
     for (int r = 0; r < R; ++r) {
+      if (ahead != nullptr) {
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + r * k + c), _MM_HINT_T0);
+      }
       wv[r] = _mm512_loadu_ps(wr + r * k + c);
     }
     for (int i = 0; i < M; ++i) {
@@ -107,16 +127,18 @@ __attribute__((target("avx512f,fma"))) void dot_avx512(const float* x, int64_t l
   }
 }
 
+// Weight rows [j0, j1); rows below `ahead_end` may be prefetched two groups of four ahead.
 template <int M>
 __attribute__((target("avx512f,fma"))) void dot_rows_avx512(const float* x, int64_t ldx, const float* w,
                                                             int64_t k, int64_t j0, int64_t j1, float* out,
-                                                            int64_t ldo) {
+                                                            int64_t ldo, int64_t ahead_end) {
   int64_t j = j0;
   for (; j + 4 <= j1; j += 4) {
-    dot_avx512<M, 4>(x, ldx, w, k, j, out, ldo);
+    const bool prefetch = M >= kPrefetchMinRows && j + 12 <= ahead_end;
+    dot_avx512<M, 4>(x, ldx, w, k, j, out, ldo, prefetch ? w + (j + 8) * k : nullptr);
   }
   for (; j < j1; ++j) {
-    dot_avx512<M, 1>(x, ldx, w, k, j, out, ldo);
+    dot_avx512<M, 1>(x, ldx, w, k, j, out, ldo, nullptr);
   }
 }
 
@@ -179,7 +201,7 @@ __attribute__((target("avx2,fma"))) inline float sum_lanes_avx2(__m256 v) {
 
 template <int M, int R>
 __attribute__((target("avx2,fma"))) void dot_avx2(const float* x, int64_t ldx, const float* w, int64_t k,
-                                                  int64_t j, float* out, int64_t ldo) {
+                                                  int64_t j, float* out, int64_t ldo, const float* ahead) {
   __m256 acc[M][R];
   for (int i = 0; i < M; ++i) {
     for (int r = 0; r < R; ++r) {
@@ -191,6 +213,9 @@ __attribute__((target("avx2,fma"))) void dot_avx2(const float* x, int64_t ldx, c
   for (; c + 8 <= k; c += 8) {
     __m256 wv[R];
     for (int r = 0; r < R; ++r) {
+      if (ahead != nullptr && (c & 15) == 0) {  // one prefetch per 64-byte line
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + r * k + c), _MM_HINT_T0);
+      }
       wv[r] = _mm256_loadu_ps(wr + r * k + c);
     }
     for (int i = 0; i < M; ++i) {
@@ -213,13 +238,15 @@ __attribute__((target("avx2,fma"))) void dot_avx2(const float* x, int64_t ldx, c
 
 template <int M>
 __attribute__((target("avx2,fma"))) void dot_rows_avx2(const float* x, int64_t ldx, const float* w, int64_t k,
-                                                       int64_t j0, int64_t j1, float* out, int64_t ldo) {
+                                                       int64_t j0, int64_t j1, float* out, int64_t ldo,
+                                                       int64_t ahead_end) {
   int64_t j = j0;
   for (; j + 2 <= j1; j += 2) {
-    dot_avx2<M, 2>(x, ldx, w, k, j, out, ldo);
+    const bool prefetch = M >= kPrefetchMinRows && j + 6 <= ahead_end;
+    dot_avx2<M, 2>(x, ldx, w, k, j, out, ldo, prefetch ? w + (j + 4) * k : nullptr);
   }
   for (; j < j1; ++j) {
-    dot_avx2<M, 1>(x, ldx, w, k, j, out, ldo);
+    dot_avx2<M, 1>(x, ldx, w, k, j, out, ldo, nullptr);
   }
 }
 
@@ -273,16 +300,16 @@ __attribute__((target("avx2,fma"))) void axpy_rows_avx2(const float* x, int64_t 
 // Up to four input rows at a time through the kernels of one instruction set.
 template <int M>
 void rows_mm_chunk(Isa level, const float* x, int64_t ldx, const float* w, bool transposed, int64_t k, int64_t n,
-                   int64_t j0, int64_t j1, float* out, int64_t ldo) {
+                   int64_t j0, int64_t j1, float* out, int64_t ldo, int64_t ahead_end) {
 #if defined(__x86_64__) || defined(__i386__)
   if (level == Isa::kAvx512) {
     transposed ? axpy_rows_avx512<M>(x, ldx, w, k, n, j0, j1, out, ldo)
-               : dot_rows_avx512<M>(x, ldx, w, k, j0, j1, out, ldo);
+               : dot_rows_avx512<M>(x, ldx, w, k, j0, j1, out, ldo, ahead_end);
     return;
   }
   if (level == Isa::kAvx2) {
     transposed ? axpy_rows_avx2<M>(x, ldx, w, k, n, j0, j1, out, ldo)
-               : dot_rows_avx2<M>(x, ldx, w, k, j0, j1, out, ldo);
+               : dot_rows_avx2<M>(x, ldx, w, k, j0, j1, out, ldo, ahead_end);
     return;
   }
 #endif
@@ -291,30 +318,70 @@ void rows_mm_chunk(Isa level, const float* x, int64_t ldx, const float* w, bool 
 
 }  // namespace
 
+int64_t rows_mm_max() {
+  switch (isa()) {
+    case Isa::kAvx512:
+      return 128;
+    case Isa::kAvx2:
+      return 32;
+    default:
+      return 16;
+  }
+}
+
 int64_t rows_mm_block(bool transposed) {
   return transposed ? 192 : 64;
 }
 
-void rows_mm_f32(const float* x, int64_t ldx, int64_t m, const float* w, bool transposed, int64_t k,
-                 int64_t n, int64_t j0, int64_t j1, float* out, int64_t ldo) {
-  const Isa level = isa();
+namespace {
+
+// Input rows [0, m), four at a time, times output features [j0, j1); the first four may prefetch
+// weight rows up to `ahead_end` (the others find the tile cached).
+void rows_mm_rows(Isa level, const float* x, int64_t ldx, int64_t m, const float* w, bool transposed, int64_t k,
+                  int64_t n, int64_t j0, int64_t j1, float* out, int64_t ldo, int64_t ahead_end) {
   for (int64_t i = 0; i < m; i += 4) {
     const float* xi = x + i * ldx;
     float* oi = out + i * ldo;
+    const int64_t ahead = i == 0 ? ahead_end : 0;
     switch (std::min<int64_t>(4, m - i)) {
       case 1:
-        rows_mm_chunk<1>(level, xi, ldx, w, transposed, k, n, j0, j1, oi, ldo);
+        rows_mm_chunk<1>(level, xi, ldx, w, transposed, k, n, j0, j1, oi, ldo, ahead);
         break;
       case 2:
-        rows_mm_chunk<2>(level, xi, ldx, w, transposed, k, n, j0, j1, oi, ldo);
+        rows_mm_chunk<2>(level, xi, ldx, w, transposed, k, n, j0, j1, oi, ldo, ahead);
         break;
       case 3:
-        rows_mm_chunk<3>(level, xi, ldx, w, transposed, k, n, j0, j1, oi, ldo);
+        rows_mm_chunk<3>(level, xi, ldx, w, transposed, k, n, j0, j1, oi, ldo, ahead);
         break;
       default:
-        rows_mm_chunk<4>(level, xi, ldx, w, transposed, k, n, j0, j1, oi, ldo);
+        rows_mm_chunk<4>(level, xi, ldx, w, transposed, k, n, j0, j1, oi, ldo, ahead);
         break;
     }
+  }
+}
+
+// Output features per tile when more than four rows share a weight: the tile's weights stay in the
+// first cache levels (about 32 KB of weight rows, or a 64-feature column block of a [k, n] weight)
+// while every group of four rows passes over them, so memory is read once whatever the row count.
+int64_t tile_features(bool transposed, int64_t k) {
+  if (transposed) {
+    return 64;
+  }
+  return std::max<int64_t>(4, ((int64_t{32} << 10) / (4 * std::max<int64_t>(k, 1))) / 4 * 4);
+}
+
+}  // namespace
+
+void rows_mm_f32(const float* x, int64_t ldx, int64_t m, const float* w, bool transposed, int64_t k,
+                 int64_t n, int64_t j0, int64_t j1, float* out, int64_t ldo) {
+  const Isa level = isa();
+  if (m <= 4) {
+    rows_mm_rows(level, x, ldx, m, w, transposed, k, n, j0, j1, out, ldo, n);
+    return;
+  }
+  const int64_t tile = tile_features(transposed, k);
+  for (int64_t j = j0; j < j1; j += tile) {
+    rows_mm_rows(level, x, ldx, m, w, transposed, k, n, j, std::min(j1, j + tile), out, ldo, n);
   }
 }
 

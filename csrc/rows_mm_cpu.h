@@ -3,8 +3,9 @@
 // With one to a few rows per expert (a decode step, a short prompt), a product reads a whole expert
 // matrix to do a few multiply-adds per weight, so its speed is the speed of reading the weight. A
 // general GEMM (MKL's sgemm on these machines) reaches about 70% of what one core streams here; these
-// kernels stream each weight row (or column block) once for up to four input rows at a time, with
-// AVX-512 or AVX2 chosen at run time (plain C++ otherwise). A product can be split by output features
+// kernels stream each weight row (or column block) once for up to four input rows at a time (more
+// rows: tile by tile, see rows_mm_max), with AVX-512 or AVX2 chosen at run time (plain C++
+// otherwise). A product can be split by output features
 // across threads, so two threads share the bytes of one expert.
 //
 // Every output element is computed by the same sequence of operations whatever the number of rows,
@@ -16,8 +17,14 @@
 
 namespace moe_runtime {
 
-// Largest rows per product the kernels take (beyond it a blocked GEMM reuses weights better).
-constexpr int64_t kStreamRowsMax = 16;
+// Largest rows per product the kernels should take, for the instruction set in use. Past four rows a
+// product is cut into tiles of output features whose weights stay in the first cache levels while
+// every group of four rows passes over them, so memory is still read once. Measured against the
+// GEMM libtorch carries (MKL's sgemm) on 1024-4096 features (`moe-runtime bench kernels`,
+// docs/benchmarks.md): the AVX-512 kernels beat it 1.1-3x up to 128 rows, the AVX2 ones 1.1-2x up
+// to 32; beyond, its deeper blocking catches up. The plain C++ kernels keep to decode-sized
+// products (16).
+int64_t rows_mm_max();
 
 // Output features per unit of work when a product is split across threads.
 int64_t rows_mm_block(bool transposed);

@@ -16,10 +16,11 @@
 // it on raw pointers; otherwise (other BLAS, other dtypes, MOE_RUNTIME_SEGMENTED_MM_ATEN=1) each
 // product is an `at::mm_out` on views. Both give the same products; tests cover both.
 //
-// float32 slots with at most kStreamRowsMax rows (every slot of a decode step, most of a short
-// prompt's) go through the streaming kernels of rows_mm_cpu.h instead: a product that reads a whole
-// expert for a few rows is bound by the weight's bytes, and those kernels read them faster than the
-// GEMM; they are cut by output features, so every thread shares even a single product.
+// float32 slots with at most rows_mm_max() rows (128 with AVX-512: every slot of a decode step, nearly
+// every slot of a prompt of a few hundred tokens) go through the kernels of rows_mm_cpu.h instead: a product that
+// reads a whole expert for a few rows is bound by the weight's bytes, and those kernels read them
+// faster than the GEMM (and, tile by tile, outrun it up to that many rows); they are cut by output
+// features, so every thread shares even a single product.
 // MOE_RUNTIME_STREAM_MM=0 turns them off (the GEMM takes every slot; read at every call, so a
 // benchmark can compare both in one process).
 #include <ATen/ATen.h>
@@ -125,7 +126,7 @@ bool run_blas(const at::Tensor& x, at::TensorList weights, const std::vector<Gro
   return true;
 }
 
-// The float32 groups of at most kStreamRowsMax rows through the streaming kernels, in pieces of
+// The float32 groups of at most rows_mm_max() rows through the streaming kernels, in pieces of
 // output features shared by all threads; returns the groups left for the GEMM.
 std::vector<Group> run_streamed(const at::Tensor& x, at::TensorList weights, const std::vector<Group>& groups,
                                 bool transposed, at::Tensor& out) {
@@ -137,12 +138,12 @@ std::vector<Group> run_streamed(const at::Tensor& x, at::TensorList weights, con
     int64_t j0;
     int64_t j1;
   };
-  const int64_t k = x.size(1), n = out.size(1), block = rows_mm_block(transposed);
+  const int64_t k = x.size(1), n = out.size(1), block = rows_mm_block(transposed), rows_max = rows_mm_max();
   std::vector<Group> rest;
   std::vector<Group> small;
   std::vector<Piece> pieces;
   for (const Group& group : groups) {
-    if (group.rows > kStreamRowsMax) {
+    if (group.rows > rows_max) {
       rest.push_back(group);
       continue;
     }

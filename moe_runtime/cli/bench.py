@@ -20,6 +20,7 @@ BENCHES = (
     "export",
     "scale",
     "cpu-peer",
+    "kernels",
 )
 # moe_runtime.testing.shapes.SHAPES (named here: building the parser imports no torch)
 SCALE_SHAPES = ("olmoe-1b-7b", "deepseek-v2-lite", "qwen3-30b-a3b", "mixtral-8x7b")
@@ -29,7 +30,7 @@ def register(sub) -> None:
     parser = add_verb(
         sub,
         "bench",
-        help="run a benchmark (profile, tune, reroute, offload, esft-quality, peft-mixed, serve, auto-adapter, export, scale, cpu-peer)",
+        help="run a benchmark (profile, tune, reroute, offload, esft-quality, peft-mixed, serve, auto-adapter, export, scale, cpu-peer, kernels)",
         description=(
             "Run one benchmark on the embedded model (or --model) and print a table; --json writes the "
             "numbers. Every figure is compared with a baseline measured in the same run."
@@ -52,6 +53,8 @@ def register(sub) -> None:
             "--workdir /tmp/scale --json growth.json --plot growth.png",
             "moe-runtime bench cpu-peer --converter llama.cpp/convert_hf_to_gguf.py --json cpu_peer.json",
             "moe-runtime bench cpu-peer --hidden 64 --layers 2 --repeats 1 --new-tokens 8   # a tiny model, seconds",
+            "moe-runtime bench kernels --json kernels.json   # compiled few-row products vs the GEMM, by rows",
+            "MOE_RUNTIME_CPU_ISA=avx2 moe-runtime bench kernels --thread-counts 1   # the AVX2 kernels",
         ],
         threads=True,
         func=run,
@@ -225,7 +228,10 @@ def register(sub) -> None:
         "$LLAMA_CPP_DIR, . or ~)",
     )
     peer.add_argument(
-        "--thread-counts", default="1,2", metavar="N,N,...", help="compute threads of each run (default 1,2)"
+        "--thread-counts",
+        default="1,2",
+        metavar="N,N,...",
+        help="compute threads of each run (cpu-peer, kernels; default 1,2)",
     )
     peer.add_argument("--hidden", type=int, default=1024, metavar="N", help="hidden size (default 1024)")
     peer.add_argument("--no-offload", action="store_true", help="skip the --offload disk runs")
@@ -398,6 +404,10 @@ def run(args: argparse.Namespace) -> int:
             return 0
     elif args.name == "cpu-peer":
         result = _bench_cpu_peer(args)
+    elif args.name == "kernels":
+        from ..bench.kernels_bench import bench_kernels
+
+        result = bench_kernels(repeats=args.repeats, thread_counts=_thread_counts(args))
     elif args.name == "peft-mixed":
         from ..bench.peft_bench import bench_peft_mixed
 
@@ -422,6 +432,10 @@ def run(args: argparse.Namespace) -> int:
         print(format_serve_table(result) if args.name == "serve" else format_auto_table(result))
     elif args.name == "cpu-peer":
         from ..bench.cpu_peer import format_table
+
+        print(format_table(result))
+    elif args.name == "kernels":
+        from ..bench.kernels_bench import format_table
 
         print(format_table(result))
     else:
@@ -559,14 +573,21 @@ def _bench_scale(args: argparse.Namespace) -> dict | None:
     return {"bench": "scale", **result}
 
 
-def _bench_cpu_peer(args: argparse.Namespace) -> dict:
-    from ..bench.cpu_peer import CpuPeerSettings, bench_cpu_peer, check_peer_installed
-    from ..bench.cpu_peer_convert import find_converter
-
+def _thread_counts(args: argparse.Namespace) -> tuple[int, ...]:
     try:
         threads = tuple(int(x) for x in args.thread_counts.split(","))
     except ValueError:
         raise UsageError(f"--thread-counts '{args.thread_counts}': give whole numbers, e.g. 1,2") from None
+    if not threads or any(t <= 0 for t in threads):
+        raise UsageError(f"--thread-counts '{args.thread_counts}': thread counts must be positive")
+    return threads
+
+
+def _bench_cpu_peer(args: argparse.Namespace) -> dict:
+    from ..bench.cpu_peer import CpuPeerSettings, bench_cpu_peer, check_peer_installed
+    from ..bench.cpu_peer_convert import find_converter
+
+    threads = _thread_counts(args)
     if budget_flag("--expert-budget", args.expert_budget).share is None:
         raise UsageError(f"--expert-budget {args.expert_budget}: bench cpu-peer takes a share (e.g. 25%)")
     settings = CpuPeerSettings(

@@ -10,7 +10,7 @@ from ._extension import extension_available, load_extension
 from .experts_mm import Segment, grouped_linear, segmented_experts
 from .loader import ExpertLoader, LoaderCancelledError, LoaderError
 from .reroute import Rerouted, group_by_slot, reroute_permute, reroute_permute_reference
-from .rows_linear import rows_linear, rows_linear_reference, streams_rows
+from .rows_linear import rows_linear, rows_linear_reference, rows_mm_max, streams_rows
 from .slot_routed import slot_routed_experts
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "reroute_permute_reference",
     "rows_linear",
     "rows_linear_reference",
+    "rows_mm_max",
     "segmented_experts",
     "slot_routed_experts",
     "streams_rows",

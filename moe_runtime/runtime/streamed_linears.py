@@ -1,7 +1,7 @@
-"""Decode-sized calls of a served model's linear layers through the streaming ``rows_linear`` op.
+"""Decode- and prompt-sized calls of a served model's linear layers through the ``rows_linear`` op.
 
-    nn.Linear(x [B, S, in]) --(B * S <= 16 rows, CPU float32, no gradient)--> rows_linear
-                            --(otherwise)-----------------------------------> F.linear (unchanged)
+    nn.Linear(x [B, S, in]) --(B * S <= rows_mm_max(), CPU float32, no grad)--> rows_linear
+                            --(otherwise)---------------------------------------> F.linear (unchanged)
 
 Attached while an engine serves on the CPU: each plain ``nn.Linear`` (exact type: subclasses and
 wrapped layers keep their own forward) gets an instance ``forward`` that picks the op per call;
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import extension_available
-from ..ops.rows_linear import STREAM_ROWS_MAX, rows_linear_op
+from ..ops.rows_linear import rows_linear_op, rows_mm_max
 
 __all__ = ["StreamedLinears"]
 
@@ -25,7 +25,7 @@ def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     (this runs for every linear layer of every step)."""
     w = module.weight
     if (
-        x.numel() <= STREAM_ROWS_MAX * w.shape[-1]
+        x.numel() <= rows_mm_max() * w.shape[-1]
         and x.dtype is torch.float32
         and w.dtype is torch.float32
         and x.device.type == "cpu"

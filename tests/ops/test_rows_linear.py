@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_runtime.ops import extension_available, rows_linear, streams_rows
+from moe_runtime.ops import extension_available, rows_linear, rows_mm_max, streams_rows
 from moe_runtime.ops.experts_mm import (
     segmented_mm,
     segmented_mm_reference,
@@ -21,7 +21,7 @@ RTOL, ATOL = 1e-5, 1e-5
 
 
 @requires_extension
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 24, 130])
 @pytest.mark.parametrize("in_f, out_f", [(64, 96), (37, 101), (1000, 3)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_linear(rows, in_f, out_f, with_bias):
@@ -58,6 +58,55 @@ def test_independent_of_thread_count():
     assert torch.equal(results[0], results[1])
 
 
+_ISA_CHECK = """
+import torch, torch.nn.functional as F
+from moe_runtime.ops import rows_linear
+g = torch.Generator().manual_seed(3)
+for rows, in_f, out_f in ((1, 64, 96), (6, 37, 101), (23, 300, 70)):
+    x, w = torch.randn(rows, in_f, generator=g), torch.randn(out_f, in_f, generator=g) / in_f ** 0.5
+    got = rows_linear(x, w)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, torch.cat([rows_linear(x[i : i + 1], w) for i in range(rows)]))
+print("ok")
+"""
+
+
+@requires_extension
+@pytest.mark.parametrize("isa", ["avx2", "plain"])
+def test_narrower_instruction_sets(isa):
+    """MOE_RUNTIME_CPU_ISA caps the kernels' instruction set: each level matches ``F.linear``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MOE_RUNTIME_CPU_ISA": isa}
+    done = subprocess.run(
+        [sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@requires_extension
+@pytest.mark.parametrize("transposed", [False, True])
+def test_row_count_does_not_change_results(transposed):
+    """Past four rows the product goes tile by tile; each row's result equals the row alone."""
+    g = torch.Generator().manual_seed(4)
+    in_f, out_f, rows = 300, 150, 37
+    shape = (in_f, out_f) if transposed else (out_f, in_f)
+    w = torch.randn(1, *shape, generator=g)
+    x = torch.randn(rows, in_f, generator=g)
+    together = segmented_mm(x, [w], torch.tensor([rows], dtype=torch.int32), transposed)
+    alone = torch.cat(
+        [
+            segmented_mm(x[i : i + 1], [w], torch.tensor([1], dtype=torch.int32), transposed)
+            for i in range(rows)
+        ]
+    )
+    assert torch.equal(together, alone)
+    if not transposed:
+        assert torch.equal(rows_linear(x, w[0]), together)
+
+
 @requires_extension
 @pytest.mark.parametrize(
     "x, w, b, match",
@@ -85,7 +134,9 @@ def test_opcheck():
 def test_streams_rows_only_where_it_applies():
     w = torch.randn(8, 16)
     assert streams_rows(torch.randn(1, 1, 16), w)
-    assert not streams_rows(torch.randn(17, 16), w)  # past STREAM_ROWS_MAX: the GEMM
+    assert rows_mm_max() >= 16
+    assert streams_rows(torch.randn(1, rows_mm_max(), 16), w)
+    assert not streams_rows(torch.randn(rows_mm_max() + 1, 16), w)  # past it: the GEMM
     assert not streams_rows(torch.randn(1, 16, dtype=torch.float64), w.double())
     assert not streams_rows(torch.randn(1, 16), torch.randn(16, 8).t())
     assert not streams_rows(torch.randn(1, 16, requires_grad=True), w)
@@ -94,12 +145,12 @@ def test_streams_rows_only_where_it_applies():
 @requires_extension
 @pytest.mark.parametrize("transposed", [False, True])
 def test_segmented_mm_streamed_equals_gemm_path(transposed, monkeypatch):
-    """Slots of up to 16 rows stream; the GEMM path (MOE_RUNTIME_STREAM_MM=0) gives the same products."""
+    """Slots of up to 128 rows stream; the GEMM path (MOE_RUNTIME_STREAM_MM=0) gives the same products."""
     g = torch.Generator().manual_seed(2)
     in_f, out_f = 70, 200  # tails past every vector width
     shape = (in_f, out_f) if transposed else (out_f, in_f)
     weights = [torch.randn(5, *shape, generator=g), torch.randn(3, *shape, generator=g)]
-    rows = torch.tensor([1, 0, 4, 16, 17, 2, 0, 3])  # 17 rows take the GEMM either way
+    rows = torch.tensor([1, 0, 4, 16, 17, 2, 129, 3])  # 129 rows take the GEMM either way
     x = torch.randn(int(rows.sum()), in_f, generator=g)
     offsets = rows.cumsum(0).to(torch.int32)
     streamed = segmented_mm(x, weights, offsets, transposed)

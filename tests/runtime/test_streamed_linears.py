@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from moe_runtime.ops import extension_available
+from moe_runtime.ops import extension_available, rows_mm_max
 from moe_runtime.runtime.streamed_linears import StreamedLinears
 
 
@@ -25,12 +25,12 @@ def test_attach_routes_few_rows_and_detach_restores(monkeypatch):
 
     real = module.rows_linear_op
     monkeypatch.setattr(module, "rows_linear_op", lambda: lambda *a: calls.append(a[0].shape) or real()(*a))
-    few, many = torch.randn(1, 2, 40), torch.randn(17, 40)
+    few, many = torch.randn(1, 2, 40), torch.randn(rows_mm_max() + 1, 40)
     want_few, want_many = model[0](few), model[0](many)
     streamed.attach()
     with torch.no_grad():
         torch.testing.assert_close(model[0](few), want_few, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(model[0](many), want_many, rtol=0, atol=0)  # 17 rows: F.linear
+        torch.testing.assert_close(model[0](many), want_many, rtol=0, atol=0)  # past rows_mm_max(): F.linear
     assert calls == [few.shape]
     model[0](few).sum().backward()  # gradients needed: F.linear
     assert calls == [few.shape] and model[0].weight.grad is not None
