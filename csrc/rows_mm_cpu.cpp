@@ -1,8 +1,9 @@
 // Streaming few-rows products (see rows_mm_cpu.h): AVX-512, AVX2 + FMA or plain C++, chosen once.
 //
 // Layout [n, k] (not transposed): output feature j is a dot product of weight row j with each input
-// row. Four weight rows (two with AVX2) are read together, each input row keeps one vector
-// accumulator per weight row, and the lanes are summed at the end, then the k % width tail.
+// row. Four weight rows (with AVX2 and three or four input rows: two) are read together, each input
+// row keeps one vector accumulator per weight row, and the lanes are summed at the end, then the
+// k % width tail. Past four input rows, tile by tile of output features (rows_mm_f32).
 // Layout [k, n] (transposed): a block of output features is a run of each weight row; every input
 // row keeps the block's accumulators in registers while the weight rows stream past (one fused
 // multiply-add per lane and weight row, in order: a lane's result is the scalar fma chain).
@@ -240,10 +241,12 @@ template <int M>
 __attribute__((target("avx2,fma"))) void dot_rows_avx2(const float* x, int64_t ldx, const float* w, int64_t k,
                                                        int64_t j0, int64_t j1, float* out, int64_t ldo,
                                                        int64_t ahead_end) {
+  // one or two input rows: four weight rows at a time (more streams in flight; the registers allow it)
+  constexpr int R = M <= 2 ? 4 : 2;
   int64_t j = j0;
-  for (; j + 2 <= j1; j += 2) {
-    const bool prefetch = M >= kPrefetchMinRows && j + 6 <= ahead_end;
-    dot_avx2<M, 2>(x, ldx, w, k, j, out, ldo, prefetch ? w + (j + 4) * k : nullptr);
+  for (; j + R <= j1; j += R) {
+    const bool prefetch = M >= kPrefetchMinRows && j + 3 * R <= ahead_end;
+    dot_avx2<M, R>(x, ldx, w, k, j, out, ldo, prefetch ? w + (j + 2 * R) * k : nullptr);
   }
   for (; j < j1; ++j) {
     dot_avx2<M, 1>(x, ldx, w, k, j, out, ldo, nullptr);
