@@ -326,7 +326,7 @@ int64_t rows_mm_max() {
     case Isa::kAvx512:
       return 128;
     case Isa::kAvx2:
-      return 32;
+      return 16;
     default:
       return 16;
   }

@@ -21,9 +21,9 @@ namespace moe_runtime {
 // product is cut into tiles of output features whose weights stay in the first cache levels while
 // every group of four rows passes over them, so memory is still read once. Measured against the
 // GEMM libtorch carries (MKL's sgemm) on 1024-4096 features (`moe-runtime bench kernels`,
-// docs/benchmarks.md): the AVX-512 kernels beat it 1.1-3x up to 128 rows, the AVX2 ones 1.1-2x up
-// to 32; beyond, its deeper blocking catches up. The plain C++ kernels keep to decode-sized
-// products (16).
+// docs/benchmarks.md): the AVX-512 kernels beat it 1.1-3x up to 128 rows; the AVX2 ones up to 16
+// (past it, and on some shapes already at 24, it catches up). The plain C++ kernels keep to
+// decode-sized products (16).
 int64_t rows_mm_max();
 
 // Output features per unit of work when a product is split across threads.

@@ -59,7 +59,7 @@ def rows_mm_max() -> int:
     """Rows up to which :func:`rows_linear` beats the GEMM on this CPU (0 without the extension).
 
     Past four rows the kernels work tile by tile of output features, each tile's weights read from
-    memory once: with AVX-512 that beat MKL's sgemm up to 128 rows, with AVX2 up to 32
+    memory once: with AVX-512 that beat MKL's sgemm up to 128 rows, with AVX2 up to 16
     (``MOE_RUNTIME_CPU_ISA=avx2`` or ``plain`` caps the instruction set, read once per process).
     """
     if not extension_available():

@@ -145,7 +145,7 @@ def test_streams_rows_only_where_it_applies():
 @requires_extension
 @pytest.mark.parametrize("transposed", [False, True])
 def test_segmented_mm_streamed_equals_gemm_path(transposed, monkeypatch):
-    """Slots of up to 128 rows stream; the GEMM path (MOE_RUNTIME_STREAM_MM=0) gives the same products."""
+    """Slots of up to rows_mm_max() rows take the kernels; the GEMM path (MOE_RUNTIME_STREAM_MM=0) gives the same products."""
     g = torch.Generator().manual_seed(2)
     in_f, out_f = 70, 200  # tails past every vector width
     shape = (in_f, out_f) if transposed else (out_f, in_f)
