@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
+from ..runtime.offload.tier import scoped_threads
 
 __all__ = ["bench_kernels", "format_table", "ROWS", "LINEAR_SHAPES"]
 
@@ -48,16 +49,6 @@ def _pair(ours: Callable[[], object], theirs: Callable[[], object], repeats: int
         for fn, out in order:
             out.append(_per_call(fn, calls))
     return statistics.median(a), statistics.median(b)
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -103,7 +94,7 @@ def bench_kernels(
         weights = {s: torch.randn(*s, generator=g) / s[1] ** 0.5 for s in LINEAR_SHAPES}
         up = torch.randn(_EXPERTS, 2 * _WIDTH, _HIDDEN, generator=g) / _HIDDEN**0.5
         for threads in thread_counts:
-            with _threads(threads):
+            with scoped_threads(threads):
                 for (out_f, in_f), w in weights.items():
                     for m in rows:
                         x = torch.randn(m, in_f, generator=g)
