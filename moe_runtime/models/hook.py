@@ -59,6 +59,15 @@ class ExpertsState:
 
 
 _STATE_ATTR = "_moe_runtime_state"
+_STATE_GENERATION = [0]  # bumped whenever a state is attached or removed (see state_generation)
+
+
+def state_generation() -> int:
+    """A number that changes whenever :func:`install` attaches or :func:`uninstall` removes an
+    experts state anywhere: callers may cache which modules hold one while it stays the same."""
+    return _STATE_GENERATION[0]
+
+
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -121,6 +130,7 @@ def install(model: nn.Module, info: MoEModelInfo | None = None) -> MoEModelInfo:
         experts.__dict__[_STATE_ATTR] = ExpertsState(
             layer=layer, stock_name=stock_name, stock=_stock_function(experts, stock_name)
         )
+        _STATE_GENERATION[0] += 1
     if current != IMPLEMENTATION:
         model.set_experts_implementation(IMPLEMENTATION)
     return info
@@ -134,5 +144,6 @@ def uninstall(model: nn.Module, info: MoEModelInfo | None = None) -> None:
         state = layer.experts.__dict__.pop(_STATE_ATTR, None)
         if state is not None:
             stock_name = state.stock_name
+            _STATE_GENERATION[0] += 1
     if stock_name is not None:
         model.set_experts_implementation(stock_name)

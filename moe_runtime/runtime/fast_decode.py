@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..models.hook import _STATE_ATTR
+from ..models.hook import _STATE_ATTR, state_generation
 from ..ops import extension_available
 from ..ops.decode_step import SLOTS, StepSettings, decode_step
 
@@ -100,6 +101,8 @@ class KVBuffers:
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.tensors = tensors
+        self.views: list[torch.Tensor] = []  # the views last handed to the cache's layers (keys, values, ...)
+        self.view_length = -1
 
     @property
     def capacity(self) -> int:
@@ -107,6 +110,10 @@ class KVBuffers:
 
     def viewed_by(self, layers: list[DynamicLayer], length: int) -> bool:
         """Whether every cache layer holds exactly ``buffer[:, :, :length]`` views of these buffers."""
+        if length == self.view_length and len(self.views) == 2 * len(layers):
+            views = iter(self.views)  # still the very views the last step handed out: nothing else to check
+            if all(layer.keys is next(views) and layer.values is next(views) for layer in layers):
+                return True
         for i, layer in enumerate(layers):
             for held, buf in ((layer.keys, self.tensors[2 * i]), (layer.values, self.tensors[2 * i + 1])):
                 if (
@@ -131,6 +138,8 @@ class FastDecode:
         self._entries = entries  # (parameter dict, name) or None per weight slot, then the model-wide ones
         self.window = window  # the smallest sliding window of any layer (None: full attention)
         self.modules = [m for m in model.modules() if m is not model]
+        self._scanned: tuple[int, int] | None = None  # (hook id, state generation) of the last clean scan
+        self._states: list = []  # the experts states found then
         self._empty = torch.empty(0)
 
     # recognition --------------------------------------------------------------------------------
@@ -353,15 +362,30 @@ class FastDecode:
             return "gradients are on"
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return "global module hooks"
+        # Before every step: the modules are scanned again only when a hook or an experts state may
+        # have been added since the last scan that found nothing (every hook registration draws a new
+        # RemovableHandle id; a removal can only unblock). The few states found are checked each time.
+        key = (RemovableHandle.next_id, state_generation())
+        if key != self._scanned:
+            reason = self._scan_hooks()
+            if reason is not None:
+                return reason
+            self._states = [m.__dict__[_STATE_ATTR] for m in self.modules if _STATE_ATTR in m.__dict__]
+            self._scanned = key
+        for state in self._states:
+            if state.observers:
+                return "routing observers"
+        return None
+
+    def _scan_hooks(self) -> str | None:
+        """Why hooks on the inner modules block the step (a hook the engine's base rows pass through
+        does not), or None."""
         for module in self.modules:
             if module._forward_pre_hooks:
                 return f"a forward pre-hook on {type(module).__name__}"
             for hook in module._forward_hooks.values():
                 if not getattr(hook, "_moe_runtime_base_passthrough", False):
                     return f"a forward hook on {type(module).__name__}"
-            state = module.__dict__.get(_STATE_ATTR)
-            if state is not None and state.observers:
-                return "routing observers"
         return None
 
     def step(
@@ -393,9 +417,10 @@ class FastDecode:
             *tensors[per_layer:],
             self.settings,
         )
+        views = [t.narrow(2, 0, length) for t in buffers.tensors]
         for i, layer in enumerate(layers):
-            layer.keys = buffers.tensors[2 * i][:, :, :length]
-            layer.values = buffers.tensors[2 * i + 1][:, :, :length]
+            layer.keys, layer.values = views[2 * i], views[2 * i + 1]
+        buffers.views, buffers.view_length = views, length
         return buffers, logits
 
     def _copy(self, layers: list[DynamicLayer], cached: int, capacity: int) -> KVBuffers:
@@ -435,8 +460,11 @@ class FastDecode:
 
     def forward(self, buffers, cache, ids, positions, mask, reserve):
         """:meth:`step` with the model's own forward hooks called around it, as around a forward of
-        ``input_ids [B, 1]`` (the benches time forwards with them); returns the hook-visible output."""
+        ``input_ids [B, 1]`` (the benches time forwards with them); returns the buffers and the
+        next-token ``logits [B, V]`` (from the hook-visible output where hooks ran)."""
         model = self.model
+        if not (model._forward_pre_hooks or model._forward_hooks):
+            return self.step(buffers, cache, ids, positions, mask, reserve)
         kwargs = {"input_ids": ids[:, None], "attention_mask": mask, "position_ids": positions[:, None]}
         for hook_id, hook in list(model._forward_pre_hooks.items()):
             if hook_id in model._forward_pre_hooks_with_kwargs:
@@ -452,7 +480,7 @@ class FastDecode:
                 result = hook(model, (), output)
             if result is not None:
                 output = result
-        return buffers, output
+        return buffers, output.logits[:, -1, :]
 
 
 def _is_silu(module: nn.Module) -> bool:

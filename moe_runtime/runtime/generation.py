@@ -151,8 +151,7 @@ def generate_batch(
             and fast_decode.serves(cache, rows.shape[0], mask.shape[1])
         ):
             reserve = max(max_new_tokens[r] - len(out_ids[r]) for r in rows.tolist())
-            kv, outputs = fast_decode.forward(kv, cache, input_ids[:, 0], positions[:, 0], mask, reserve)
-            logits = outputs.logits[:, -1, :]
+            kv, logits = fast_decode.forward(kv, cache, input_ids[:, 0], positions[:, 0], mask, reserve)
         else:
             kv = None
             if before_forward is not None:

@@ -259,6 +259,7 @@ class Group:
         self.rows, self.cache, self.mask = rows, cache, mask
         self.last_position, self.next_ids = last_position, next_ids
         self.kv: KVBuffers | None = None  # the compiled decode step's buffers (the cache views them)
+        self.trimmed = False  # the mask's first column is known live for some row (trim_left: nothing to do)
 
     def owners(self, device) -> torch.Tensor:
         return torch.tensor([r.owner for r in self.rows], dtype=torch.int64, device=device)
@@ -270,6 +271,7 @@ class Group:
         if not index:
             self.rows = []
             return
+        self.trimmed = False  # the rows that kept the first column may be gone
         rows = torch.tensor(index, dtype=torch.long, device=self.mask.device)
         _keep_rows(self.cache, rows)
         self.rows = [self.rows[i] for i in index]
@@ -294,10 +296,16 @@ def plain_layers(cache: Cache, length: int) -> list[DynamicLayer] | None:
 
 
 def trim_left(group: Group) -> None:
-    """Drop the leading cache columns that are padding for every row (plain caches only)."""
+    """Drop the leading cache columns that are padding for every row (plain caches only).
+
+    Once the first column is live for some row it stays so while the group keeps its rows (decode
+    steps add columns on the right): ``group.trimmed`` skips the check until rows leave or merge."""
+    if group.trimmed:
+        return
     live = group.mask.any(dim=0)
     start = int(live.to(torch.int8).argmax()) if bool(live.any()) else 0
     if start == 0:
+        group.trimmed = bool(live.numel()) and bool(live[0])
         return
     layers = plain_layers(group.cache, group.mask.shape[1])
     if layers is None:
@@ -306,6 +314,7 @@ def trim_left(group: Group) -> None:
         if layer.is_initialized:
             layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
     group.mask = group.mask[:, start:]
+    group.trimmed = True
 
 
 def merge(into: Group, other: Group) -> bool:
@@ -330,6 +339,7 @@ def merge(into: Group, other: Group) -> bool:
     into.rows = into.rows + other.rows
     into.last_position = torch.cat([into.last_position, other.last_position])
     into.next_ids = torch.cat([into.next_ids, other.next_ids])
+    into.trimmed = into.trimmed and other.trimmed  # the longer side's first column is the first column
     return True
 
 
@@ -567,10 +577,10 @@ class Scheduler:
         fast = self._fast_step(group)
         if fast is not None:
             reserve = max(row.limit - len(row.tokens) for row in group.rows)
-            group.kv, out = fast.forward(
+            group.kv, logits = fast.forward(
                 group.kv, group.cache, group.next_ids, group.last_position, group.mask, reserve
             )
-            self._advance(group, out.logits[:, -1, :])
+            self._advance(group, logits)
             return
         group.kv = None
         cache, logits = self._forward(

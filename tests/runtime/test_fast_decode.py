@@ -167,3 +167,30 @@ def test_buffers_grow_past_their_first_capacity(monkeypatch):
     engine = MultiAdapterEngine(model)
     _serve_and_compare(engine, [Request([5, 9], max_new_tokens=45)])
     assert calls[0] == 44
+
+
+@requires_extension
+def test_what_blocks_is_seen_after_a_clean_check():
+    """The module scan is reused while no hook was registered and no experts state attached: a hook
+    added later, a routing observer and a removed-then-restored state are all still seen."""
+    from moe_runtime.models.hook import install, state_of, uninstall
+
+    model = build_random_model("olmoe")
+    engine = MultiAdapterEngine(model)
+    fast = engine._scheduler.fast_decode
+    with torch.no_grad():
+        assert fast.blocked(1, 4) is None
+        assert fast.blocked(1, 4) is None  # the cached scan
+        experts = model.model.layers[1].mlp.experts
+        state_of(experts).observers.append(lambda *args: None)
+        assert fast.blocked(1, 4) == "routing observers"
+        state_of(experts).observers.clear()
+        assert fast.blocked(1, 4) is None
+        handle = model.model.layers[0].self_attn.register_forward_pre_hook(lambda m, args: None)
+        assert "pre-hook" in fast.blocked(1, 4)
+        handle.remove()
+        assert fast.blocked(1, 4) is None
+        uninstall(model)
+        install(model)  # new states: found again, observers included
+        state_of(model.model.layers[0].mlp.experts).observers.append(lambda *args: None)
+        assert fast.blocked(1, 4) == "routing observers"
