@@ -97,12 +97,19 @@ def _params(module: nn.Module) -> set[str]:
 
 
 class KVBuffers:
-    """Per-layer key and value buffers ``[B, Hkv, capacity, D]`` of one batch of rows."""
+    """Per-layer key and value buffers ``[B, Hkv, capacity, D]`` of one batch of rows: the slices of
+    one ``[2L, B, Hkv, capacity, D]`` store (keys, values, keys, ... by layer), so that a step's new
+    cache views are one ``narrow`` and one ``unbind`` instead of a call per tensor."""
 
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self.tensors = tensors
-        self.views: list[torch.Tensor] = []  # the views last handed to the cache's layers (keys, values, ...)
+    def __init__(self, store: torch.Tensor) -> None:
+        self.store = store
+        self.tensors = list(store.unbind(0))
+        self.views: tuple[torch.Tensor, ...] = ()  # the views last handed to the cache's layers
         self.view_length = -1
+
+    def views_of(self, length: int) -> tuple[torch.Tensor, ...]:
+        """``buffer[:, :, :length]`` of every buffer, in order."""
+        return self.store.narrow(3, 0, length).unbind(0)
 
     @property
     def capacity(self) -> int:
@@ -417,7 +424,7 @@ class FastDecode:
             *tensors[per_layer:],
             self.settings,
         )
-        views = [t.narrow(2, 0, length) for t in buffers.tensors]
+        views = buffers.views_of(length)
         for i, layer in enumerate(layers):
             layer.keys, layer.values = views[2 * i], views[2 * i + 1]
         buffers.views, buffers.view_length = views, length
@@ -425,13 +432,12 @@ class FastDecode:
 
     def _copy(self, layers: list[DynamicLayer], cached: int, capacity: int) -> KVBuffers:
         s = self.settings
-        tensors = []
-        for layer in layers:
-            for held in (layer.keys, layer.values):
-                buf = torch.empty(held.shape[0], s.num_kv_heads, capacity, s.head_dim, dtype=torch.float32)
-                buf[:, :, :cached] = held
-                tensors.append(buf)
-        return KVBuffers(tensors)
+        rows = layers[0].keys.shape[0]
+        store = torch.empty(2 * len(layers), rows, s.num_kv_heads, capacity, s.head_dim, dtype=torch.float32)
+        for i, layer in enumerate(layers):
+            store[2 * i, :, :, :cached] = layer.keys
+            store[2 * i + 1, :, :, :cached] = layer.values
+        return KVBuffers(store)
 
     def cache_fits(self, cache, length: int) -> bool:
         """Whether ``cache`` is a plain DynamicCache of one layer per model layer, ``length`` columns."""
