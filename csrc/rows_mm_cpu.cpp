@@ -319,25 +319,6 @@ void rows_mm_chunk(Isa level, const float* x, int64_t ldx, const float* w, bool 
   transposed ? axpy_plain(x, ldx, M, w, k, n, j0, j1, out, ldo) : dot_plain(x, ldx, M, w, k, j0, j1, out, ldo);
 }
 
-}  // namespace
-
-int64_t rows_mm_max() {
-  switch (isa()) {
-    case Isa::kAvx512:
-      return 128;
-    case Isa::kAvx2:
-      return 16;
-    default:
-      return 16;
-  }
-}
-
-int64_t rows_mm_block(bool transposed) {
-  return transposed ? 192 : 64;
-}
-
-namespace {
-
 // Input rows [0, m), four at a time, times output features [j0, j1); the first four may prefetch
 // weight rows up to `ahead_end` (the others find the tile cached).
 void rows_mm_rows(Isa level, const float* x, int64_t ldx, int64_t m, const float* w, bool transposed, int64_t k,
@@ -374,6 +355,14 @@ int64_t tile_features(bool transposed, int64_t k) {
 }
 
 }  // namespace
+
+int64_t rows_mm_max() {
+  return isa() == Isa::kAvx512 ? 128 : 16;
+}
+
+int64_t rows_mm_block(bool transposed) {
+  return transposed ? 192 : 64;
+}
 
 void rows_mm_f32(const float* x, int64_t ldx, int64_t m, const float* w, bool transposed, int64_t k,
                  int64_t n, int64_t j0, int64_t j1, float* out, int64_t ldo) {

@@ -5,8 +5,8 @@
 // general GEMM (MKL's sgemm on these machines) reaches about 70% of what one core streams here; these
 // kernels stream each weight row (or column block) once for up to four input rows at a time (more
 // rows: tile by tile, see rows_mm_max), with AVX-512 or AVX2 chosen at run time (plain C++
-// otherwise). A product can be split by output features
-// across threads, so two threads share the bytes of one expert.
+// otherwise). A product can be split by output features across threads, so two threads share the
+// bytes of one expert.
 //
 // Every output element is computed by the same sequence of operations whatever the number of rows,
 // the split or the thread count, so results do not depend on how the work is cut.

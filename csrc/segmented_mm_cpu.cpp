@@ -16,11 +16,11 @@
 // it on raw pointers; otherwise (other BLAS, other dtypes, MOE_RUNTIME_SEGMENTED_MM_ATEN=1) each
 // product is an `at::mm_out` on views. Both give the same products; tests cover both.
 //
-// float32 slots with at most rows_mm_max() rows (128 with AVX-512: every slot of a decode step, nearly
-// every slot of a prompt of a few hundred tokens) go through the kernels of rows_mm_cpu.h instead: a product that
-// reads a whole expert for a few rows is bound by the weight's bytes, and those kernels read them
-// faster than the GEMM (and, tile by tile, outrun it up to that many rows); they are cut by output
-// features, so every thread shares even a single product.
+// float32 slots with at most rows_mm_max() rows (128 with AVX-512: every slot of a decode step,
+// nearly every slot of a prompt of a few hundred tokens) go through the kernels of rows_mm_cpu.h
+// instead: a product that reads a whole expert for a few rows is bound by the weight's bytes, and
+// those kernels read them faster than the GEMM (and, tile by tile, outrun it up to that many rows);
+// they are cut by output features, so every thread shares even a single product.
 // MOE_RUNTIME_STREAM_MM=0 turns them off (the GEMM takes every slot; read at every call, so a
 // benchmark can compare both in one process).
 #include <ATen/ATen.h>

@@ -12,11 +12,11 @@ Float32, no gradient; results are also checked against the reference (``F.linear
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -49,19 +49,6 @@ def _pair(ours: Callable[[], object], theirs: Callable[[], object], repeats: int
         for fn, out in order:
             out.append(_per_call(fn, calls))
     return statistics.median(a), statistics.median(b)
-
-
-@contextlib.contextmanager
-def _gemm_only() -> Iterator[None]:
-    saved = os.environ.get("MOE_RUNTIME_STREAM_MM")
-    os.environ["MOE_RUNTIME_STREAM_MM"] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("MOE_RUNTIME_STREAM_MM", None)
-        else:
-            os.environ["MOE_RUNTIME_STREAM_MM"] = saved
 
 
 def bench_kernels(
@@ -112,7 +99,7 @@ def bench_kernels(
                         return segmented_mm(x, [up], offsets, False)
 
                     def gemm(x=x, offsets=offsets):
-                        with _gemm_only():
+                        with mock.patch.dict(os.environ, {"MOE_RUNTIME_STREAM_MM": "0"}):  # read per call
                             return segmented_mm(x, [up], offsets, False)
 
                     torch.testing.assert_close(kernels(), gemm(), rtol=1e-4, atol=1e-4)
