@@ -28,6 +28,12 @@
 //   the cache columns and the new one (left padding = 0).
 //   kv: 2 per layer (keys, values), each [B, Hkv, C, D] with C >= T; columns < T-1 hold the cache,
 //   the step writes column T-1 (a caller views [:, :, :T] as the cache afterwards).
+// A prompt (several new tokens per sequence) is the same computation over one row per new token:
+//   slots [R, 2] int64 names each row's cache row and the column its key and value go to (default:
+//   row b, column T-1); the kv buffers are then [Bkv, Hkv, C, D] for any Bkv. Every row's key and
+//   value are written before any row attends, so with mask[r, t] = 1 only for the columns up to the
+//   row's own (and not padding) the rows of one sequence attend causally to each other.
+//   logit_rows [N] int64: the rows whose logits are returned (default: all), e.g. each sequence's last.
 //   weights: kSlots per layer in the order of `Slot` below. Linear weights are [out, in] rows;
 //   gate_up [E, 2I, H] is [gate; up] along dim 1, down [E, H, I].
 //   embed [V, H], final_norm [H], lm_head [V', H], inv_freq [D / 2].
@@ -42,6 +48,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "rows_mm_cpu.h"
@@ -169,7 +176,8 @@ at::Tensor decode_step_cpu(const at::Tensor& ids, const at::Tensor& positions, c
                            const at::Tensor& final_norm, const at::Tensor& lm_head, const at::Tensor& inv_freq,
                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t top_k,
                            bool norm_topk_prob, int64_t qk_norm, double eps_d, double scaling_d,
-                           double rope_scale_d, double clip_qkv_d) {
+                           double rope_scale_d, double clip_qkv_d, const std::optional<at::Tensor>& slots_in,
+                           const std::optional<at::Tensor>& logit_rows_in) {
   const float eps = static_cast<float>(eps_d), scaling = static_cast<float>(scaling_d);
   const float rope_scale = static_cast<float>(rope_scale_d), clip = static_cast<float>(clip_qkv_d);
   TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong, "decode_step: ids must be int64 [B]");
@@ -178,7 +186,37 @@ at::Tensor decode_step_cpu(const at::Tensor& ids, const at::Tensor& positions, c
               "decode_step: positions must be int64 [B]");
   TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(0) == B && mask_in.size(1) >= 1, "decode_step: mask must be [B, T]");
   const at::Tensor mask = mask_in.to(at::kLong).contiguous();
-  const int64_t T = mask.size(1), col = T - 1;
+  const int64_t T = mask.size(1);
+  TORCH_CHECK(!kv.empty(), "decode_step: kv must hold 2 tensors per layer");
+  const int64_t Bkv = kv[0].dim() == 4 ? kv[0].size(0) : -1;
+  // each row's cache row and column
+  std::vector<int64_t> row_of(B), col_of(B, T - 1);
+  if (slots_in.has_value() && slots_in->defined()) {
+    const at::Tensor slots = slots_in->to(at::kLong).contiguous();
+    TORCH_CHECK(slots.dim() == 2 && slots.size(0) == B && slots.size(1) == 2, "decode_step: slots must be [B, 2]");
+    const int64_t* sl = slots.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      row_of[b] = sl[2 * b];
+      col_of[b] = sl[2 * b + 1];
+      TORCH_CHECK(row_of[b] >= 0 && row_of[b] < Bkv && col_of[b] >= 0 && col_of[b] < T,
+                  "decode_step: slot (", row_of[b], ", ", col_of[b], ") outside the kv rows or the mask's columns");
+    }
+  } else {
+    TORCH_CHECK(Bkv == B, "decode_step: kv buffers must have B rows without slots");
+    for (int64_t b = 0; b < B; ++b) row_of[b] = b;
+  }
+  std::vector<int64_t> out_rows;
+  if (logit_rows_in.has_value() && logit_rows_in->defined()) {
+    const at::Tensor picked = logit_rows_in->to(at::kLong).contiguous();
+    TORCH_CHECK(picked.dim() == 1, "decode_step: logit_rows must be [N]");
+    out_rows.assign(picked.const_data_ptr<int64_t>(), picked.const_data_ptr<int64_t>() + picked.numel());
+    for (int64_t r : out_rows) {
+      TORCH_CHECK(r >= 0 && r < B, "decode_step: logit row ", r, " outside [0, ", B, ")");
+    }
+  } else {
+    out_rows.resize(B);
+    for (int64_t b = 0; b < B; ++b) out_rows[b] = b;
+  }
   TORCH_CHECK(weights.size() % kSlots == 0 && !weights.empty(), "decode_step: weights must hold ", kSlots,
               " tensors per layer, got ", weights.size());
   const int64_t L = static_cast<int64_t>(weights.size()) / kSlots;
@@ -243,7 +281,7 @@ at::Tensor decode_step_cpu(const at::Tensor& ids, const at::Tensor& positions, c
     const at::Tensor& kc = kv[2 * l];
     const at::Tensor& vc = kv[2 * l + 1];
     for (const at::Tensor* c : {&kc, &vc}) {
-      TORCH_CHECK(c->dim() == 4 && c->size(0) == B && c->size(1) == Hkv && c->size(2) >= T && c->size(3) == D &&
+      TORCH_CHECK(c->dim() == 4 && c->size(0) == Bkv && c->size(1) == Hkv && c->size(2) >= T && c->size(3) == D &&
                       c->is_contiguous() && c->scalar_type() == at::kFloat,
                   "decode_step: kv buffers must be contiguous float32 [B, Hkv, C >= T, D], got ", c->sizes());
     }
@@ -346,7 +384,7 @@ at::Tensor decode_step_cpu(const at::Tensor& ids, const at::Tensor& positions, c
       rotate(q, Hq);
       rotate(k, Hkv);
       for (int64_t h = 0; h < Hkv; ++h) {
-        const int64_t at_col = ((b * Hkv + h) * C + col) * D;
+        const int64_t at_col = ((row_of[b] * Hkv + h) * C + col_of[b]) * D;
         std::copy(k + h * D, k + (h + 1) * D, kcache + at_col);
         std::copy(vb + b * KD + h * D, vb + b * KD + (h + 1) * D, vcache + at_col);
       }
@@ -356,8 +394,8 @@ at::Tensor decode_step_cpu(const at::Tensor& ids, const at::Tensor& positions, c
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
         const float* q = qb + b * QD + h * D;
-        const float* keys = kcache + (b * Hkv + hk) * C * D;
-        const float* vals = vcache + (b * Hkv + hk) * C * D;
+        const float* keys = kcache + (row_of[b] * Hkv + hk) * C * D;
+        const float* vals = vcache + (row_of[b] * Hkv + hk) * C * D;
         const int64_t* m = mk + b * T;
         float top = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < T; ++t) {
@@ -500,11 +538,12 @@ at::Tensor decode_step_cpu(const at::Tensor& ids, const at::Tensor& positions, c
     for (int64_t i = 0; i < B * H; ++i) hidden[i] += ob[i];
   }
 
-  for (int64_t b = 0; b < B; ++b) {
-    rms_norm(hidden + b * H, ptr(final_norm), H, eps, xn + b * H);
+  const int64_t N = static_cast<int64_t>(out_rows.size());
+  for (int64_t i = 0; i < N; ++i) {
+    rms_norm(hidden + out_rows[i] * H, ptr(final_norm), H, eps, xn + i * H);
   }
-  at::Tensor logits = at::empty({B, VO}, opts);
-  run_products({{xn, H, B, ptr(lm_head), H, VO, logits.mutable_data_ptr<float>(), VO}});
+  at::Tensor logits = at::empty({N, VO}, opts);
+  run_products({{xn, H, N, ptr(lm_head), H, VO, logits.mutable_data_ptr<float>(), VO}});
   return logits;
 }
 
@@ -515,7 +554,9 @@ TORCH_LIBRARY_FRAGMENT(moe_runtime, m) {
       "decode_step(Tensor ids, Tensor positions, Tensor mask, Tensor(a!)[] kv, Tensor[] weights, Tensor embed,"
       " Tensor final_norm, Tensor lm_head, Tensor inv_freq, int num_heads, int num_kv_heads, int head_dim,"
       " int top_k, bool norm_topk_prob, int qk_norm, float eps, float scaling, float rope_scale,"
-      " float clip_qkv) -> Tensor");
+      " float clip_qkv, Tensor? slots=None, Tensor? logit_rows=None) -> Tensor");
+  // prompt tokens up to which callers should run a prompt through decode_step (see rows_mm_cpu.h)
+  m.def("prompt_rows_max() -> int", []() -> int64_t { return prompt_rows_max(); });
 }
 
 TORCH_LIBRARY_IMPL(moe_runtime, CPU, m) {

@@ -26,6 +26,12 @@ namespace moe_runtime {
 // decode-sized products (16).
 int64_t rows_mm_max();
 
+// Prompt tokens up to which a whole prompt through decode_step (every product on these kernels, no
+// Python between the ops) beats the model's forward (its products on the GEMM past rows_mm_max):
+// measured on a 1024-wide, 16-expert Mixtral (docs/benchmarks.md), the crossover was near 256 tokens
+// with AVX-512, 150-190 with AVX2 and under 16 with the plain kernels.
+int64_t prompt_rows_max();
+
 // Output features per unit of work when a product is split across threads.
 int64_t rows_mm_block(bool transposed);
 

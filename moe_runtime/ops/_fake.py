@@ -55,7 +55,10 @@ def _slot_rows_mm_fake(
 
 @torch.library.register_fake("moe_runtime::decode_step")
 def _decode_step_fake(
-    ids, positions, mask, kv, weights, embed, final_norm, lm_head, inv_freq, *settings
+    ids, positions, mask, kv, weights, embed, final_norm, lm_head, inv_freq, *settings_then_rows
 ) -> torch.Tensor:
+    # the ten settings, then the optional slots and logit_rows
+    logit_rows = settings_then_rows[11] if len(settings_then_rows) > 11 else None
     torch._check(ids.dim() == 1 and mask.dim() == 2 and lm_head.dim() == 2)
-    return embed.new_empty((ids.shape[0], lm_head.shape[0]))
+    rows = ids.shape[0] if logit_rows is None else logit_rows.shape[0]
+    return embed.new_empty((rows, lm_head.shape[0]))

@@ -3,6 +3,9 @@
     ids [B], positions [B], mask [B, T], kv buffers, weights -> decode_step -> logits [B, V]
                                                                 (kv column T-1 written per layer)
 
+    a prompt: one row per new token, slots [R, 2] = (cache row, column) per row, a causal mask
+    [R, T], logit_rows = each sequence's last row -> logits [N, V]
+
 A decode step streams every weight once for one token per row; run through transformers' modules it
 also pays ~40 small ops per layer of Python and dispatcher time. The compiled ``decode_step`` op runs
 the whole step (embedding, attention with rotary and the KV cache, router, experts, shared expert,
@@ -12,14 +15,15 @@ the top of ``csrc/decode_cpu.cpp``; :func:`decode_step_reference` is the same st
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ._extension import load_extension
+from ._extension import extension_available, load_extension
 
-__all__ = ["SLOTS", "StepSettings", "decode_step", "decode_step_reference"]
+__all__ = ["SLOTS", "StepSettings", "decode_step", "decode_step_reference", "prompt_rows_max"]
 
 SLOTS = (
     "input_norm",
@@ -99,6 +103,8 @@ def decode_step(
     lm_head: torch.Tensor,
     inv_freq: torch.Tensor,
     settings: StepSettings,
+    slots: torch.Tensor | None = None,
+    logit_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step through the compiled op (see the module docstring and csrc/decode_cpu.cpp).
 
@@ -110,14 +116,39 @@ def decode_step(
         weights: ``len(SLOTS)`` tensors per layer.
         embed, final_norm, lm_head, inv_freq: ``[V, H]``, ``[H]``, ``[V, H]``, ``[D / 2]``.
         settings: model-wide settings.
+        slots: ``[B, 2]`` int64, each row's cache row and the column its key and value go to
+            (default: row ``b``, column ``T-1``); the kv buffers may then have any number of rows.
+        logit_rows: ``[N]`` int64, the rows whose logits are returned (default: all).
 
     Returns:
-        ``logits [B, V]``.
+        ``logits [N, V]`` (``[B, V]`` by default).
     """
     load_extension()
     return torch.ops.moe_runtime.decode_step.default(
-        ids, positions, mask, kv, weights, embed, final_norm, lm_head, inv_freq, *settings.op_args()
+        ids,
+        positions,
+        mask,
+        kv,
+        weights,
+        embed,
+        final_norm,
+        lm_head,
+        inv_freq,
+        *settings.op_args(),
+        slots,
+        logit_rows,
     )
+
+
+@functools.cache
+def prompt_rows_max() -> int:
+    """Prompt tokens (of a whole batch) up to which :func:`decode_step` runs a prompt faster than the
+    model's forward on this CPU: 192 with AVX-512, 128 with AVX2, 8 with the plain kernels (0 without
+    the extension; ``MOE_RUNTIME_CPU_ISA`` caps the instruction set)."""
+    if not extension_available():
+        return 0
+    load_extension()
+    return int(torch.ops.moe_runtime.prompt_rows_max())
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -145,11 +176,16 @@ def decode_step_reference(
     lm_head: torch.Tensor,
     inv_freq: torch.Tensor,
     settings: StepSettings,
+    slots: torch.Tensor | None = None,
+    logit_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pure-PyTorch :func:`decode_step` (same arguments; writes the same kv column)."""
+    """Pure-PyTorch :func:`decode_step` (same arguments; writes the same kv columns)."""
     s = settings
     batch, length = mask.shape
-    col = length - 1
+    if slots is None:
+        row, col = torch.arange(batch), torch.full((batch,), length - 1)
+    else:
+        row, col = slots[:, 0], slots[:, 1]
     hidden = embed[ids]
     freqs = positions[:, None].float() * inv_freq[None].float()
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -175,11 +211,11 @@ def decode_step_reference(
         if s.clip_qkv > 0:
             q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        keys[:, :, col] = k
-        values[:, :, col] = v
+        keys[row, :, col] = k
+        values[row, :, col] = v
         group = s.num_heads // s.num_kv_heads
-        kk = keys[:, :, :length].repeat_interleave(group, dim=1)  # [B, Hq, T, D]
-        vv = values[:, :, :length].repeat_interleave(group, dim=1)
+        kk = keys[row, :, :length].repeat_interleave(group, dim=1)  # [B, Hq, T, D]
+        vv = values[row, :, :length].repeat_interleave(group, dim=1)
         scores = torch.einsum("bhd,bhtd->bht", q, kk) * s.scaling
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         attn = torch.einsum("bht,bhtd->bhd", scores.softmax(-1), vv).reshape(batch, -1)
@@ -204,4 +240,6 @@ def decode_step_reference(
                 shared = torch.sigmoid(F.linear(x, w["shared_expert_gate"])) * shared
             y = y + shared
         hidden = hidden + y
+    if logit_rows is not None:
+        hidden = hidden[logit_rows]
     return F.linear(_rms(hidden, final_norm, s.eps), lm_head)

@@ -1,7 +1,10 @@
-"""Decode steps of recognised MoE families through the compiled ``decode_step`` op (CPU, float32).
+"""Prompts and decode steps of recognised MoE families through the compiled ``decode_step`` op (CPU,
+float32).
 
-    prefill: the model's own forward (its DynamicCache)
-    decode:  cache layers --copied once--> KV buffers [B, Hkv, capacity, D] per layer
+    prefill: one op call, one row per real prompt token (causal mask, each sequence's last logits)
+             -> KV buffers [B, Hkv, capacity, D] per layer and a new DynamicCache viewing them;
+             prompts of more tokens than ``prompt_rows_max()`` (192 with AVX-512): the model's forward
+    decode:  cache layers --copied once (unless the prefill made them views)--> KV buffers
              every step: decode_step(ids, positions, mask, buffers, weights) -> logits [B, V]
              the cache's layers stay views buffers[:, :, :T] of the buffers, so everything that cuts,
              merges or trims the cache (and a plain forward, if one runs) still sees a normal cache;
@@ -33,7 +36,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..models.hook import _STATE_ATTR, state_generation
 from ..ops import extension_available
-from ..ops.decode_step import SLOTS, StepSettings, decode_step
+from ..ops.decode_step import SLOTS, StepSettings, decode_step, prompt_rows_max
 
 __all__ = ["FAMILIES", "FastDecode", "KVBuffers", "fast_decode_enabled"]
 
@@ -357,12 +360,13 @@ class FastDecode:
         empty = self._empty
         return [empty if e is None else e[0][e[1]] for e in self._entries]
 
-    def blocked(self, rows: int, length: int) -> str | None:
-        """Why a step of ``rows`` rows over ``length`` cache columns (the new one included) cannot run
-        here, or None. Hooks on any module but the model itself (whose hooks :meth:`forward` calls)
-        must see the modules run; the engine's linear-term hooks add nothing to base rows."""
-        if rows > MAX_ROWS:
-            return f"{rows} rows (at most {MAX_ROWS})"
+    def blocked(self, rows: int, length: int, limit: int = MAX_ROWS) -> str | None:
+        """Why a step of ``rows`` rows (at most ``limit``) over ``length`` cache columns (the new ones
+        included) cannot run here, or None. Hooks on any module but the model itself (whose hooks
+        :meth:`forward` calls) must see the modules run; the engine's linear-term hooks add nothing
+        to base rows."""
+        if rows > limit:
+            return f"{rows} rows (at most {limit})"
         if self.window is not None and length >= self.window:
             return "the cache reaches the sliding window"
         if torch.is_grad_enabled():
@@ -430,6 +434,68 @@ class FastDecode:
         buffers.views, buffers.view_length = views, length
         return buffers, logits
 
+    def prompt_blocked(self, mask: torch.Tensor) -> str | None:
+        """Why a left-padded prompt batch (``mask [B, S]``) cannot run through :meth:`prompt`, or None."""
+        if not bool(mask[:, -1].all()):
+            return "a row's last column is padding"
+        return self.blocked(int(mask.sum()), mask.shape[1], limit=prompt_rows_max())
+
+    def prompt_cache(self) -> DynamicCache | None:
+        """The empty cache the model's forward would start, if it is one plain layer per model layer
+        (what :meth:`prompt` fills), else None."""
+        cache = DynamicCache(config=self.model.config)
+        layers = cache.layers
+        if len(layers) * len(SLOTS) + 4 != len(self._entries) or any(
+            type(layer) is not DynamicLayer for layer in layers
+        ):
+            return None
+        return cache
+
+    def prompt(
+        self,
+        cache: DynamicCache,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        reserve: int,
+    ) -> tuple[KVBuffers, torch.Tensor]:
+        """A prefill of the left-padded ``ids [B, S]`` (``mask``, ``positions`` alike) in one op call,
+        one row per real token, each attending to its sequence's real tokens up to itself, into the
+        empty ``cache`` of :meth:`prompt_cache`. Returns the buffers (room for ``reserve`` more
+        columns, at most doubling), whose first ``S`` columns the cache's layers now view (padding
+        columns hold zeros), and each row's next-token ``logits [B, V]``."""
+        layers = cache.layers
+        s = self.settings
+        batch, length = ids.shape
+        valid = mask.bool()
+        seq, col = valid.nonzero(as_tuple=True)  # one row per real token, sequence by sequence
+        rows_mask = valid[seq] & torch.ones(length, length, dtype=torch.bool).tril_()[col]
+        last = valid.sum(1).cumsum(0) - 1  # each sequence's last row
+        capacity = length + min(max(reserve, 0), max(length, 32))
+        store = torch.empty(2 * len(layers), batch, s.num_kv_heads, capacity, s.head_dim, dtype=torch.float32)
+        if not bool(valid.all()):
+            store.narrow(3, 0, length).zero_()  # padding columns: never attended, but finite
+        buffers = KVBuffers(store)
+        tensors = self._tensors()
+        per_layer = len(SLOTS) * len(layers)
+        logits = decode_step(
+            ids[seq, col],
+            positions[seq, col],
+            rows_mask,
+            buffers.tensors,
+            tensors[:per_layer],
+            *tensors[per_layer:],
+            self.settings,
+            slots=torch.stack((seq, col), dim=1),
+            logit_rows=last,
+        )
+        views = buffers.views_of(length)
+        for i, layer in enumerate(layers):
+            layer.lazy_initialization(views[2 * i], views[2 * i + 1])
+            layer.keys, layer.values = views[2 * i], views[2 * i + 1]
+        buffers.views, buffers.view_length = views, length
+        return buffers, logits
+
     def _copy(self, layers: list[DynamicLayer], cached: int, capacity: int) -> KVBuffers:
         s = self.settings
         rows = layers[0].keys.shape[0]
@@ -468,16 +534,38 @@ class FastDecode:
         """:meth:`step` with the model's own forward hooks called around it, as around a forward of
         ``input_ids [B, 1]`` (the benches time forwards with them); returns the buffers and the
         next-token ``logits [B, V]`` (from the hook-visible output where hooks ran)."""
-        model = self.model
-        if not (model._forward_pre_hooks or model._forward_hooks):
+        if not self._model_hooked():
             return self.step(buffers, cache, ids, positions, mask, reserve)
         kwargs = {"input_ids": ids[:, None], "attention_mask": mask, "position_ids": positions[:, None]}
+        self._pre_hooks(kwargs)
+        buffers, logits = self.step(buffers, cache, ids, positions, mask, reserve)
+        return buffers, self._post_hooks(kwargs, logits, cache)
+
+    def prompt_forward(self, cache, ids, mask, positions, reserve):
+        """:meth:`prompt` with the model's own forward hooks called around it, as around a forward of
+        ``ids [B, S]``; returns the buffers and the next-token ``logits [B, V]``."""
+        if not self._model_hooked():
+            return self.prompt(cache, ids, mask, positions, reserve)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        self._pre_hooks(kwargs)
+        buffers, logits = self.prompt(cache, ids, mask, positions, reserve)
+        return buffers, self._post_hooks(kwargs, logits, cache)
+
+    def _model_hooked(self) -> bool:
+        return bool(self.model._forward_pre_hooks or self.model._forward_hooks)
+
+    def _pre_hooks(self, kwargs: dict) -> None:
+        model = self.model
         for hook_id, hook in list(model._forward_pre_hooks.items()):
             if hook_id in model._forward_pre_hooks_with_kwargs:
                 hook(model, (), kwargs)
             else:
                 hook(model, ())
-        buffers, logits = self.step(buffers, cache, ids, positions, mask, reserve)
+
+    def _post_hooks(self, kwargs: dict, logits: torch.Tensor, cache) -> torch.Tensor:
+        """The model's forward hooks on an output of ``logits [B, V]`` (as the last position's);
+        returns the last position's logits of the output they leave."""
+        model = self.model
         output = CausalLMOutputWithPast(logits=logits[:, None], past_key_values=cache)
         for hook_id, hook in list(model._forward_hooks.items()):
             if hook_id in model._forward_hooks_with_kwargs:
@@ -486,7 +574,7 @@ class FastDecode:
                 result = hook(model, (), output)
             if result is not None:
                 output = result
-        return buffers, output.logits[:, -1, :]
+        return output.logits[:, -1, :]
 
 
 def _is_silu(module: nn.Module) -> bool:

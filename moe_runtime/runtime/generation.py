@@ -123,8 +123,9 @@ def generate_batch(
         pad_id: id written into left padding (masked out).
         before_forward: hook run before every forward with the live rows' original indices.
         seeds: per-row sampling seeds (default ``config.seed + row``).
-        fast_decode: the model's compiled decode step (:meth:`FastDecode.of`): decode steps it can
-            serve run through it (never with ``before_forward``: it knows no owners).
+        fast_decode: the model's compiled decode step (:meth:`FastDecode.of`): the prompt and the
+            decode steps it can serve run through it (never with ``before_forward``: it knows no
+            owners).
 
     Returns:
         One :class:`Generated` per prompt, in order.
@@ -144,13 +145,24 @@ def generate_batch(
     last_position = positions[:, -1]
     kv = None  # the compiled step's buffers, viewed by the cache's layers while it serves
     while True:
+        fresh = None  # the prompt's empty cache, where the compiled step fills it
         if (
+            fast_decode is not None
+            and cache is None
+            and before_forward is None
+            and fast_decode.prompt_blocked(mask) is None
+        ):
+            fresh = fast_decode.prompt_cache()
+        reserve = max(max_new_tokens[r] - len(out_ids[r]) for r in rows.tolist())
+        if fresh is not None:
+            cache = fresh
+            kv, logits = fast_decode.prompt_forward(cache, input_ids, mask, positions, reserve)
+        elif (
             fast_decode is not None
             and cache is not None
             and before_forward is None
             and fast_decode.serves(cache, rows.shape[0], mask.shape[1])
         ):
-            reserve = max(max_new_tokens[r] - len(out_ids[r]) for r in rows.tolist())
             kv, logits = fast_decode.forward(kv, cache, input_ids[:, 0], positions[:, 0], mask, reserve)
         else:
             kv = None

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import threading
 import time
 import weakref
@@ -56,34 +57,121 @@ from .requests import Completion, DecodeConfig, Request, StreamEvent
 __all__ = ["RequestHandle", "Scheduler", "TextStream"]
 
 
+_LOCAL_DECODERS = frozenset(
+    {"ByteLevel", "Metaspace", "Replace", "ByteFallback", "Fuse", "Strip", "BPEDecoder"}
+)
+"""tokenizers' decoders whose text for a token does not depend on tokens further back than the
+first of the text (which :class:`TextStream`'s context covers)."""
+
+
+def decodes_locally(tokenizer) -> bool:
+    """Whether ``tokenizer`` is a fast tokenizer whose decoder (a sequence of) :data:`_LOCAL_DECODERS`
+    and which cleans up no spaces: then :class:`TextStream` decodes only the newest tokens."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    try:
+        spec = json.loads(decoder.__getstate__())
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+    def local(part) -> bool:
+        if not isinstance(part, dict):
+            return False
+        if part.get("type") == "Sequence":
+            return all(local(inner) for inner in part.get("decoders", []))
+        return part.get("type") in _LOCAL_DECODERS
+
+    return local(spec)
+
+
 class TextStream:
     """Incremental text of a growing list of token ids, cut before the first stop string.
 
     Byte-level BPE can split a character over tokens: a trailing U+FFFD (an incomplete character)
     is held back, and so is a trailing piece of text that may be the start of a stop string.
+
+    With a decoder that works token by token (byte-level BPE, SentencePiece's pieces and byte
+    fallback: :func:`decodes_locally`), each step decodes only the newest tokens behind a few
+    tokens of context, so a decoder that treats the first token of a text specially (the leading
+    space) sees them as the full decode does: the cost per token stays flat where decoding the whole
+    list each step grew with the length (0.29 ms a step at 2,048 tokens, docs/benchmarks.md). Where
+    the context does not decode as it reads in the text (it starts inside a character) or the new
+    tokens change it, that step decodes the whole list; so does every step with another decoder
+    (WordPiece, space clean-up), which may rewrite across tokens. :meth:`flush` keeps one full
+    decode: the completion's text is always exactly ``tokenizer.decode(ids)`` cut at a stop.
     """
+
+    CONTEXT = 4
+    """Tokens decoded before the new ones each step."""
 
     def __init__(self, tokenizer, stop: list[str] | None = None) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in (stop or []) if s]
         self.text = ""  # all the text so far (cut before a stop string)
         self.emitted = ""  # the text handed out as deltas
+        self._ids: list[int] = []  # the last update's ids (flush decodes them)
+        self._seen: list[int] = []  # its ids[_context:_read], to tell a grown list from another
+        self._stable = ""  # the text of ids[:_read]: ends on a whole character
+        self._context = 0  # ids[_context:_read] are decoded again before the new ones
+        self._read = 0
+        self._searched = 0  # text before this offset holds no stop string
+        self._stopped = False
+        self._local = decodes_locally(tokenizer)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _full_text(self, token_ids: list[int]) -> str:
+        """``decode(token_ids)``, from the newest tokens where the earlier ones are unchanged."""
+        if not self._local:
+            return self._decode(token_ids)
+        if len(token_ids) < self._read or token_ids[self._context : self._read] != self._seen:
+            self._stable, self._context, self._read = "", 0, 0  # not the list grown so far: start over
+        before = self._decode(token_ids[self._context : self._read]) if self._read > self._context else ""
+        window = self._decode(token_ids[self._context :])
+        # the context must decode as it reads in the full text (not, e.g., from inside a character
+        # some decoders only decode whole), and the new tokens must leave it as it is
+        if not (self._stable.endswith(before) and window.startswith(before)):
+            full = self._decode(token_ids)
+            whole = not full.endswith("\ufffd")
+            self._stable, self._read = (full, len(token_ids)) if whole else (self._stable, self._read)
+            self._context = max(0, self._read - self.CONTEXT)
+            return full
+        text = self._stable + window[len(before) :]
+        if not text.endswith("\ufffd"):
+            self._stable, self._read = text, len(token_ids)
+            self._context = max(0, self._read - self.CONTEXT)
+        return text
+
+    def _remember(self, token_ids: list[int]) -> None:
+        self._ids = token_ids
+        self._seen = token_ids[self._context : self._read]
 
     def update(self, token_ids: list[int]) -> tuple[str, bool]:
         """The new delta for ``token_ids`` (all ids so far), and whether a stop string appeared."""
         if self.tokenizer is None:
             return "", False
-        full = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        found = [i for i in (full.find(s) for s in self.stop) if i >= 0]
+        full = self._full_text(token_ids)
+        self._remember(token_ids)
+        longest = max((len(s) for s in self.stop), default=1)
+        start = max(0, min(self._searched, len(full)) - longest + 1)
+        found = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
+        visible = full.rstrip("\ufffd")
+        self._searched = len(visible)
         if found:
+            self._stopped = True
             self.text = full[: min(found)]
             return self._emit(self.text), True
         self.text = full
-        visible = full.rstrip("\ufffd")
         return self._emit(visible[: len(visible) - self._held(visible)]), False
 
     def flush(self) -> str:
-        """The rest of the text (at the end of the request)."""
+        """The rest of the text (at the end of the request): the full decode's, cut at a stop."""
+        if self.tokenizer is not None and self._ids and not self._stopped:
+            full = self._decode(self._ids)
+            found = [i for i in (full.find(s) for s in self.stop) if i >= 0]
+            self.text = full[: min(found)] if found else full
         return self._emit(self.text)
 
     def _held(self, text: str) -> int:
@@ -539,9 +627,17 @@ class Scheduler:
         groups = []
         for batch in batches:
             ids, mask, positions = left_pad([r.prompt for r in batch], self.pad_id, self.device)
-            owners = torch.tensor([r.owner for r in batch], dtype=torch.int64, device=self.device)
-            cache, logits = self._forward(ids, mask, positions, owners, None, "prefill")
+            fast, cache = self._fast_prompt(batch, mask)
+            if fast is not None:
+                reserve = max(row.limit for row in batch)
+                with self.phase("prefill", int(mask.sum())):
+                    kv, logits = fast.prompt_forward(cache, ids, mask, positions, reserve)
+            else:
+                owners = torch.tensor([r.owner for r in batch], dtype=torch.int64, device=self.device)
+                cache, logits = self._forward(ids, mask, positions, owners, None, "prefill")
+                kv = None
             group = Group(batch, cache, mask, positions[:, -1], ids[:, -1])
+            group.kv = kv
             self._advance(group, logits)
             groups.append(group)
         return groups
@@ -593,6 +689,18 @@ class Scheduler:
         )
         group.cache = cache
         self._advance(group, logits)
+
+    def _fast_prompt(self, rows: list[Row], mask: torch.Tensor) -> tuple[FastDecode | None, Cache | None]:
+        """The compiled step and the empty cache it fills, if it can serve the prefill of ``rows``
+        (left-padded ``mask``): base-model rows only, no routing observer, nothing
+        :meth:`FastDecode.prompt_blocked` names; else ``(None, None)``."""
+        fast = self.fast_decode
+        if fast is None or self.executor.observer is not None:
+            return None, None
+        if any(row.owner != BASE_OWNER for row in rows) or fast.prompt_blocked(mask) is not None:
+            return None, None
+        cache = fast.prompt_cache()
+        return (fast, cache) if cache is not None else (None, None)
 
     def _fast_step(self, group: Group) -> FastDecode | None:
         """The compiled decode step if it can serve ``group``'s next step: base-model rows only, no

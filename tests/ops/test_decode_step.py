@@ -147,3 +147,113 @@ def test_checks_its_inputs(family):
             *tensors[split:],
             fast.settings,
         )
+
+
+def _prompt_rows(mask: torch.Tensor, start: int = 0):
+    """One op row per real token of ``mask [B, S]``'s columns from ``start``: ids index, slots, causal mask."""
+    valid = mask.bool()
+    seq, col = valid.nonzero(as_tuple=True)
+    keep = col >= start
+    seq, col = seq[keep], col[keep]
+    length = mask.shape[1]
+    rows_mask = valid[seq] & torch.ones(length, length, dtype=torch.bool).tril()[col]
+    return seq, col, rows_mask
+
+
+@requires_extension
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prompt_matches_reference_and_transformers(family, threads):
+    """A left-padded prompt batch through the op, one row per real token: each sequence's last logits
+    and every real cache column equal the model's own prefill and the reference (TOL)."""
+    model, fast = family
+    ids, mask, positions = left_pad(PROMPTS, 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            hf = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            cache = fast.prompt_cache()
+            buffers, logits = fast.prompt(cache, ids, mask, positions, 3)
+            seq, col, rows_mask = _prompt_rows(mask)
+            last = mask.sum(1).cumsum(0) - 1
+            kv = [torch.zeros_like(t) for t in buffers.tensors]
+            tensors = fast._tensors()
+            split = len(SLOTS) * len(cache.layers)
+            ref = decode_step_reference(
+                ids[seq, col],
+                positions[seq, col],
+                rows_mask,
+                kv,
+                tensors[:split],
+                *tensors[split:],
+                fast.settings,
+                slots=torch.stack((seq, col), 1),
+                logit_rows=last,
+            )
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(logits, hf.logits[:, -1], **TOL)
+    torch.testing.assert_close(logits, ref, **TOL)
+    real = mask.bool()[:, None, :, None]
+    for mine, theirs in zip(cache.layers, hf.past_key_values.layers):
+        assert mine.keys.shape == theirs.keys.shape and mine.keys.data_ptr() in {
+            t.data_ptr() for t in buffers.tensors
+        }
+        for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+            torch.testing.assert_close(a * real, b * real, **TOL)
+            assert not a[~real.expand_as(a)].any()  # padding columns: zeros
+    for mine, theirs in zip(buffers.tensors, kv):
+        torch.testing.assert_close(mine[:, :, : ids.shape[1]], theirs[:, :, : ids.shape[1]], **TOL)
+
+
+@requires_extension
+def test_prompt_in_two_pieces_equals_the_whole(family):
+    """The op's slots over a cache that already holds the prompt's first part: the second part's rows
+    attend to it and to each other causally, and the last logits equal one whole-prompt call."""
+    model, fast = family
+    ids, mask, positions = left_pad(PROMPTS, 0)
+    with torch.no_grad():
+        whole = fast.prompt(fast.prompt_cache(), ids, mask, positions, 0)[1]
+        tensors = fast._tensors()
+        split = len(SLOTS) * len(model.model.layers)
+        args = (tensors[:split], *tensors[split:], fast.settings)
+        shape = (len(PROMPTS), fast.settings.num_kv_heads, ids.shape[1], fast.settings.head_dim)
+        kv = [torch.zeros(shape) for _ in range(2 * len(model.model.layers))]
+        cut = 4
+        seq, col, rows_mask = _prompt_rows(mask[:, :cut])
+        decode_step(
+            ids[seq, col], positions[seq, col], rows_mask, kv, *args, slots=torch.stack((seq, col), 1)
+        )
+        seq, col, rows_mask = _prompt_rows(mask, start=cut)
+        last = torch.tensor([int((seq == b).nonzero().max()) for b in range(len(PROMPTS))])
+        pieces = decode_step(
+            ids[seq, col],
+            positions[seq, col],
+            rows_mask,
+            kv,
+            *args,
+            slots=torch.stack((seq, col), 1),
+            logit_rows=last,
+        )
+    torch.testing.assert_close(pieces, whole, **TOL)
+
+
+@requires_extension
+def test_prompt_checks_slots_and_logit_rows(family):
+    model, fast = family
+    ids, mask, positions = left_pad(PROMPTS[:1], 0)
+    with torch.no_grad():
+        buffers = fast.prompt(fast.prompt_cache(), ids, mask, positions, 0)[0]
+    tensors = fast._tensors()
+    split = len(SLOTS) * len(model.model.layers)
+    args = (buffers.tensors, tensors[:split], *tensors[split:], fast.settings)
+    seq, col, rows_mask = _prompt_rows(mask)
+    with pytest.raises(RuntimeError, match="outside the kv rows"):
+        decode_step(
+            ids[seq, col], positions[seq, col], rows_mask, *args, slots=torch.stack((seq + 1, col), 1)
+        )
+    with pytest.raises(RuntimeError, match="logit row"):
+        decode_step(
+            ids[seq, col], positions[seq, col], rows_mask, *args, slots=torch.stack((seq, col), 1),
+            logit_rows=torch.tensor([len(seq)]),
+        )  # fmt: skip

@@ -61,12 +61,17 @@ def test_independent_of_thread_count():
 _ISA_CHECK = """
 import torch, torch.nn.functional as F
 from moe_runtime.ops import rows_linear
+from moe_runtime.ops.experts_mm import segmented_mm
 g = torch.Generator().manual_seed(3)
 for rows, in_f, out_f in ((1, 64, 96), (6, 37, 101), (23, 300, 70)):
     x, w = torch.randn(rows, in_f, generator=g), torch.randn(out_f, in_f, generator=g) / in_f ** 0.5
     got = rows_linear(x, w)
     torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
     assert torch.equal(got, torch.cat([rows_linear(x[i : i + 1], w) for i in range(rows)]))
+    # the transposed layout ([in, out] weights) through segmented_mm
+    slot = torch.tensor([rows], dtype=torch.int32)
+    got = segmented_mm(x, [w.t().contiguous()[None]], slot, True)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
 print("ok")
 """
 

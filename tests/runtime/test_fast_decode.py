@@ -38,15 +38,16 @@ def _requests(model) -> list[Request]:
     ]
 
 
-def _counting(monkeypatch) -> list[int]:
+def _counting(monkeypatch, method: str = "step") -> list[int]:
+    """Calls of ``FastDecode.<method>`` (``step``: decode steps, ``prompt``: prefills) from now on."""
     calls = [0]
-    step = FastDecode.step
+    original = getattr(FastDecode, method)
 
     def counted(self, *args, **kwargs):
         calls[0] += 1
-        return step(self, *args, **kwargs)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(FastDecode, "step", counted)
+    monkeypatch.setattr(FastDecode, method, counted)
     return calls
 
 
@@ -64,7 +65,7 @@ def _serve_and_compare(engine: MultiAdapterEngine, requests: list[Request]) -> N
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("threads", [1, 2])
 def test_generate_equals_transformers(family, threads, monkeypatch):
-    calls = _counting(monkeypatch)
+    calls, prefills = _counting(monkeypatch), _counting(monkeypatch, "prompt")
     model = build_random_model(family, **FAMILIES[family])
     engine = MultiAdapterEngine(model)
     assert engine._scheduler.fast_decode is not None
@@ -75,6 +76,23 @@ def test_generate_equals_transformers(family, threads, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert calls[0] > 0  # the compiled step served decode steps
+    assert prefills[0] > 0  # and prompts
+
+
+@requires_extension
+def test_prompts_past_the_limit_take_the_forward(monkeypatch):
+    """Prompt batches of more real tokens than ``prompt_rows_max()`` run the model's forward (the
+    decode steps after them still the compiled step); the tokens are transformers' either way."""
+    import moe_runtime.runtime.fast_decode as fast_decode
+
+    calls, prefills = _counting(monkeypatch), _counting(monkeypatch, "prompt")
+    monkeypatch.setattr(fast_decode, "prompt_rows_max", lambda: 9)
+    model = build_random_model("qwen3_moe", **FAMILIES["qwen3_moe"])
+    requests = _requests(model)
+    _serve_and_compare(MultiAdapterEngine(model), [requests[1], requests[2], requests[4]])  # 9 + 3 + 1
+    assert prefills[0] == 0 and calls[0] > 0
+    _serve_and_compare(MultiAdapterEngine(model), requests[2:3])
+    assert prefills[0] == 1
 
 
 @requires_extension
@@ -119,7 +137,7 @@ def test_sliding_window_cache_falls_back(monkeypatch):
 def test_hooks_block_the_step_but_model_hooks_still_fire(monkeypatch):
     """A hook on an inner module must see it run (the step falls back); the model's own hooks are
     called around every compiled step as around a forward."""
-    calls = _counting(monkeypatch)
+    calls, prefills = _counting(monkeypatch), _counting(monkeypatch, "prompt")
     model = build_random_model("mixtral", sliding_window=None)
     engine = MultiAdapterEngine(model)
     seen = []
@@ -128,13 +146,13 @@ def test_hooks_block_the_step_but_model_hooks_still_fire(monkeypatch):
     )
     request = _requests(model)[0]
     engine.generate([request], DecodeConfig(stop_on_eos=False))
-    assert calls[0] == request.max_new_tokens - 1
+    assert calls[0] == request.max_new_tokens - 1 and prefills[0] == 1
     assert [tuple(s) for s in seen] == [(1, 5)] + [(1, 1)] * (request.max_new_tokens - 1)
     handle.remove()
     inner = model.model.layers[0].mlp.register_forward_hook(lambda m, args, out: None)
-    calls[0] = 0
+    calls[0] = prefills[0] = 0
     _serve_and_compare(engine, [request])
-    assert calls[0] == 0
+    assert calls[0] == 0 and prefills[0] == 0
     inner.remove()
 
 
@@ -142,7 +160,7 @@ def test_hooks_block_the_step_but_model_hooks_still_fire(monkeypatch):
 def test_generate_batch_with_the_step_equals_without(monkeypatch):
     from moe_runtime.runtime import generate_batch
 
-    calls = _counting(monkeypatch)
+    calls, prefills = _counting(monkeypatch), _counting(monkeypatch, "prompt")
     model = build_random_model("qwen2_moe")
     requests = _requests(model)
     prompts, limits = [r.prompt for r in requests], [r.max_new_tokens for r in requests]
@@ -152,7 +170,7 @@ def test_generate_batch_with_the_step_equals_without(monkeypatch):
     fast = generate_batch(
         model, prompts, limits, config=config, eos_ids=set(), pad_id=0, fast_decode=FastDecode.of(model)
     )
-    assert calls[0] == max(limits) - 1
+    assert calls[0] == max(limits) - 1 and prefills[0] == 1
     for a, b in zip(plain, fast):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(a.logits, b.logits, **TOL)
