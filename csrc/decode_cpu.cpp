@@ -286,8 +286,9 @@ at::Tensor decode_step_cpu(const at::Tensor& ids, const at::Tensor& positions, c
                   "decode_step: kv buffers must be contiguous float32 [B, Hkv, C >= T, D], got ", c->sizes());
     }
   }
-  const int64_t* id = ids.const_data_ptr<int64_t>();
-  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  const at::Tensor ids_c = ids.contiguous(), positions_c = positions.contiguous();  // e.g. a column of [B, S]
+  const int64_t* id = ids_c.const_data_ptr<int64_t>();
+  const int64_t* pos = positions_c.const_data_ptr<int64_t>();
   const int64_t* mk = mask.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(id[b] >= 0 && id[b] < V, "decode_step: token id ", id[b], " outside the vocabulary");

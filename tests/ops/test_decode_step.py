@@ -257,3 +257,28 @@ def test_prompt_checks_slots_and_logit_rows(family):
             ids[seq, col], positions[seq, col], rows_mask, *args, slots=torch.stack((seq, col), 1),
             logit_rows=torch.tensor([len(seq)]),
         )  # fmt: skip
+
+
+@requires_extension
+@pytest.mark.parametrize("prompt", [False, True])
+def test_opcheck(family, prompt):
+    """The fake kernel's shapes against the op's, for a decode step and for a prompt's rows with
+    slots and logit rows."""
+    model, fast = family
+    ids, mask, positions = left_pad(PROMPTS[:2], 0)
+    shape = (2, fast.settings.num_kv_heads, ids.shape[1] + 1, fast.settings.head_dim)
+    kv = [torch.zeros(shape) for _ in range(2 * len(model.model.layers))]
+    tensors = fast._tensors()
+    split = len(SLOTS) * len(model.model.layers)
+    if prompt:
+        seq, col, rows_mask = _prompt_rows(mask)
+        args = (ids[seq, col], positions[seq, col], rows_mask.long())
+        extra = (torch.stack((seq, col), 1), mask.sum(1).cumsum(0) - 1)
+    else:
+        args = (ids[:, -1], positions[:, -1] + 1, torch.cat([mask, mask.new_ones(2, 1)], 1))
+        extra = ()
+    torch.library.opcheck(
+        torch.ops.moe_runtime.decode_step.default,
+        (*args, kv, tensors[:split], *tensors[split:], *fast.settings.op_args(), *extra),
+        test_utils=("test_faketensor",),  # test_schema feeds garbage ids
+    )
