@@ -382,7 +382,11 @@ class MultiAdapterEngine:
         return self._submit(list(requests), config, claim)
 
     def _submit(
-        self, batch: list[Request], config: DecodeConfig | None = None, claim: bool = False
+        self,
+        batch: list[Request],
+        config: DecodeConfig | None = None,
+        claim: bool = False,
+        quiet: bool = False,
     ) -> list[RequestHandle]:
         self._check_open()
         rows = []
@@ -392,7 +396,9 @@ class MultiAdapterEngine:
             check_sampling(request)
             handle = RequestHandle(request, self._drive)
             handle._claimed = claim
-            rows.append(Row(handle, self._encode(request), None, request.adapter, config, offset))
+            rows.append(
+                Row(handle, self._encode(request), None, request.adapter, config, offset, quiet=quiet)
+            )
             handle._row = rows[-1]
         with self._scheduler.lock:  # adapters do not change meanwhile (add/remove take this lock)
             for row in rows:
@@ -535,7 +541,7 @@ class MultiAdapterEngine:
         """Submit ``requests`` and serve them (with anything already pending, which comes first)."""
         config = config or DecodeConfig()
         config.validate()
-        self._submit(list(requests), config)
+        self._submit(list(requests), config, quiet=True)  # the handles stay inside: no one streams them
         return self.run(config)
 
     def _choose_adapters(self, counts: dict[int, torch.Tensor]) -> list[tuple[str | None, int]]:

@@ -166,8 +166,11 @@ class TextStream:
         self.text = full
         return self._emit(visible[: len(visible) - self._held(visible)]), False
 
-    def flush(self) -> str:
-        """The rest of the text (at the end of the request): the full decode's, cut at a stop."""
+    def flush(self, token_ids: list[int] | None = None) -> str:
+        """The rest of the text at the end of the request (of ``token_ids``, default: the last
+        update's): the full decode's, cut at a stop."""
+        if token_ids is not None and not self._stopped:
+            self._ids = token_ids
         if self.tokenizer is not None and self._ids and not self._stopped:
             full = self._decode(self._ids)
             found = [i for i in (full.find(s) for s in self.stop) if i >= 0]
@@ -310,6 +313,7 @@ class Row:
     logits: list[torch.Tensor] = field(default_factory=list)
     text: TextStream | None = None
     finish_reason: str | None = None
+    quiet: bool = False  # nobody reads its events' text deltas (engine.generate): decode the text once
 
     @property
     def request(self) -> Request:
@@ -723,7 +727,10 @@ class Scheduler:
             row.tokens.append(token)
             if row.keep_logits:
                 row.logits.append(logits[i].detach().clone())
-            delta, stopped = row.text.update(row.tokens)
+            if row.quiet and not row.text.stop:  # no one reads its deltas: the text once, at the end
+                delta, stopped = "", False
+            else:
+                delta, stopped = row.text.update(row.tokens)
             if stopped or (row.stop_on_eos and token in self.eos_ids):
                 finished.append((row, "stop", delta))
             elif len(row.tokens) >= row.limit:
@@ -749,7 +756,7 @@ class Scheduler:
 
     def _finish(self, row: Row, reason: str, token_ids: list[int], delta: str = "") -> None:
         text = row.text or TextStream(self.tokenizer, row.request.stop)
-        delta += text.flush()
+        delta += text.flush(row.tokens)
         completion = Completion(
             row.request.id,
             row.adapter,

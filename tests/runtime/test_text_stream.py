@@ -75,3 +75,34 @@ def test_a_list_that_is_not_the_one_grown_starts_over(tokenizer):
     other = ids[:2] + ids[::-1]
     stream.update(other)
     assert stream.text == tokenizer.decode(other, skip_special_tokens=True)
+
+
+def test_generate_decodes_the_text_once_unless_it_stops(monkeypatch):
+    """``engine.generate`` hands out no events: its rows decode their text once, at the end (no
+    per-step update) unless a stop string must be watched; the text is the full decode either way,
+    and a streamed request of the same engine still gets its deltas."""
+    from moe_runtime.models import load_tokenizer
+    from moe_runtime.runtime import DecodeConfig, MultiAdapterEngine, Request
+    from moe_runtime.testing import build_random_model
+
+    tokenizer = load_tokenizer("demo")
+    model = build_random_model("qwen3_moe", vocab_size=len(tokenizer))
+    engine = MultiAdapterEngine(model, tokenizer)
+    updates = [0]
+    update = TextStream.update
+
+    def counted(self, token_ids):
+        updates[0] += 1
+        return update(self, token_ids)
+
+    monkeypatch.setattr(TextStream, "update", counted)
+    config = DecodeConfig(max_new_tokens=12, stop_on_eos=False)
+    done = engine.generate([Request("a b c", max_new_tokens=12)], config)[0]
+    assert updates[0] == 0 and done.completion == tokenizer.decode(done.token_ids, skip_special_tokens=True)
+    assert len(done.completion) >= 2
+    stop = done.completion[len(done.completion) // 2 :][:2]
+    cut = engine.generate([Request("a b c", max_new_tokens=12, stop=[stop])], config)[0]
+    assert updates[0] > 0 and cut.completion == done.completion[: done.completion.find(stop)]
+    updates[0] = 0
+    events = list(engine.stream(Request("a b c", max_new_tokens=12), config))
+    assert updates[0] == 12 and "".join(e.text for e in events) == done.completion
