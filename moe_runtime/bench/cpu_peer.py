@@ -10,7 +10,8 @@
                  a child process (its own peak RSS), interleaved: for each repeat, for each thread
                  count, one run of each (the order rotated per repeat); greedy, batch 1, the prompts
                  one at a time after one untimed warm-up request
-    figures      per run: load time (model construction, imports excluded), prefill tok/s (prompt
+    figures      per run: load time (model construction; imports excluded, the family's modeling code
+                 too: ``model_code_import_s`` in the JSON), prefill tok/s (prompt
                  tokens / time to the first token), decode tok/s (later tokens / their time), peak RSS;
                  medians over the repeats, and moe-runtime / llama.cpp ratios at equal threads; the
                  generated tokens of every run are compared with llama.cpp's
@@ -195,6 +196,11 @@ def _child_moe(gguf_or_ckpt: Path, job: _Job, cache_dir: str, offload: bool) -> 
     from ..runtime.offload import OffloadConfig
 
     torch.set_num_threads(job.threads)
+    # transformers imports a family's modeling code (and with it torch._dynamo, sympy, scipy, ...) at
+    # its first load: an import, timed apart from the load as llama-cpp-python's import is
+    begun = time.perf_counter()
+    _import_model_code(gguf_or_ckpt)
+    import_s = time.perf_counter() - begun
     config = None
     if offload:
         config = OffloadConfig(
@@ -231,10 +237,22 @@ def _child_moe(gguf_or_ckpt: Path, job: _Job, cache_dir: str, offload: bool) -> 
     generate(job.prompt_ids[0], 2)  # warm-up, untimed
     decode_forward[0] = 0.0
     runs = [generate(prompt, job.new_tokens) for prompt in job.prompt_ids]
-    extra = {"decode_forward_s": decode_forward[0], "threads_seen": torch.get_num_threads()}
+    extra = {
+        "decode_forward_s": decode_forward[0],
+        "threads_seen": torch.get_num_threads(),
+        "model_code_import_s": import_s,
+    }
     if offload:
         extra["hit_rate"] = engine.offload.stats.to_json()["hit_rate"]
     return _summary(job, runs, load_s, extra)
+
+
+def _import_model_code(checkpoint: Path) -> None:
+    """Import the checkpoint's causal-LM class (its family's modeling module)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(checkpoint, local_files_only=True))]
 
 
 def _summary(job: _Job, runs: list[tuple[list[int], float, float]], load_s: float, extra: dict) -> dict:

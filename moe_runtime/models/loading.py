@@ -152,6 +152,9 @@ def _read_once(cpu: bool, path: Path | None = None, headers=(), dtype=None) -> I
     16-bit float widened to float32) are read with ``pread`` straight into their slot of the fused
     parameter (:class:`_DirectReads`, off the GIL): no temporary tensor, no second copy; these reads
     start before transformers imports its modeling code and builds the model, and run beside it.
+    Tensors stored in the compute dtype are not read at all where their pages line up: the fused
+    parameter (or the plain one) is made of the file's own pages, mapped copy-on-write
+    (:meth:`_DirectReads._mapped`), as llama.cpp maps its GGUF.
     """
     if not cpu:
         yield
@@ -198,7 +201,7 @@ def _read_once_locked(direct: _DirectReads) -> Iterator[None]:
         job = spawn(thread_pool, tensor, device, dtype, sharding_op=sharding_op, tensor_idx=tensor_idx)
         if source is None or sharding_op is not None or not callable(job) or not _on_cpu(device):
             return job
-        return _Pending(job, source, dtype)
+        return _Pending(job, source, dtype, direct.map_whole)
 
     from transformers.core_model_loading import WeightConverter
 
@@ -355,15 +358,17 @@ class _Slice:
 
 class _Pending:
     """transformers' deferred read of one checkpoint tensor, with its ``(file, key)`` and the dtype
-    it is to be read in (None: the file's)."""
+    it is to be read in (None: the file's). Called, it maps the tensor from the file where
+    ``mapper`` can (see :meth:`_DirectReads.map_whole`), else runs transformers' read."""
 
-    __slots__ = ("job", "source", "dtype")
+    __slots__ = ("job", "source", "dtype", "mapper")
 
-    def __init__(self, job, source: tuple[str, str], dtype) -> None:
-        self.job, self.source, self.dtype = job, source, dtype
+    def __init__(self, job, source: tuple[str, str], dtype, mapper=None) -> None:
+        self.job, self.source, self.dtype, self.mapper = job, source, dtype, mapper
 
     def __call__(self):
-        return self.job()
+        mapped = self.mapper(self.source, self.dtype) if self.mapper is not None else None
+        return mapped if mapped is not None else self.job()
 
 
 class _DirectReads:
@@ -390,6 +395,7 @@ class _DirectReads:
                 self._where[(file, key)] = (header.data_start, entry)
         self._loader = None
         self._ahead: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
+        self._maps_left: int | None = None  # memory mappings this load may still add
 
     def _slot(self, source: tuple[str, str], want: torch.dtype | None):
         """``(file, offset, nbytes, shape, stored dtype, dtype)`` of one tensor read as ``want``
@@ -430,7 +436,50 @@ class _DirectReads:
             return None
         return [experts, sum(s[0] for s in shapes), *shapes[0][1:]], dtype
 
+    def map_whole(self, source: tuple[str, str], want: torch.dtype | None) -> torch.Tensor | None:
+        """One checkpoint tensor stored as ``want`` (None: as stored), mapped from its file (see
+        :meth:`_mapped`), or None."""
+        slot = self._slot(source, want)
+        if slot is None or slot[4] != slot[5]:
+            return None
+        return self._mapped([slot[:3]], list(slot[3]), slot[5])
+
+    def _mapped(self, pieces: list[tuple], shape: list[int], dtype: torch.dtype) -> torch.Tensor | None:
+        """A tensor of ``shape`` whose bytes are the file ranges ``pieces`` (``(file, offset, nbytes)``,
+        back to back, stored as ``dtype``), made of the file's own pages, copy-on-write
+        (``map_file_pieces``): nothing is read, nor fresh memory faulted in and zeroed (on this
+        machine's VM that cost more than the copy itself, docs/benchmarks.md). None where a range does
+        not line up with the tensor's pages, the ranges span files, mapping is off
+        (``MOE_RUNTIME_MAP_WEIGHTS=0``) or the mappings would take more than half of what the system
+        allows a process (``vm.max_map_count``): then the tensor is read."""
+        file = pieces[0][0]
+        if not _mapping_enabled() or any(piece[0] != file for piece in pieces):
+            return None
+        lead, at = pieces[0][1] % _PAGE, 0
+        if lead % dtype.itemsize:
+            return None
+        for _, offset, nbytes in pieces:
+            if offset % _PAGE != (lead + at) % _PAGE:
+                return None
+            at += nbytes
+        maps = 2 * len(pieces) + 1  # at most a file mapping and a page of its own per range
+        if self._maps_left is None:
+            self._maps_left = _map_count_allowance()
+        if maps > self._maps_left:
+            return None
+        try:
+            raw = torch.ops.moe_runtime.map_file_pieces(file, [p[1] for p in pieces], [p[2] for p in pieces])
+        except RuntimeError:
+            return None
+        self._maps_left -= maps
+        return raw.view(dtype).view(shape)
+
     def _submit(self, slots, join_dim, shape, dtype, priority: int) -> tuple[torch.Tensor, list[int]]:
+        if all(slot[4] == dtype for pattern in slots for slot in pattern):  # no widening: map the file
+            pieces = [pattern[expert][:3] for expert in range(shape[0]) for pattern in slots]
+            mapped = self._mapped(pieces, shape, dtype)
+            if mapped is not None:
+                return mapped, []
         out = torch.empty(shape, dtype=dtype)
         loader = self._open()
         tickets = []
@@ -539,6 +588,33 @@ class _DirectReads:
 
 # two readers: the page faults and copies out of the page cache (kernel time) overlap on two cores
 _READERS = 2
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _mapping_enabled() -> bool:
+    """Whether checkpoint tensors may be mapped from their files (the extension is built and
+    ``MOE_RUNTIME_MAP_WEIGHTS`` is not 0/false/no/off)."""
+    from ..ops import extension_available
+
+    off = os.environ.get("MOE_RUNTIME_MAP_WEIGHTS", "1").lower() in {"0", "false", "no", "off"}
+    if off or not extension_available():
+        return False
+    from ..ops import load_extension
+
+    load_extension()
+    return True
+
+
+def _map_count_allowance() -> int:
+    """Memory mappings a load may add: half of ``vm.max_map_count`` less those the process has."""
+    try:
+        allowed = int(Path("/proc/sys/vm/max_map_count").read_text())
+        with open("/proc/self/maps") as maps:
+            held = sum(1 for _ in maps)
+    except (OSError, ValueError):
+        return 0
+    return max(0, allowed // 2 - held)
 
 
 class _Unread:

@@ -1,0 +1,76 @@
+"""``map_file_pieces``: byte ranges of a file, back to back in one tensor made of the file's pages.
+
+Checked against reading the same ranges: ranges that fill whole pages, ranges whose ends fall inside
+pages (those pages are copies), ranges smaller than a page; writes stay in the process (the file is
+unchanged); ranges that do not line up with the tensor's pages, or lie outside the file, are refused;
+the mapping is gone once the tensor is.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+
+import pytest
+import torch
+
+from moe_runtime.ops import extension_available, load_extension
+
+pytestmark = [
+    pytest.mark.skipif(not extension_available(), reason="moe_runtime._C is not built"),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps"),
+]
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+@pytest.fixture(scope="module")
+def blob(tmp_path_factory):
+    data = torch.randint(0, 256, (40 * PAGE,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("map") / "blob.bin"
+    path.write_bytes(data.numpy().tobytes())
+    return str(path), bytes(data.numpy())
+
+
+def _map(path, offsets, sizes):
+    load_extension()
+    return torch.ops.moe_runtime.map_file_pieces(path, offsets, sizes)
+
+
+def _mappings(path: str) -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(1 for line in maps if line.rstrip().endswith(path))
+
+
+@pytest.mark.parametrize(
+    "offsets, sizes",
+    [
+        ([0, 8 * PAGE, 2 * PAGE], [2 * PAGE, 3 * PAGE, PAGE]),  # whole pages, out of file order
+        ([100, 100 + 9 * PAGE, 100 + 3 * PAGE], [2 * PAGE, 2 * PAGE, 4 * PAGE]),  # every seam inside a page
+        ([5000, 5100], [100, 3000]),  # smaller than a page
+        ([12, 12 + 3000 + 5 * PAGE], [3000, 6 * PAGE + 17]),  # sizes not page multiples, lined up
+    ],
+)
+def test_pieces_are_the_file_bytes(blob, offsets, sizes):
+    path, data = blob
+    mapped = _map(path, offsets, sizes)
+    assert mapped.dtype == torch.uint8 and mapped.numel() == sum(sizes)
+    assert bytes(mapped.numpy()) == b"".join(data[o : o + n] for o, n in zip(offsets, sizes))
+    if max(sizes) >= 2 * PAGE:
+        assert _mappings(path) > 0  # the file's own pages, not a copy
+    mapped.add_(1)  # copy-on-write: the process's pages change, the file does not
+    with open(path, "rb") as f:
+        assert f.read() == data
+    del mapped
+    gc.collect()
+    assert _mappings(path) == 0
+
+
+def test_refuses_what_does_not_line_up(blob):
+    path, _ = blob
+    with pytest.raises(RuntimeError, match="line up"):
+        _map(path, [0, 10], [PAGE, PAGE])
+    with pytest.raises(RuntimeError, match="outside"):
+        _map(path, [0], [41 * PAGE])
+    with pytest.raises(RuntimeError, match="cannot open"):
+        _map(path + ".missing", [0], [PAGE])
