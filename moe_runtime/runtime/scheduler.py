@@ -115,7 +115,7 @@ class TextStream:
         self._stable = ""  # the text of ids[:_read]: ends on a whole character
         self._context = 0  # ids[_context:_read] are decoded again before the new ones
         self._read = 0
-        self._searched = 0  # text before this offset holds no stop string
+        self._searched, self._searched_text = 0, ""  # the text searched for stop strings, and its length
         self._stopped = False
         self._local = decodes_locally(tokenizer)
 
@@ -155,10 +155,12 @@ class TextStream:
         full = self._full_text(token_ids)
         self._remember(token_ids)
         longest = max((len(s) for s in self.stop), default=1)
-        start = max(0, min(self._searched, len(full)) - longest + 1)
+        # text searched before and unchanged since holds no stop string (a whole search otherwise)
+        searched = self._searched if full.startswith(self._searched_text) else 0
+        start = max(0, searched - longest + 1)
         found = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
         visible = full.rstrip("\ufffd")
-        self._searched = len(visible)
+        self._searched, self._searched_text = len(visible), visible
         if found:
             self._stopped = True
             self.text = full[: min(found)]
