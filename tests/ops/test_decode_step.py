@@ -282,3 +282,35 @@ def test_opcheck(family, prompt):
         (*args, kv, tensors[:split], *tensors[split:], *fast.settings.op_args(), *extra),
         test_utils=("test_faketensor",),  # test_schema feeds garbage ids
     )
+
+
+_ISA_PROMPT = """
+import torch
+from moe_runtime.runtime.fast_decode import FastDecode
+from moe_runtime.runtime.generation import left_pad
+from moe_runtime.testing import build_random_model
+model = build_random_model("qwen2_moe", qkv_bias=True)
+fast = FastDecode.of(model)
+ids, mask, positions = left_pad([[5, 6, 7, 8, 9, 10, 11], [3, 4, 12]], 0)
+with torch.no_grad():
+    hf = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    buffers, logits = fast.prompt(fast.prompt_cache(), ids, mask, positions, 2)
+torch.testing.assert_close(logits, hf, atol=2e-5, rtol=1e-4)
+print("ok")
+"""
+
+
+@requires_extension
+@pytest.mark.parametrize("isa", ["avx2", "plain"])
+def test_prompt_with_narrower_instruction_sets(isa):
+    """A prompt batch through the op with the AVX2 or plain kernels (``MOE_RUNTIME_CPU_ISA``, read once
+    per process: a subprocess) gives the model's own logits (TOL)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MOE_RUNTIME_CPU_ISA": isa}
+    done = subprocess.run(
+        [sys.executable, "-c", _ISA_PROMPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
