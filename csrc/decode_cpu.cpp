@@ -401,10 +401,7 @@ at::Tensor decode_step_cpu(const at::Tensor& ids, const at::Tensor& positions, c
         float top = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < T; ++t) {
           if (m[t] == 0) continue;
-          const float* kt = keys + t * D;
-          float s = 0.f;
-          for (int64_t i = 0; i < D; ++i) s += q[i] * kt[i];
-          scores[t] = s * scaling;
+          scores[t] = dot_f32(q, keys + t * D, D) * scaling;
           top = std::max(top, scores[t]);
         }
         float total = 0.f;
@@ -417,9 +414,7 @@ at::Tensor decode_step_cpu(const at::Tensor& ids, const at::Tensor& positions, c
         std::fill(out, out + D, 0.f);
         for (int64_t t = 0; t < T; ++t) {
           if (m[t] == 0) continue;
-          const float pt = scores[t] / total;
-          const float* vt = vals + t * D;
-          for (int64_t i = 0; i < D; ++i) out[i] += pt * vt[i];
+          axpy_f32(scores[t] / total, vals + t * D, out, D);
         }
       }
     });

@@ -377,7 +377,91 @@ int64_t tile_features(bool transposed, int64_t k) {
   return std::max<int64_t>(4, ((int64_t{32} << 10) / (4 * std::max<int64_t>(k, 1))) / 4 * 4);
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+
+__attribute__((target("avx512f,fma"))) float dot_avx512_n(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  }
+  float s = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) {
+    s = std::fma(a[i], b[i], s);
+  }
+  return s;
+}
+
+__attribute__((target("avx512f,fma"))) void axpy_avx512_n(float alpha, const float* x, float* y, int64_t n) {
+  const __m512 a = _mm512_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  }
+  for (; i < n; ++i) {
+    y[i] = std::fma(alpha, x[i], y[i]);
+  }
+}
+
+__attribute__((target("avx2,fma"))) float dot_avx2_n(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  }
+  float s = sum_lanes_avx2(acc);
+  for (; i < n; ++i) {
+    s = std::fma(a[i], b[i], s);
+  }
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) void axpy_avx2_n(float alpha, const float* x, float* y, int64_t n) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  }
+  for (; i < n; ++i) {
+    y[i] = std::fma(alpha, x[i], y[i]);
+  }
+}
+
+#endif  // x86
+
 }  // namespace
+
+float dot_f32(const float* a, const float* b, int64_t n) {
+#if defined(__x86_64__) || defined(__i386__)
+  switch (isa()) {
+    case Isa::kAvx512:
+      return dot_avx512_n(a, b, n);
+    case Isa::kAvx2:
+      return dot_avx2_n(a, b, n);
+    default:
+      break;
+  }
+#endif
+  return dot_lanes(a, b, n);
+}
+
+void axpy_f32(float alpha, const float* x, float* y, int64_t n) {
+#if defined(__x86_64__) || defined(__i386__)
+  switch (isa()) {
+    case Isa::kAvx512:
+      axpy_avx512_n(alpha, x, y, n);
+      return;
+    case Isa::kAvx2:
+      axpy_avx2_n(alpha, x, y, n);
+      return;
+    default:
+      break;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] += alpha * x[i];
+  }
+}
 
 int64_t rows_mm_max() {
   return isa() == Isa::kAvx512 ? 128 : 16;

@@ -32,6 +32,12 @@ int64_t rows_mm_max();
 // with AVX-512, 150-190 with AVX2 and under 16 with the plain kernels.
 int64_t prompt_rows_max();
 
+// sum_i a[i] * b[i] and y[i] += alpha * x[i], vectorized for the instruction set in use (the
+// attention of decode_step: one query against each cached key, then the weighted values). Each
+// result is the same chain of operations for the same n.
+float dot_f32(const float* a, const float* b, int64_t n);
+void axpy_f32(float alpha, const float* x, float* y, int64_t n);
+
 // Output features per unit of work when a product is split across threads.
 int64_t rows_mm_block(bool transposed);
 
