@@ -51,23 +51,23 @@ Isa isa() {
 
 // ---- plain C++ -------------------------------------------------------------------------------
 
-// A dot product in kLanes independent partial sums (lane l takes the indices = l mod kLanes), then
-// halved pairwise: the compiler vectorizes it for whatever the target has (NEON, SSE), where one
-// running sum is bound by the latency of each add (about 10x slower).
-constexpr int kLanes = 16;
-
-float dot_lanes(const float* a, const float* b, int64_t k) {
-  float acc[kLanes] = {};
+// A dot product in Lanes independent partial sums (lane l takes the indices = l mod Lanes), then
+// halved pairwise: the compiler vectorizes it for whatever the target has (NEON, SSE; AVX2 or AVX-512
+// inlined into a function of that target), where one running sum is bound by the latency of each
+// add (about 10x slower).
+template <int Lanes>
+__attribute__((always_inline)) inline float dot_lanes(const float* a, const float* b, int64_t k) {
+  float acc[Lanes] = {};
   int64_t c = 0;
-  for (; c + kLanes <= k; c += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
+  for (; c + Lanes <= k; c += Lanes) {
+    for (int l = 0; l < Lanes; ++l) {
       acc[l] += a[c + l] * b[c + l];
     }
   }
   for (int l = 0; c + l < k; ++l) {
     acc[l] += a[c + l] * b[c + l];
   }
-  for (int width = kLanes / 2; width > 0; width /= 2) {
+  for (int width = Lanes / 2; width > 0; width /= 2) {
     for (int l = 0; l < width; ++l) {
       acc[l] += acc[l + width];
     }
@@ -75,12 +75,19 @@ float dot_lanes(const float* a, const float* b, int64_t k) {
   return acc[0];
 }
 
+// y += alpha * x: independent elements, vectorized for the target it is inlined into.
+__attribute__((always_inline)) inline void axpy_loop(float alpha, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] += alpha * x[i];
+  }
+}
+
 void dot_plain(const float* x, int64_t ldx, int64_t m, const float* w, int64_t k, int64_t j0, int64_t j1,
                float* out, int64_t ldo) {
   for (int64_t j = j0; j < j1; ++j) {  // each weight row once, for every input row while it is cached
     const float* wr = w + j * k;
     for (int64_t i = 0; i < m; ++i) {
-      out[i * ldo + j] = dot_lanes(wr, x + i * ldx, k);
+      out[i * ldo + j] = dot_lanes<16>(wr, x + i * ldx, k);
     }
   }
 }
@@ -379,52 +386,21 @@ int64_t tile_features(bool transposed, int64_t k) {
 
 #if defined(__x86_64__) || defined(__i386__)
 
+// the attention's dot products and weighted sums, compiled for each instruction set
 __attribute__((target("avx512f,fma"))) float dot_avx512_n(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  }
-  float s = _mm512_reduce_add_ps(acc);
-  for (; i < n; ++i) {
-    s = std::fma(a[i], b[i], s);
-  }
-  return s;
+  return dot_lanes<16>(a, b, n);
 }
 
 __attribute__((target("avx512f,fma"))) void axpy_avx512_n(float alpha, const float* x, float* y, int64_t n) {
-  const __m512 a = _mm512_set1_ps(alpha);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-  }
-  for (; i < n; ++i) {
-    y[i] = std::fma(alpha, x[i], y[i]);
-  }
+  axpy_loop(alpha, x, y, n);
 }
 
 __attribute__((target("avx2,fma"))) float dot_avx2_n(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  }
-  float s = sum_lanes_avx2(acc);
-  for (; i < n; ++i) {
-    s = std::fma(a[i], b[i], s);
-  }
-  return s;
+  return dot_lanes<8>(a, b, n);
 }
 
 __attribute__((target("avx2,fma"))) void axpy_avx2_n(float alpha, const float* x, float* y, int64_t n) {
-  const __m256 a = _mm256_set1_ps(alpha);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  }
-  for (; i < n; ++i) {
-    y[i] = std::fma(alpha, x[i], y[i]);
-  }
+  axpy_loop(alpha, x, y, n);
 }
 
 #endif  // x86
@@ -442,7 +418,7 @@ float dot_f32(const float* a, const float* b, int64_t n) {
       break;
   }
 #endif
-  return dot_lanes(a, b, n);
+  return dot_lanes<16>(a, b, n);
 }
 
 void axpy_f32(float alpha, const float* x, float* y, int64_t n) {
@@ -458,9 +434,7 @@ void axpy_f32(float alpha, const float* x, float* y, int64_t n) {
       break;
   }
 #endif
-  for (int64_t i = 0; i < n; ++i) {
-    y[i] += alpha * x[i];
-  }
+  axpy_loop(alpha, x, y, n);
 }
 
 int64_t rows_mm_max() {
