@@ -440,9 +440,12 @@ class FastDecode:
             return "a row's last column is padding"
         return self.blocked(int(mask.sum()), mask.shape[1], limit=prompt_rows_max())
 
-    def prompt_cache(self) -> DynamicCache | None:
+    def prompt_cache(self, mask: torch.Tensor | None = None) -> DynamicCache | None:
         """The empty cache the model's forward would start, if it is one plain layer per model layer
-        (what :meth:`prompt` fills), else None."""
+        (what :meth:`prompt` fills) and nothing :meth:`prompt_blocked` names stands in the way of the
+        prompt batch ``mask`` (when given), else None."""
+        if mask is not None and self.prompt_blocked(mask) is not None:
+            return None
         cache = DynamicCache(config=self.model.config)
         layers = cache.layers
         if len(layers) * len(SLOTS) + 4 != len(self._entries) or any(

@@ -145,24 +145,14 @@ def generate_batch(
     last_position = positions[:, -1]
     kv = None  # the compiled step's buffers, viewed by the cache's layers while it serves
     while True:
-        fresh = None  # the prompt's empty cache, where the compiled step fills it
-        if (
-            fast_decode is not None
-            and cache is None
-            and before_forward is None
-            and fast_decode.prompt_blocked(mask) is None
-        ):
-            fresh = fast_decode.prompt_cache()
-        reserve = max(max_new_tokens[r] - len(out_ids[r]) for r in rows.tolist())
+        compiled = fast_decode is not None and before_forward is None
+        fresh = fast_decode.prompt_cache(mask) if compiled and cache is None else None  # the op fills it
         if fresh is not None:
             cache = fresh
+            reserve = max(max_new_tokens)
             kv, logits = fast_decode.prompt_forward(cache, input_ids, mask, positions, reserve)
-        elif (
-            fast_decode is not None
-            and cache is not None
-            and before_forward is None
-            and fast_decode.serves(cache, rows.shape[0], mask.shape[1])
-        ):
+        elif compiled and cache is not None and fast_decode.serves(cache, rows.shape[0], mask.shape[1]):
+            reserve = max(max_new_tokens[r] - len(out_ids[r]) for r in rows.tolist())
             kv, logits = fast_decode.forward(kv, cache, input_ids[:, 0], positions[:, 0], mask, reserve)
         else:
             kv = None

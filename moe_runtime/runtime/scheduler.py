@@ -115,7 +115,7 @@ class TextStream:
         self._stable = ""  # the text of ids[:_read]: ends on a whole character
         self._context = 0  # ids[_context:_read] are decoded again before the new ones
         self._read = 0
-        self._searched, self._searched_text = 0, ""  # the text searched for stop strings, and its length
+        self._searched = ""  # the text searched for stop strings so far
         self._stopped = False
         self._local = decodes_locally(tokenizer)
 
@@ -156,11 +156,11 @@ class TextStream:
         self._remember(token_ids)
         longest = max((len(s) for s in self.stop), default=1)
         # text searched before and unchanged since holds no stop string (a whole search otherwise)
-        searched = self._searched if full.startswith(self._searched_text) else 0
+        searched = len(self._searched) if full.startswith(self._searched) else 0
         start = max(0, searched - longest + 1)
         found = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
         visible = full.rstrip("\ufffd")
-        self._searched, self._searched_text = len(visible), visible
+        self._searched = visible
         if found:
             self._stopped = True
             self.text = full[: min(found)]
@@ -701,11 +701,9 @@ class Scheduler:
         (left-padded ``mask``): base-model rows only, no routing observer, nothing
         :meth:`FastDecode.prompt_blocked` names; else ``(None, None)``."""
         fast = self.fast_decode
-        if fast is None or self.executor.observer is not None:
+        if fast is None or self.executor.observer is not None or any(row.owner != BASE_OWNER for row in rows):
             return None, None
-        if any(row.owner != BASE_OWNER for row in rows) or fast.prompt_blocked(mask) is not None:
-            return None, None
-        cache = fast.prompt_cache()
+        cache = fast.prompt_cache(mask)
         return (fast, cache) if cache is not None else (None, None)
 
     def _fast_step(self, group: Group) -> FastDecode | None:
