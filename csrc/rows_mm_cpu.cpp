@@ -1,7 +1,8 @@
 // Streaming few-rows products (see rows_mm_cpu.h): AVX-512, AVX2 + FMA or plain C++, chosen once.
 //
 // Layout [n, k] (not transposed): output feature j is a dot product of weight row j with each input
-// row. Four weight rows (with AVX2 and three or four input rows: two) are read together, each input
+// row. For one input row the weight rows are read one after the other (a single stream); for more,
+// four weight rows (with AVX2 and three or four input rows: two) are read together, each input
 // row keeps one vector accumulator per weight row, and the lanes are summed at the end, then the
 // k % width tail. Past four input rows, tile by tile of output features (rows_mm_f32).
 // Layout [k, n] (transposed): a block of output features is a run of each weight row; every input
@@ -164,9 +165,14 @@ __attribute__((target("avx512f,fma"))) void dot_rows_avx512(const float* x, int6
                                                             int64_t k, int64_t j0, int64_t j1, float* out,
                                                             int64_t ldo, int64_t ahead_end) {
   int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) {
-    const bool prefetch = M >= kPrefetchMinRows && j + 12 <= ahead_end;
-    dot_avx512<M, 4>(x, ldx, w, k, j, out, ldo, prefetch ? w + (j + 8) * k : nullptr);
+  // One input row (decode): weight row after weight row, so the matrix is one sequential stream.
+  // Four rows at once made four streams a page apart, which one core read 25-30% slower here
+  // (docs/benchmarks.md); each output is the same chain of operations either way.
+  if (M > 1) {
+    for (; j + 4 <= j1; j += 4) {
+      const bool prefetch = M >= kPrefetchMinRows && j + 12 <= ahead_end;
+      dot_avx512<M, 4>(x, ldx, w, k, j, out, ldo, prefetch ? w + (j + 8) * k : nullptr);
+    }
   }
   for (; j < j1; ++j) {
     dot_avx512<M, 1>(x, ldx, w, k, j, out, ldo, nullptr);
@@ -274,9 +280,11 @@ __attribute__((target("avx2,fma"))) void dot_rows_avx2(const float* x, int64_t l
   // one or two input rows: four weight rows at a time (more streams in flight; the registers allow it)
   constexpr int R = M <= 2 ? 4 : 2;
   int64_t j = j0;
-  for (; j + R <= j1; j += R) {
-    const bool prefetch = M >= kPrefetchMinRows && j + 3 * R <= ahead_end;
-    dot_avx2<M, R>(x, ldx, w, k, j, out, ldo, prefetch ? w + (j + 2 * R) * k : nullptr);
+  if (M > 1) {  // one input row: weight row after weight row (see dot_rows_avx512)
+    for (; j + R <= j1; j += R) {
+      const bool prefetch = M >= kPrefetchMinRows && j + 3 * R <= ahead_end;
+      dot_avx2<M, R>(x, ldx, w, k, j, out, ldo, prefetch ? w + (j + 2 * R) * k : nullptr);
+    }
   }
   for (; j < j1; ++j) {
     dot_avx2<M, 1>(x, ldx, w, k, j, out, ldo, nullptr);

@@ -11,8 +11,8 @@
                  count, one run of each (the order rotated per repeat); greedy, batch 1, the prompts
                  one at a time after one untimed warm-up request
     figures      per run: load time (model construction; imports excluded, the family's modeling code
-                 too: ``model_code_import_s`` in the JSON), prefill tok/s (prompt
-                 tokens / time to the first token), decode tok/s (later tokens / their time), peak RSS;
+                 and moe-runtime's compiled ops too: ``model_code_import_s`` and ``ops_import_s`` in
+                 the JSON), prefill tok/s (prompt tokens / time to the first token), decode tok/s (later tokens / their time), peak RSS;
                  medians over the repeats, and moe-runtime / llama.cpp ratios at equal threads; the
                  generated tokens of every run are compared with llama.cpp's
 
@@ -201,6 +201,13 @@ def _child_moe(gguf_or_ckpt: Path, job: _Job, cache_dir: str, offload: bool) -> 
     begun = time.perf_counter()
     _import_model_code(gguf_or_ckpt)
     import_s = time.perf_counter() - begun
+    # moe-runtime's compiled ops (dlopen, op and fake-kernel registration): an import too, as
+    # llama-cpp-python's loading of libllama is
+    from ..ops._extension import load_extension
+
+    begun = time.perf_counter()
+    load_extension()
+    ops_import_s = time.perf_counter() - begun
     config = None
     if offload:
         config = OffloadConfig(
@@ -241,6 +248,7 @@ def _child_moe(gguf_or_ckpt: Path, job: _Job, cache_dir: str, offload: bool) -> 
         "decode_forward_s": decode_forward[0],
         "threads_seen": torch.get_num_threads(),
         "model_code_import_s": import_s,
+        "ops_import_s": ops_import_s,
     }
     if offload:
         extra["hit_rate"] = engine.offload.stats.to_json()["hit_rate"]
@@ -248,8 +256,8 @@ def _child_moe(gguf_or_ckpt: Path, job: _Job, cache_dir: str, offload: bool) -> 
 
 
 def _import_model_code(checkpoint: Path) -> None:
-    """Import the checkpoint's causal-LM class (its family's modeling module)."""
-    from transformers import AutoConfig
+    """Import the checkpoint's causal-LM class (its family's modeling module) and the tokenizer code."""
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401 (the import is the point)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(checkpoint, local_files_only=True))]

@@ -74,3 +74,26 @@ def test_refuses_what_does_not_line_up(blob):
         _map(path, [0], [41 * PAGE])
     with pytest.raises(RuntimeError, match="cannot open"):
         _map(path + ".missing", [0], [PAGE])
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmSize:")) * 1024
+
+
+@pytest.mark.parametrize("first", [0, 100 + 3 * PAGE, 5000])
+def test_placed_as_the_file_modulo_2mb_and_nothing_left_reserved(blob, first):
+    # each byte's address equals its file offset modulo 2 MB (so a 2 MB folio of the page cache can
+    # be mapped by one entry); the slack reserved to place it is given back, with the mapping at the end
+    path, data = blob
+    huge = 2 << 20
+    mapped = _map(path, [first, first + 12 * PAGE], [6 * PAGE, 4 * PAGE + 7])
+    assert mapped.data_ptr() % huge == first % huge
+    assert bytes(mapped.numpy()) == data[first : first + 6 * PAGE] + data[first + 12 * PAGE : first + 16 * PAGE + 7]
+    del mapped
+    gc.collect()
+    before = _vm_size()
+    for _ in range(64):
+        _map(path, [first], [8 * PAGE])  # dropped at once
+    gc.collect()
+    assert _vm_size() - before < 16 * huge  # 64 leaked reservations would be 128 MB or more
