@@ -16,10 +16,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #if defined(__linux__) || defined(__APPLE__)
@@ -33,6 +35,8 @@ namespace moe_runtime {
 namespace {
 
 #ifdef MOE_RUNTIME_HAS_MMAP
+
+constexpr size_t kPopulateThreads = 4;
 
 struct Region {
   void* base;
@@ -58,6 +62,42 @@ void read_exactly(int fd, char* dest, int64_t n, int64_t offset, const std::stri
     n -= got;
     offset += got;
   }
+}
+
+// Fill the page tables of the mapped ranges (MADV_POPULATE_READ: read faults, so the pages stay the
+// page cache's; MAP_POPULATE on a private writable mapping would copy every page). The kernel's
+// work per page (finding it in the page cache, writing its entry) is CPU time, so a large mapping is
+// cut into 32 MB pieces at 32 MB multiples of the address, which a few threads take in turn.
+// Kernels without the advice refuse it: the pages fault in at first use.
+void populate(const std::vector<std::pair<char*, size_t>>& ranges) {
+#ifdef MADV_POPULATE_READ
+  const uintptr_t step = uintptr_t{32} << 20;
+  std::vector<std::pair<char*, size_t>> pieces;
+  size_t total = 0;
+  for (const auto& range : ranges) {
+    const uintptr_t end = reinterpret_cast<uintptr_t>(range.first) + range.second;
+    for (uintptr_t at = reinterpret_cast<uintptr_t>(range.first); at < end;) {
+      const uintptr_t stop = std::min(end, (at / step + 1) * step);
+      pieces.emplace_back(reinterpret_cast<char*>(at), static_cast<size_t>(stop - at));
+      at = stop;
+    }
+    total += range.second;
+  }
+  const size_t cores = std::max(1u, std::thread::hardware_concurrency());
+  const size_t threads = std::min<size_t>({kPopulateThreads, cores, total / (2 * step) + 1});
+  std::atomic<size_t> next{0};
+  auto run = [&pieces, &next] {
+    for (size_t i = next++; i < pieces.size(); i = next++) {
+      madvise(pieces[i].first, pieces[i].second, MADV_POPULATE_READ);
+    }
+  };
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < threads; ++t) pool.emplace_back(run);
+  run();
+  for (auto& thread : pool) thread.join();
+#else
+  (void)ranges;
+#endif
 }
 
 struct Fd {
@@ -103,6 +143,7 @@ at::Tensor map_file_pieces_cpu(const std::string& path, at::IntArrayRef offsets,
   try {
     // pages not covered whole by one range: anonymous, filled from every range that overlaps them
     std::vector<char> partial(static_cast<size_t>(length / page), 0);
+    std::vector<std::pair<char*, size_t>> mapped;
     int64_t at = 0;
     for (size_t i = 0; i < offsets.size(); ++i) {
       const int64_t begin = lead + at, end = begin + sizes[i];  // bytes from `start`
@@ -112,12 +153,7 @@ at::Tensor map_file_pieces_cpu(const std::string& path, at::IntArrayRef offsets,
                          PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, file.fd,
                          offsets[i] + (first_whole * page - begin));
         TORCH_CHECK(got != MAP_FAILED, "map_file_pieces: cannot map ", path, ": ", std::strerror(errno));
-#ifdef MADV_POPULATE_READ
-        // page-table entries for the pages now (as llama.cpp's MAP_POPULATE), not one fault per page
-        // at first use; read faults, so the pages stay the page cache's (MAP_POPULATE on a private
-        // writable mapping would copy every page). Older kernels refuse it: the pages fault in later.
-        madvise(got, static_cast<size_t>((end_whole - first_whole) * page), MADV_POPULATE_READ);
-#endif
+        mapped.emplace_back(static_cast<char*>(got), static_cast<size_t>((end_whole - first_whole) * page));
       }
       if (begin % page != 0 || first_whole >= end_whole) partial[begin / page] = 1;
       if (end % page != 0) partial[(end - 1) / page] = 1;
@@ -139,6 +175,9 @@ at::Tensor map_file_pieces_cpu(const std::string& path, at::IntArrayRef offsets,
       }
       at += sizes[i];
     }
+    // page-table entries for the pages now (as llama.cpp's MAP_POPULATE), not one fault per page
+    // at first use
+    populate(mapped);
   } catch (...) {
     release(region);
     throw;

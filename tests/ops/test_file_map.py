@@ -97,3 +97,33 @@ def test_placed_as_the_file_modulo_2mb_and_nothing_left_reserved(blob, first):
         _map(path, [first], [8 * PAGE])  # dropped at once
     gc.collect()
     assert _vm_size() - before < 16 * huge  # 64 leaked reservations would be 128 MB or more
+
+
+def _resident_in_mappings(path: str) -> int:
+    """Bytes of ``path``'s mappings in this process that have page-table entries (smaps ``Rss``)."""
+    total, ours = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                ours = head[-1] == path
+            elif ours and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.parametrize("megabytes", [1, 80])  # one thread; several (pieces of 32 MB)
+def test_mapped_pages_are_populated(tmp_path, megabytes):
+    # the page tables are filled when the op returns (as llama.cpp's MAP_POPULATE), by one thread
+    # for a small mapping and by several, piece by piece, for a large one: every page, none twice
+    path = tmp_path / "sparse.bin"
+    size = megabytes << 20
+    with open(path, "wb") as f:
+        f.truncate(size + 3 * PAGE)  # a sparse file: its pages read as zeros
+        f.seek(size + PAGE)
+        f.write(b"end")
+    mapped = _map(str(path), [PAGE + 100, 2 * PAGE], [PAGE - 100, size + PAGE])  # a copied page, then the rest
+    resident = _resident_in_mappings(str(path))
+    assert size <= resident <= size + 2 * PAGE
+    assert not mapped[: PAGE - 100].any() and not mapped[-PAGE:].any()
+    assert bytes(mapped[PAGE - 100 + size - PAGE : PAGE - 100 + size - PAGE + 3].numpy()) == b"end"
