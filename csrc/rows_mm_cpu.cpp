@@ -277,7 +277,7 @@ template <int M>
 __attribute__((target("avx2,fma"))) void dot_rows_avx2(const float* x, int64_t ldx, const float* w, int64_t k,
                                                        int64_t j0, int64_t j1, float* out, int64_t ldo,
                                                        int64_t ahead_end) {
-  // one or two input rows: four weight rows at a time (more streams in flight; the registers allow it)
+  // two input rows: four weight rows at a time (more streams in flight; the registers allow it)
   constexpr int R = M <= 2 ? 4 : 2;
   int64_t j = j0;
   if (M > 1) {  // one input row: weight row after weight row (see dot_rows_avx512)

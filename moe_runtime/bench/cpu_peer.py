@@ -12,7 +12,8 @@
                  one at a time after one untimed warm-up request
     figures      per run: load time (model construction; imports excluded, the family's modeling code
                  and moe-runtime's compiled ops too: ``model_code_import_s`` and ``ops_import_s`` in
-                 the JSON), prefill tok/s (prompt tokens / time to the first token), decode tok/s (later tokens / their time), peak RSS;
+                 the JSON), prefill tok/s (prompt tokens / time to the first token), decode tok/s
+                 (later tokens / their time), peak RSS;
                  medians over the repeats, and moe-runtime / llama.cpp ratios at equal threads; the
                  generated tokens of every run are compared with llama.cpp's
 

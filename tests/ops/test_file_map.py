@@ -89,7 +89,8 @@ def test_placed_as_the_file_modulo_2mb_and_nothing_left_reserved(blob, first):
     huge = 2 << 20
     mapped = _map(path, [first, first + 12 * PAGE], [6 * PAGE, 4 * PAGE + 7])
     assert mapped.data_ptr() % huge == first % huge
-    assert bytes(mapped.numpy()) == data[first : first + 6 * PAGE] + data[first + 12 * PAGE : first + 16 * PAGE + 7]
+    expected = data[first : first + 6 * PAGE] + data[first + 12 * PAGE : first + 16 * PAGE + 7]
+    assert bytes(mapped.numpy()) == expected
     del mapped
     gc.collect()
     before = _vm_size()
@@ -115,14 +116,15 @@ def _resident_in_mappings(path: str) -> int:
 @pytest.mark.parametrize("megabytes", [1, 80])  # one thread; several (pieces of 32 MB)
 def test_mapped_pages_are_populated(tmp_path, megabytes):
     # the page tables are filled when the op returns (as llama.cpp's MAP_POPULATE), by one thread
-    # for a small mapping and by several, piece by piece, for a large one: every page, none twice
+    # for a small mapping and by several, piece by piece, for a large one: every page
     path = tmp_path / "sparse.bin"
     size = megabytes << 20
     with open(path, "wb") as f:
         f.truncate(size + 3 * PAGE)  # a sparse file: its pages read as zeros
         f.seek(size + PAGE)
         f.write(b"end")
-    mapped = _map(str(path), [PAGE + 100, 2 * PAGE], [PAGE - 100, size + PAGE])  # a copied page, then the rest
+    # a range whose page is a copy, then the rest
+    mapped = _map(str(path), [PAGE + 100, 2 * PAGE], [PAGE - 100, size + PAGE])
     resident = _resident_in_mappings(str(path))
     assert size <= resident <= size + 2 * PAGE
     assert not mapped[: PAGE - 100].any() and not mapped[-PAGE:].any()
