@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -92,7 +93,12 @@ void populate(const std::vector<std::pair<char*, size_t>>& ranges) {
     }
   };
   std::vector<std::thread> pool;
-  for (size_t t = 1; t < threads; ++t) pool.emplace_back(run);
+  pool.reserve(threads);  // so that only starting a thread can fail below
+  try {
+    for (size_t t = 1; t < threads; ++t) pool.emplace_back(run);
+  } catch (const std::system_error&) {
+    // no more threads to be had (a process limit): the ones started and this one do the rest
+  }
   run();
   for (auto& thread : pool) thread.join();
 #else
