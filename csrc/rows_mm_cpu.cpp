@@ -112,9 +112,9 @@ void axpy_plain(const float* x, int64_t ldx, int64_t m, const float* w, int64_t 
 
 #if defined(__x86_64__) || defined(__i386__)
 
-// Products of two or more input rows prefetch the weight rows two groups ahead (see dot_avx512):
-// 1.1-1.4x on 16 experts x 3-8 rows here (docs/benchmarks.md); one row streams as fast without.
-constexpr int kPrefetchMinRows = 2;
+// Products of two or more input rows read four (or two) weight rows at a time and prefetch them two
+// groups ahead (see dot_avx512): 1.1-1.4x on 16 experts x 3-8 rows here (docs/benchmarks.md). One
+// input row reads the weight rows one after the other, a single stream, without prefetching.
 
 // ---- AVX-512 -----------------------------------------------------------------------------------
 
@@ -170,8 +170,7 @@ __attribute__((target("avx512f,fma"))) void dot_rows_avx512(const float* x, int6
   // (docs/benchmarks.md); each output is the same chain of operations either way.
   if (M > 1) {
     for (; j + 4 <= j1; j += 4) {
-      const bool prefetch = M >= kPrefetchMinRows && j + 12 <= ahead_end;
-      dot_avx512<M, 4>(x, ldx, w, k, j, out, ldo, prefetch ? w + (j + 8) * k : nullptr);
+      dot_avx512<M, 4>(x, ldx, w, k, j, out, ldo, j + 12 <= ahead_end ? w + (j + 8) * k : nullptr);
     }
   }
   for (; j < j1; ++j) {
@@ -282,8 +281,7 @@ __attribute__((target("avx2,fma"))) void dot_rows_avx2(const float* x, int64_t l
   int64_t j = j0;
   if (M > 1) {  // one input row: weight row after weight row (see dot_rows_avx512)
     for (; j + R <= j1; j += R) {
-      const bool prefetch = M >= kPrefetchMinRows && j + 3 * R <= ahead_end;
-      dot_avx2<M, R>(x, ldx, w, k, j, out, ldo, prefetch ? w + (j + 2 * R) * k : nullptr);
+      dot_avx2<M, R>(x, ldx, w, k, j, out, ldo, j + 3 * R <= ahead_end ? w + (j + 2 * R) * k : nullptr);
     }
   }
   for (; j < j1; ++j) {
